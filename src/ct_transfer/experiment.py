@@ -29,9 +29,13 @@ def run_name(model: str, weights: str, seed: int, strategy: str = "full") -> str
     return f"{model}__{w}__seed{seed}{suffix}"
 
 
-def run_status(run_dir: Path) -> str:
+def run_status(run_dir: Path, epochs: int | None = None) -> str:
+    """done | failed | partial (resumable) | todo. A done run asked for more epochs is partial."""
     if (run_dir / "metrics.json").exists():
-        return "done"
+        finished = json.loads((run_dir / "metrics.json").read_text()).get("epochs", 0)
+        if epochs is None or finished >= epochs or not (run_dir / "last.pt").exists():
+            return "done"
+        return "partial"
     if (run_dir / "error.txt").exists():
         return "failed"
     if (run_dir / "last.pt").exists():
@@ -77,7 +81,7 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
     results, t_start = [], time.perf_counter()
     for k, (model, w, seed) in enumerate(cells, 1):
         run_dir = grid_dir / "runs" / run_name(model, w, seed, strategy)
-        status = run_status(run_dir)
+        status = run_status(run_dir, base.get("epochs"))
         done_before = sum(r["status"] == "done" for r in results)
         elapsed = time.perf_counter() - t_start
         head = f"[{k}/{len(cells)}] {model} weights={w} seed={seed}"

@@ -133,12 +133,13 @@ class Classifier(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, dropout: float = 0.8):
         super().__init__()
         self.backbone = backbone
+        self.feature_map = nn.Identity()  # the map the head pools: explain's default target layer
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(backbone.num_features, num_classes)
 
     def features(self, x):
-        return self.backbone.forward_features(x)
+        return self.feature_map(self.backbone.forward_features(x))
 
     def pooled(self, x):
         return self.pool(self.features(x)).flatten(1)

@@ -1,0 +1,186 @@
+"""Explain: CAM, Grad-CAM, Grad-CAM++ (pytorch-grad-cam) and LRP (zennit) heat maps with overlays."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import CTTransferError
+from .predict import DEFAULT_WINDOW, collect_inputs, load_batch, read_input
+
+METHODS = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "cam": "CAM", "lrp": "LRP"}
+
+
+def find_layer(model, name: str | None):
+    """The target layer: by default the feature map the head pools (last conv stage of any arch)."""
+    if name is None:
+        return model.feature_map
+    modules = dict(model.named_modules())
+    for candidate in (name, f"backbone.{name}"):
+        if candidate in modules:
+            return modules[candidate]
+    raise CTTransferError(f"--target-layer {name}: no such module (e.g. backbone.blocks.5, feature_map)")
+
+
+def _normalise(maps: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(maps, dtype=np.float32)
+    for i, m in enumerate(maps):
+        lo, hi = float(m.min()), float(m.max())
+        out[i] = (m - lo) / (hi - lo) if hi > lo else 0.0
+    return out
+
+
+def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_layer=None) -> np.ndarray:
+    """``N x S x S`` maps in [0, 1] for normalised inputs ``x`` and the given class indices."""
+    if method not in METHODS:
+        raise CTTransferError(f"--method {method}: choose {', '.join(METHODS)}")
+    model.eval()
+    layer = target_layer if target_layer is not None else model.feature_map
+    size = x.shape[-2:]
+    if method in ("gradcam", "gradcampp"):
+        from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        cls = GradCAM if method == "gradcam" else GradCAMPlusPlus
+        with cls(model=model, target_layers=[layer]) as cam:
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+        return _normalise(maps)
+    if method == "cam":
+        # Zhou et al. 2016: the head is GAP -> linear, so CAM = sum_k w[c, k] * A_k exactly.
+        with torch.no_grad():
+            fmap = model.features(x).float()
+            w = model.fc.weight[targets].float()
+            maps = torch.einsum("nk,nkhw->nhw", w, fmap).clamp_min(0)
+            maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        return _normalise(maps.numpy())
+    # LRP (epsilon for dense layers, z+ for convolutions, flat for the first layer). BatchNorm and
+    # residual additions pass relevance by their gradient (no canonizer), an approximation.
+    from zennit.attribution import Gradient
+    from zennit.composites import EpsilonPlusFlat
+
+    try:
+        with Gradient(model, EpsilonPlusFlat()) as attributor:
+            onehot = torch.eye(model.fc.out_features)[targets]
+            _, relevance = attributor(x.clone().requires_grad_(True), onehot)
+    except Exception as exc:
+        raise CTTransferError(f"--method lrp: not supported for this architecture ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:100]})") from None
+    maps = relevance.sum(1).clamp_min(0).detach().numpy()
+    return _normalise(maps)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, path: Path, title: str) -> None:
+    """Heat map (resized to the image) in jet over the grey image, titled, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
+    axes[0].imshow(image)
+    axes[0].set_title("input", fontsize=9)
+    axes[1].imshow(image)
+    axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    axes[1].set_title(title, fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def resize_map(heat: np.ndarray, shape) -> np.ndarray:
+    t = torch.from_numpy(heat)[None, None].float()
+    return F.interpolate(t, size=tuple(shape[:2]), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def explain(run, inputs: list[str], method: str, out_dir, target_layer: str | None = None,
+            window=DEFAULT_WINDOW, batch_size: int = 16, names: list[str] | None = None) -> list[dict]:
+    """Overlays for each input; returns path, prediction, probability, overlay file, heat map."""
+    paths = collect_inputs(inputs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layer = find_layer(run.model, target_layer)
+    results = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        x = run.transform(load_batch(chunk, run.image_size, window))
+        with torch.no_grad():
+            proba = torch.softmax(run.model(x).float(), 1).numpy()
+        preds = proba.argmax(1).tolist()
+        maps = heatmaps(run.model, x, method, preds, layer)
+        for j, (p, pred, heat) in enumerate(zip(chunk, preds, maps)):
+            image = read_input(p, window)
+            full = resize_map(heat, image.shape)
+            stem = names[start + j] if names else re.sub(r"[^A-Za-z0-9_.-]+", "_", p.stem)
+            target = out_dir / f"{stem}_{method}.png"
+            title = f"{METHODS[method]} · pred {run.classes[pred]} (p={proba[j, pred]:.3f})"
+            overlay(image, full, target, title)
+            results.append({"path": str(p), "pred": run.classes[pred], "prob": float(proba[j, pred]),
+                            "overlay": str(target), "heatmap": full})
+    return results
+
+
+def gallery_section(grid_dir, out_dir, method: str = "gradcam", per_cell: int = 2) -> str | None:
+    """Markdown: overlays of a few test images per confusion cell (TP, TN, FP, FN) of the best run."""
+    from .evaluate import read_predictions
+    from .report import collect_runs
+    from .train import load_run
+
+    runs, _ = collect_runs(grid_dir)
+    if not runs:
+        return None
+    best = max(runs, key=lambda r: (r["metrics"]["val"]["accuracy"], r["metrics"]["test"]["accuracy"]))
+    run = load_run(best["dir"])
+    paths, true, proba, classes = read_predictions(best["dir"] / "predictions_test.csv")
+    if len(classes) != 2:
+        return None
+    pos = classes[1]
+    cells = {"TP": [], "TN": [], "FP": [], "FN": []}
+    for p, t, pr in zip(paths, true, proba):
+        pred = classes[int(pr.argmax())]
+        key = ("T" if pred == t else "F") + ("P" if pred == pos else "N")
+        if len(cells[key]) < per_cell:
+            cells[key].append(p)
+    data_dir = Path(run.config["data"])
+    gallery = Path(out_dir) / "gallery"
+    lines = [f"## Explanation gallery ({METHODS.get(method, method)})", "",
+             f"Best run by validation accuracy: `{best['name']}` (test accuracy "
+             f"{best['metrics']['test']['accuracy']:.4f}). Up to {per_cell} test images per confusion-matrix cell; "
+             f"positive class {pos}.", ""]
+    for key, files in cells.items():
+        lines.append(f"### {key} ({len(files)} shown)")
+        lines.append("")
+        if not files:
+            lines += ["none in this cell", ""]
+            continue
+        names = [f"{key}_{i}" for i in range(len(files))]
+        res = explain(run, [str(data_dir / f) for f in files], method, gallery, names=names)
+        for f, r in zip(files, res):
+            lines += [f"`{f}`", "", f"![{key}](gallery/{Path(r['overlay']).name})", ""]
+    return "\n".join(lines)
+
+
+def cmd_explain(args):
+    from .predict import parse_window
+    from .train import load_run
+
+    run = load_run(args.run)
+    results = explain(run, args.inputs, args.method, args.out, args.target_layer, parse_window(args.window))
+    for r in results:
+        print(f"{r['path']}: {r['pred']} (p={r['prob']:.3f}) -> {r['overlay']}")
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("explain", help="heat-map overlays (Grad-CAM, Grad-CAM++, CAM, LRP) for images")
+    p.add_argument("--run", required=True)
+    p.add_argument("inputs", nargs="+", help="image files, folders or DICOM files")
+    p.add_argument("--method", choices=sorted(METHODS), default="gradcam")
+    p.add_argument("--out", required=True, help="folder for the overlay PNGs")
+    p.add_argument("--target-layer", help="module name (default: the feature map the head pools)")
+    p.add_argument("--window", help="DICOM window WIDTH,LEVEL in HU (default 1500,-600)")
+    p.set_defaults(func=cmd_explain)

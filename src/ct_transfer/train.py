@@ -375,7 +375,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tl += float(loss) * len(idx)
+                tl += float(loss.detach()) * len(idx)
                 tc += int((logits.argmax(1) == y_tr[idx]).sum())
                 seen += len(idx)
             train_loss, train_acc = tl / seen, tc / seen

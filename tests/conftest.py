@@ -1,0 +1,55 @@
+"""Shared fixtures: the real dataset beside the repo, and one short real training run."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "datasets" / "sarscov2-ct"
+ORIGINALS = ROOT.parent / "shared" / "datasets" / "sarscov2-ct-originals"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    # converted Lite weights and disk caches go to a per-session folder, not the user's home
+    os.environ["CT_TRANSFER_CACHE"] = str(tmp_path_factory.mktemp("ct-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.fail(f"dataset missing: {DATA} (tests read ../shared/datasets in place)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def originals_dir() -> Path:
+    return ORIGINALS
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir):
+    """EfficientNetLite0 with ImageNet weights, 40 images per class, 2 epochs."""
+    from ct_transfer.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "lite0"
+    cfg = TrainConfig(data=str(data_dir), model="EfficientNetLite0", weights="imagenet", out=str(out),
+                      epochs=2, limit=40, seed=0)
+    metrics = train(cfg, progress=False)
+    return out, metrics
+
+
+def small_dataset(root: Path, data_dir: Path, per_class: int = 12) -> Path:
+    """A folder-per-class copy of a few real images (tests may break it on purpose)."""
+    import shutil
+
+    for cls in ("COVID", "non-COVID"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        files = sorted((data_dir / cls).iterdir())[:per_class]
+        for f in files:
+            shutil.copy(f, root / cls / f.name)
+    return root

@@ -271,8 +271,12 @@ def _val_loss_acc(model, x_u8, y, transform, cfg, device):
     return float(F.nll_loss(p.log(), yy)), float((p.argmax(1) == yy).float().mean())
 
 
-def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict:
-    """Train one run into ``cfg.out``; returns its metrics (also written to metrics.json)."""
+def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, callback=None) -> dict:
+    """Train one run into ``cfg.out``; returns its metrics (also written to metrics.json).
+
+    ``callback(row, model)``, if given, runs after each epoch outside the timed part; returning
+    True stops training there (benchmarks use it to measure time-to-accuracy).
+    """
     out = Path(cfg.out)
     if (out / "last.pt").exists() and not resume:
         raise CTTransferError(f"{out}: already holds a run; add --resume to continue it or choose another --out")
@@ -386,14 +390,17 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
             val_acc = float((vp.argmax(1) == y_va.cpu()).float().mean())
             if bar is not None:
                 bar.update(len(x_tr))
+            loop_seconds = time.perf_counter() - t0
         else:
             train_loss, train_acc = _train_epoch_full(model, opt, x_tr, y_tr, train_tf, cfg, device, g, step, bar)
+            loop_seconds = time.perf_counter() - t0
             val_loss, val_acc = _val_loss_acc(model, x_va, y_va, eval_tf, cfg, device)
         train_seconds += time.perf_counter() - t0
         if bar is not None:
             bar.close()
         row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-               "val_loss": val_loss, "val_acc": val_acc, "seconds": round(train_seconds, 3)}
+               "val_loss": val_loss, "val_acc": val_acc, "seconds": round(train_seconds, 3),
+               "train_ips": round(len(x_tr) / max(loop_seconds, 1e-9), 2)}
         history.append(row)
         if progress:
             print(f"epoch {epoch + 1}/{cfg.epochs}  loss {train_loss:.4f} acc {train_acc:.4f}  "
@@ -406,13 +413,15 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False) -> dict
                      "history": history, "best": best, "train_seconds": train_seconds, "classes": classes},
                     out / "last.pt")
         _write_history(history, out / "history.csv")
+        if callback is not None and callback(row, model):
+            break
 
     # Final evaluation with the best-on-val weights.
     best_state = torch.load(out / "best.pt", map_location=device, weights_only=True)
     model.load_state_dict(best_state["model"])
     metrics = evaluate_subsets(model, used_rows, classes, saved_cfg, cfg.data, out, progress, device=device)
     metrics.update({
-        "train_seconds": round(train_seconds, 3), "epochs": cfg.epochs, "best_epoch": best["epoch"],
+        "train_seconds": round(train_seconds, 3), "epochs": history[-1]["epoch"], "best_epoch": best["epoch"],
         "model": spec.name, "timm_name": spec.timm_name, "weights": cfg.weights, "image_size": cfg.image_size,
         "seed": cfg.seed, "strategy": cfg.strategy, "classes": classes, **frozen_info,
     })

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -21,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "sarscov2-ct"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, RESULTS, machine_info, paper_split  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -115,7 +114,7 @@ def main() -> None:
     p.add_argument("--models", default="EfficientNetV2B0,MobileNetV3Large,EfficientNetLite0")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--workers", type=int, default=2, help="baseline DataLoader workers")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "throughput.json"))
+    p.add_argument("--out", default=str(RESULTS / "throughput.json"))
     p.add_argument("--worker", choices=["baseline", "engine"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--split", help=argparse.SUPPRESS)
@@ -124,13 +123,8 @@ def main() -> None:
         return worker(args)
     models = ["EfficientNetV2B0"] if args.quick else args.models.split(",")
     epochs = 1 if args.quick else args.epochs
-    from ct_transfer import data as D
-
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    split = out.parent / "paper_split.csv"
-    items, _ = D.scan_folder(DATA)
-    D.write_split(D.make_split(items, "paper", 0), split)
+    split = paper_split(out.parent)
     results = []
     for model in models:
         row = {"model": model, "epochs": epochs}
@@ -150,11 +144,8 @@ def main() -> None:
         for v in ("baseline", "engine"):
             x = r[v]
             print(f"| {r['model']} | {v} | {x['train_ips']:.1f} | {x['epoch_seconds']:.1f} | {x['peak_rss_mb']:.0f} | {x['val_acc']:.3f} |")
-    import torch
 
-    info = {"machine": platform.processor() or platform.machine(), "cpus": __import__("os").cpu_count(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
-            "baseline_workers": args.workers, "results": results}
+    info = {**machine_info(), "baseline_workers": args.workers, "results": results}
     out.write_text(json.dumps(info, indent=2) + "\n")
     print(f"\nwrote {out}")
     print(f"speedup: {results[0]['speedup']:.2f}")

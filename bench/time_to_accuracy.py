@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "datasets" / "sarscov2-ct"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA, RESULTS, machine_info, paper_split  # noqa: E402
 TARGETS = (0.88, 0.95)
 
 
@@ -77,17 +76,12 @@ def main() -> None:
     p.add_argument("--strategies", default="full,partial,frozen")
     p.add_argument("--budget", type=float, default=150.0, help="training seconds per cell")
     p.add_argument("--max-epochs", type=int, default=100)
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "time_to_accuracy.json"))
+    p.add_argument("--out", default=str(RESULTS / "time_to_accuracy.json"))
     args = p.parse_args()
     sizes = [64, 128] if args.quick else [int(s) for s in args.sizes.split(",")]
     budget = 60.0 if args.quick else args.budget
-    from ct_transfer import data as D
-
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    split = out.parent / "paper_split.csv"
-    items, _ = D.scan_folder(DATA)
-    D.write_split(D.make_split(items, "paper", 0), split)
+    split = paper_split(out.parent)
     results = []
     for size in sizes:
         for strategy in args.strategies.split(","):
@@ -103,9 +97,7 @@ def main() -> None:
         f = lambda v: "not reached" if v is None else f"{v['seconds']:.0f} ({v['epoch']})"
         print(f"| {r['strategy']} | {r['size']} | {f(r['reached']['0.88'])} | {f(r['reached']['0.95'])} | "
               f"{r['best_test_acc']:.3f} | {r['epochs_run']} ({r['seconds_run']:.0f} s) |")
-    info = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "budget_seconds": budget, "command": " ".join(sys.argv),
-            "results": results}
+    info = {**machine_info(), "budget_seconds": budget, "results": results}
     out.write_text(json.dumps(info, indent=2) + "\n")
     print(f"\nwrote {out}")
 

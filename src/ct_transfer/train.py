@@ -290,6 +290,7 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, callbac
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or not 0 <= cfg.dropout < 1:
         raise CTTransferError("--epochs/--batch-size must be >= 1, --lr > 0, 0 <= --dropout < 1")
     device = pick_device(cfg.device)
+    cfg.bf16 = cfg.bf16 or device == "cuda"  # on a GPU mixed precision is the default
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)

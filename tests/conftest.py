@@ -33,12 +33,12 @@ def originals_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_dir):
-    """EfficientNetLite0 with ImageNet weights, 40 images per class, 2 epochs."""
+    """EfficientNetLite0 with ImageNet weights, 60 images per class, 2 epochs."""
     from ct_transfer.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "lite0"
     cfg = TrainConfig(data=str(data_dir), model="EfficientNetLite0", weights="imagenet", out=str(out),
-                      epochs=2, limit=40, seed=0)
+                      epochs=2, limit=60, seed=0)
     metrics = train(cfg, progress=False)
     return out, metrics
 

@@ -26,12 +26,30 @@ def find_layer(model, name: str | None):
     raise CTTransferError(f"--target-layer {name}: no such module (e.g. backbone.blocks.5, feature_map)")
 
 
-def _normalise(maps: np.ndarray) -> np.ndarray:
+def _normalise(maps: np.ndarray, positive: bool = False) -> np.ndarray:
+    """Scale each map to [0, 1]. ``positive``: keep only positive evidence, unless a map has none
+    (then its raw range is shown rather than a blank map)."""
     out = np.zeros_like(maps, dtype=np.float32)
     for i, m in enumerate(maps):
+        if positive and m.max() > 0:
+            m = np.clip(m, 0, None)
         lo, hi = float(m.min()), float(m.max())
         out[i] = (m - lo) / (hi - lo) if hi > lo else 0.0
     return out
+
+
+class ContrastiveTarget:
+    """Logit of class c minus the mean logit: what softmax sees (a shared shift changes nothing).
+
+    With a plain logit target a weakly trained binary model can give an all-negative map (blank
+    after the ReLU); evidence for c *against* the other classes is what a reader asks for.
+    """
+
+    def __init__(self, category: int):
+        self.category = category
+
+    def __call__(self, output):
+        return output[..., self.category] - output.mean(-1)
 
 
 def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_layer=None) -> np.ndarray:
@@ -43,20 +61,21 @@ def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_lay
     size = x.shape[-2:]
     if method in ("gradcam", "gradcampp"):
         from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
-        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
         cls = GradCAM if method == "gradcam" else GradCAMPlusPlus
         with cls(model=model, target_layers=[layer]) as cam:
-            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(t) for t in targets])
+            maps = cam(input_tensor=x, targets=[ContrastiveTarget(t) for t in targets])
         return _normalise(maps)
     if method == "cam":
-        # Zhou et al. 2016: the head is GAP -> linear, so CAM = sum_k w[c, k] * A_k exactly.
+        # Zhou et al. 2016: the head is GAP -> linear, so CAM = sum_k w[c, k] * A_k exactly. Weights
+        # are taken relative to the class mean (softmax ignores a shared shift): evidence for c
+        # against the other classes, which a CAM of c alone can miss when all its weights agree.
         with torch.no_grad():
             fmap = model.features(x).float()
-            w = model.fc.weight[targets].float()
-            maps = torch.einsum("nk,nkhw->nhw", w, fmap).clamp_min(0)
+            weight = model.fc.weight.float()
+            w = (weight - weight.mean(0, keepdim=True))[targets]
+            maps = torch.einsum("nk,nkhw->nhw", w, fmap)
             maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        return _normalise(maps.numpy())
+        return _normalise(maps.numpy(), positive=True)
     # LRP (epsilon for dense layers, z+ for convolutions, flat for the first layer). BatchNorm and
     # residual additions pass relevance by their gradient (no canonizer), an approximation.
     from zennit.attribution import Gradient
@@ -69,8 +88,7 @@ def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_lay
     except Exception as exc:
         raise CTTransferError(f"--method lrp: not supported for this architecture ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:100]})") from None
-    maps = relevance.sum(1).clamp_min(0).detach().numpy()
-    return _normalise(maps)
+    return _normalise(relevance.sum(1).detach().numpy(), positive=True)
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, path: Path, title: str) -> None:
@@ -119,6 +137,8 @@ def explain(run, inputs: list[str], method: str, out_dir, target_layer: str | No
             stem = names[start + j] if names else re.sub(r"[^A-Za-z0-9_.-]+", "_", p.stem)
             target = out_dir / f"{stem}_{method}.png"
             title = f"{METHODS[method]} · pred {run.classes[pred]} (p={proba[j, pred]:.3f})"
+            if heat.max() == heat.min():
+                title += " · no positive evidence"
             overlay(image, full, target, title)
             results.append({"path": str(p), "pred": run.classes[pred], "prob": float(proba[j, pred]),
                             "overlay": str(target), "heatmap": full})

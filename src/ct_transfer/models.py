@@ -82,7 +82,8 @@ def lite_weights_file(timm_name: str) -> Path | None:
     import timm
 
     source = torch.load(src, map_location="cpu", weights_only=True)
-    target = timm.create_model(timm_name, pretrained=False).state_dict()
+    with torch.device("meta"):  # names and shapes only; no random init (keeps the caller's RNG as is)
+        target = timm.create_model(timm_name, pretrained=False).state_dict()
     skeys = [k for k in source if not k.endswith("num_batches_tracked")]
     tkeys = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(skeys) != len(tkeys) or any(source[s].shape != target[t].shape for s, t in zip(skeys, tkeys)):
@@ -190,9 +191,19 @@ def _create_backbone(timm_name: str, weights: str):
 def create_model(name: str, weights: str = "none", num_classes: int = 2, dropout: float = 0.8):
     """Build the paper's classifier on a timm backbone. ``weights``: none | imagenet | PATH."""
     spec = resolve(name)
-    backbone = _create_backbone(spec.timm_name, weights)
-    backbone.reset_classifier(0, "")  # keep the feature map; our head does pooling + dropout + fc
+    backbone = _drop_timm_head(_create_backbone(spec.timm_name, weights))
     return Classifier(backbone, num_classes, dropout)
+
+
+def _drop_timm_head(backbone: nn.Module) -> nn.Module:
+    """Keep only what forward_features uses; our head does pooling + dropout + fc."""
+    import timm
+
+    backbone.reset_classifier(0, "")
+    if isinstance(backbone, timm.models.MobileNetV3):
+        # timm puts a 1280-channel conv after pooling; Keras include_top=False stops at 960 channels
+        backbone.conv_head = nn.Identity()
+    return backbone
 
 
 def normalization(model: Classifier) -> tuple[tuple, tuple]:
@@ -205,8 +216,7 @@ def count_parameters(timm_name: str) -> int:
     import timm
 
     with torch.device("meta"):
-        m = timm.create_model(timm_name, pretrained=False)
-        m.reset_classifier(0, "")
+        m = _drop_timm_head(timm.create_model(timm_name, pretrained=False))
     return sum(p.numel() for p in m.parameters())
 
 

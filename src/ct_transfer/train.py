@@ -282,7 +282,9 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, callbac
         raise CTTransferError(f"{out}: already holds a run; add --resume to continue it or choose another --out")
     if resume and (out / "config.json").exists():
         saved = json.loads((out / "config.json").read_text())
-        cfg = TrainConfig.from_dict({**saved, "out": str(out), "epochs": cfg.epochs})
+        # the run's own split (already limited): a resumed run sees exactly the same images
+        cfg = TrainConfig.from_dict({**saved, "out": str(out), "epochs": cfg.epochs,
+                                     "split_file": str(out / "split.csv"), "limit": None})
     spec = M.resolve(cfg.model)
     cfg.image_size = int(cfg.image_size or spec.image_size)
     if cfg.strategy not in STRATEGIES:
@@ -309,6 +311,9 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, callbac
     if skipped:
         print(f"skipped {len(skipped)} unreadable file(s):", *skipped, sep="\n  ")
 
+    torch.manual_seed(cfg.seed)  # the head's init depends on the seed alone, not on what ran before
+    model = M.create_model(cfg.model, cfg.weights, len(classes), cfg.dropout)  # weight errors: before writing
+
     out.mkdir(parents=True, exist_ok=True)
     used_rows = [r for s in D.SUBSETS for r in subsets[s][2]]
     D.write_split(used_rows, out / "split.csv")
@@ -319,7 +324,6 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, callbac
     saved_cfg["classes"] = classes
     E.write_json(out / "config.json", saved_cfg)
 
-    model = M.create_model(cfg.model, cfg.weights, len(classes), cfg.dropout)
     frozen_info = apply_strategy(model, cfg.strategy, cfg.freeze_until)
     mean, std = M.normalization(model)
     model.to(device)

@@ -132,7 +132,10 @@ def test_export_parity(trained_run, tmp_path, fmt, capsys):
         import onnxruntime as ort
 
         x = np.random.default_rng(0).random((3, 3, 64, 64), dtype=np.float32)
-        p = ort.InferenceSession(str(target)).run(None, {"image": x})[0]
+        session = ort.InferenceSession(str(target))
+        p = session.run(None, {"image": x})[0]
+        meta = session.get_modelmeta().custom_metadata_map
+        assert json.loads(meta["classes"]) == ["non-COVID", "COVID"] and "mean" in meta["inside_the_graph"]
         np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
 
 

@@ -77,6 +77,12 @@ def export(run, fmt: str, out, n_check: int = 32) -> dict:
         "parity": {"images": int(len(x)), "max_abs_diff_probabilities": max_diff},
     }
     out.with_suffix(out.suffix + ".json").write_text(json.dumps(info, indent=2) + "\n")
+    if fmt == "onnx":  # the same description travels inside the file (metadata_props)
+        import onnx
+
+        proto = onnx.load(str(out))
+        onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in info.items() if k != "parity"})
+        onnx.save(proto, str(out))
     return info
 
 

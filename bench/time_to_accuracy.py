@@ -24,7 +24,7 @@ from _common import DATA, RESULTS, machine_info, paper_split  # noqa: E402
 TARGETS = (0.88, 0.95)
 
 
-def measure(strategy: str, size: int, budget: float, split: Path, max_epochs: int) -> dict:
+def measure(strategy: str, size: int, budget: float, split: Path, max_epochs: int, lr: float = 1e-4) -> dict:
     from ct_transfer import data as D
     from ct_transfer.evaluate import predict_proba
     from ct_transfer.models import normalization
@@ -62,7 +62,7 @@ def measure(strategy: str, size: int, budget: float, split: Path, max_epochs: in
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(data=str(DATA), model="EfficientNetLite0", weights="imagenet", out=tmp + "/run",
-                          epochs=max_epochs, image_size=size, strategy=strategy, split_file=str(split))
+                          epochs=max_epochs, image_size=size, strategy=strategy, split_file=str(split), lr=lr)
         train(cfg, progress=False, callback=on_epoch)
     best = max(c["test_acc"] for c in curve)
     return {"strategy": strategy, "size": size, "reached": {str(k): v for k, v in reached.items()},
@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--strategies", default="full,partial,frozen")
     p.add_argument("--budget", type=float, default=150.0, help="training seconds per cell")
     p.add_argument("--max-epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
     p.add_argument("--out", default=str(RESULTS / "time_to_accuracy.json"))
     args = p.parse_args()
     sizes = [64, 128] if args.quick else [int(s) for s in args.sizes.split(",")]
@@ -85,7 +86,7 @@ def main() -> None:
     results = []
     for size in sizes:
         for strategy in args.strategies.split(","):
-            r = measure(strategy, size, budget, split, args.max_epochs)
+            r = measure(strategy, size, budget, split, args.max_epochs, args.lr)
             results.append(r)
             fmt = lambda v: "—" if v is None else f"{v['seconds']:.0f} s (ep {v['epoch']}, e2e {v['end_to_end']:.0f} s)"
             print(f"{strategy:<8}{size:>4}px  0.88: {fmt(r['reached']['0.88'])}  0.95: {fmt(r['reached']['0.95'])}  "
@@ -97,7 +98,7 @@ def main() -> None:
         f = lambda v: "not reached" if v is None else f"{v['seconds']:.0f} ({v['epoch']})"
         print(f"| {r['strategy']} | {r['size']} | {f(r['reached']['0.88'])} | {f(r['reached']['0.95'])} | "
               f"{r['best_test_acc']:.3f} | {r['epochs_run']} ({r['seconds_run']:.0f} s) |")
-    info = {**machine_info(), "budget_seconds": budget, "results": results}
+    info = {**machine_info(), "budget_seconds": budget, "lr": args.lr, "results": results}
     out.write_text(json.dumps(info, indent=2) + "\n")
     print(f"\nwrote {out}")
 

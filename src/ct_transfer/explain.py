@@ -98,7 +98,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, path: Path, title: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3.1))
     axes[0].imshow(image)
     axes[0].set_title("input", fontsize=9)
     axes[1].imshow(image)
@@ -107,7 +107,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, path: Path, title: str) -> None
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 

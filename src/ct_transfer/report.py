@@ -128,7 +128,7 @@ def paired_comparison(with_runs: list[dict], without_runs: list[dict], n_boot: i
         verdict = "scratch better"
     else:
         verdict = "no significant difference"
-    return {"n_images": len(images), "seed_pairs": k, "only_imagenet_right": only_a, "only_scratch_right": only_b,
+    return {"n_images": len(images), "seed_pairs": k, "n_boot": n_boot, "only_imagenet_right": only_a, "only_scratch_right": only_b,
             "mcnemar_p": p_mc, "acc_diff": observed, "bootstrap_ci95": [lo, hi], "bootstrap_p": p_boot,
             "verdict": verdict}
 
@@ -252,6 +252,11 @@ def plot_confusion_grid(runs: list[dict], path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _p(p: float, n_boot: int) -> str:
+    """A bootstrap p of 0 only says 'below the resolution of n_boot resamples'."""
+    return f"< {1 / n_boot:.0e}" if p == 0 else f"{p:.2g}"
+
+
 def _fmt(stat: dict, key: str) -> str:
     if stat["mean"] is None:
         return "—"
@@ -332,7 +337,8 @@ def write_report(grid_dir, out_dir=None, extra_sections: list[str] | None = None
         for key in ("accuracy", "f1", "train_seconds"):
             if key == "train_seconds" and subset == "val":
                 continue
-            md += [f"## {titles[key]} ({subset})", ""] + _table_md(tables[subset][key], key, paper) + [""]
+            heading = titles[key] if key == "train_seconds" else f"{titles[key]} ({subset})"
+            md += [f"## {heading}", ""] + _table_md(tables[subset][key], key, paper) + [""]
     pa = paper["average"]
     fr = lambda v: "—" if v is None else f"{v:.2f}×"
     md += ["## Headline ratios", "",
@@ -353,7 +359,7 @@ def write_report(grid_dir, out_dir=None, extra_sections: list[str] | None = None
             ci = lambda s: f"{s['mean']:.3f}" + (f" [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" if s["ci95"] else "")
             md.append(f"| {model} | {c['seed_pairs']} | {ci(row['with'])} | {ci(row['without'])} | {c['acc_diff']:+.3f} "
                       f"[{c['bootstrap_ci95'][0]:+.3f}, {c['bootstrap_ci95'][1]:+.3f}] | {c['mcnemar_p']:.2g} | "
-                      f"{c['bootstrap_p']:.2g} | {c['verdict']} |")
+                      f"{_p(c['bootstrap_p'], c['n_boot'])} | {c['verdict']} |")
         md.append("")
     md += ["## Plots", "", "![accuracy](accuracy.png)", "", "![F1](f1.png)", "", "![training time](train_time.png)", "",
            "![validation curves](val_curves.png)", "", "![confusion matrices](confusion_matrices.png)", ""]

@@ -91,7 +91,7 @@ def run_engine(model_name: str, epochs: int, split_csv: Path) -> dict:
         t0 = time.perf_counter()
         cfg = TrainConfig(data=str(DATA), model=model_name, out=tmp + "/run", epochs=epochs,
                           split_file=str(split_csv))
-        metrics = train(cfg, progress=False)
+        train(cfg, progress=False)
         total = time.perf_counter() - t0
         hist = [l.split(",") for l in (Path(tmp) / "run" / "history.csv").read_text().strip().splitlines()]
     head, last = hist[0], hist[-1]

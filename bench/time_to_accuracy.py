@@ -92,7 +92,7 @@ def main() -> None:
             print(f"{strategy:<8}{size:>4}px  0.88: {fmt(r['reached']['0.88'])}  0.95: {fmt(r['reached']['0.95'])}  "
                   f"best {r['best_test_acc']:.3f} in {r['seconds_run']:.0f} s", flush=True)
     print()
-    print(f"| strategy | size | s to 0.88 (epoch) | s to 0.95 (epoch) | best test acc | epochs in budget |")
+    print("| strategy | size | s to 0.88 (epoch) | s to 0.95 (epoch) | best test acc | epochs in budget |")
     print("|---|---|---|---|---|---|")
     for r in results:
         f = lambda v: "not reached" if v is None else f"{v['seconds']:.0f} ({v['epoch']})"

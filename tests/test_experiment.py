@@ -11,7 +11,6 @@ from scipy import stats
 from ct_transfer import report as R
 from ct_transfer.cli import main
 from ct_transfer.experiment import run_grid, run_status
-from ct_transfer.train import TrainConfig, train
 
 BASE = dict(epochs=1, limit=16)
 

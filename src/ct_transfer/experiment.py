@@ -43,7 +43,7 @@ def run_status(run_dir: Path, epochs: int | None = None) -> str:
     return "todo"
 
 
-def grid_cells(models, weights, seeds, strategy="full"):
+def grid_cells(models, weights, seeds):
     return [(m, w, s) for s in seeds for m in models for w in weights]
 
 
@@ -73,7 +73,7 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
     grid_dir.mkdir(parents=True, exist_ok=True)
     split = ensure_split(grid_dir, data, split_file, split_preset, split_seed)
     strategy = base.get("strategy", "full")
-    cells = grid_cells(models, weights, seeds, strategy)
+    cells = grid_cells(models, weights, seeds)
     (grid_dir / "grid.json").write_text(json.dumps({
         "data": str(data), "models": models, "weights": weights, "seeds": seeds, "split": str(split),
         "settings": {k: v for k, v in base.items()},

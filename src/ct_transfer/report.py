@@ -8,7 +8,6 @@ import html
 import json
 import math
 import re
-from collections import defaultdict
 from importlib import resources
 from pathlib import Path
 

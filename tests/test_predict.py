@@ -158,3 +158,5 @@ def test_bad_run_directories(trained_run, tmp_path, capsys, data_dir):
     assert "cannot load checkpoint" in capsys.readouterr().err
     assert main(["predict", "--run", str(trained_run[0]), str(tmp_path / "missing.png")]) == 2
     assert "missing.png" in capsys.readouterr().err
+    assert main(["predict", "--run", str(trained_run[0]), f, "--batch-size", "0"]) == 2
+    assert "--batch-size 0" in capsys.readouterr().err

@@ -103,6 +103,8 @@ def load_batch(paths: list[Path], image_size: int, window=DEFAULT_WINDOW) -> tor
 
 def predict(run, inputs: list[str], batch_size: int = 64, window=DEFAULT_WINDOW, progress: bool = False) -> list[dict]:
     """One dict per input: path, predicted class, probability of each class."""
+    if batch_size < 1:
+        raise CTTransferError(f"--batch-size {batch_size}: must be >= 1")
     paths = collect_inputs(inputs)
     rows = []
     chunks = range(0, len(paths), batch_size)

@@ -234,20 +234,24 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
 
 def _train_epoch_full(model, opt, x_u8, y, transform, cfg, device, g, step_fn, progress_bar):
     set_train_mode(model)
-    total_loss, correct, seen = 0.0, 0, 0
+    # Sums stay on the device: no host sync per step (matters on CUDA); the bar syncs only when shown.
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen = 0
+    show = progress_bar is not None and not progress_bar.disable
     for idx in _batches(len(x_u8), cfg.batch_size, g):
         xb = transform(x_u8[idx], g)
         if cfg.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         yb = y[idx]
         loss, logits = step_fn(xb, yb)
-        total_loss += float(loss) * len(idx)
-        correct += int((logits.argmax(1) == yb).sum())
+        total_loss += loss * len(idx)
+        correct += (logits.argmax(1) == yb).sum()
         seen += len(idx)
-        if progress_bar is not None:
+        if show:
             progress_bar.update(len(idx))
-            progress_bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
-    return total_loss / max(seen, 1), correct / max(seen, 1)
+            progress_bar.set_postfix(loss=f"{float(total_loss) / seen:.4f}", acc=f"{int(correct) / seen:.3f}")
+    return float(total_loss) / max(seen, 1), int(correct) / max(seen, 1)
 
 
 @torch.inference_mode()
@@ -295,7 +299,6 @@ def train(cfg: TrainConfig, progress: bool = True, resume: bool = False, callbac
     cfg.bf16 = cfg.bf16 or device == "cuda"  # on a GPU mixed precision is the default
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    torch.manual_seed(cfg.seed)
 
     # Data first: bad input fails before anything is written.
     rows = prepare_rows(asdict(cfg))

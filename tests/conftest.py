@@ -34,13 +34,13 @@ def originals_dir() -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, data_dir):
     """EfficientNetLite0 with ImageNet weights, 60 images per class, 2 epochs."""
-    from ct_transfer.train import TrainConfig, train
+    from ct_transfer import TrainConfig, fit
 
     out = tmp_path_factory.mktemp("runs") / "lite0"
     cfg = TrainConfig(data=str(data_dir), model="EfficientNetLite0", weights="imagenet", out=str(out),
                       epochs=2, limit=60, seed=0)
-    metrics = train(cfg, progress=False)
-    return out, metrics
+    run = fit(cfg, progress=False)
+    return out, run.metrics
 
 
 def small_dataset(root: Path, data_dir: Path, per_class: int = 12) -> Path:

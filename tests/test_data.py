@@ -85,12 +85,12 @@ def test_cache_memory_and_disk(tmp_path, data_dir, monkeypatch):
     assert first.shape == (48, 48, 3)
     assert cache.get(path) is first  # memory hit: no second decode
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 1
-    D._MEMORY.clear()
+    D.MEMORY.clear()
 
     def no_decode(*a, **k):
         raise AssertionError("decoded again despite the disk cache")
 
-    monkeypatch.setattr(D, "decode_bytes", no_decode)
+    monkeypatch.setattr(D.cache, "decode_any", no_decode)
     np.testing.assert_array_equal(D.ImageCache(48, tmp_path / "cache").get(path), first)
 
 

@@ -26,7 +26,7 @@ def test_table_covers_the_papers_12_archs_with_their_sizes():
         assert spec.image_size == {"Xception": 71, "InceptionResNetV2": 75}.get(name, 64)
     assert M.resolve("efficientnetv2b0").timm_name == "tf_efficientnetv2_b0"
     assert M.resolve("resnet18").timm_name == "resnet18"  # any timm name as is
-    with pytest.raises(CTTransferError, match="--model NoSuchNet"):
+    with pytest.raises(CTTransferError, match="model=NoSuchNet"):
         M.resolve("NoSuchNet")
 
 

@@ -16,7 +16,7 @@ from ct_transfer import predict as P
 from ct_transfer.cli import main
 from ct_transfer.errors import CTTransferError
 from ct_transfer.evaluate import read_predictions
-from ct_transfer.train import load_run
+from ct_transfer.run import load_run
 
 CT = get_testdata_file("CT_small.dcm")
 
@@ -102,7 +102,7 @@ def test_bad_dicom_files_give_one_line_errors(trained_run, tmp_path, capsys):
 @pytest.mark.parametrize("method", sorted(X.METHODS))
 def test_explain_heatmaps_are_informative_and_image_sized(run, data_dir, tmp_path, method):
     files = [str(data_dir / "COVID" / "Covid (5).png"), str(data_dir / "non-COVID" / "Non-Covid (5).png"), CT]
-    results = X.explain(run, files, method, tmp_path)
+    results = X.explain_files(run, files, method=method, out_dir=tmp_path)
     for f, r in zip(files, results):
         image = P.read_input(P.Path(f))
         assert r["heatmap"].shape == image.shape[:2]

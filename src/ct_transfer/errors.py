@@ -1,5 +1,26 @@
-"""One exception type for user-facing errors: the CLI prints its message on one line and exits 2."""
+"""User-facing errors: the CLI prints the message on one line and exits 2."""
+
+from __future__ import annotations
 
 
 class CTTransferError(Exception):
     """An input or option problem the user can fix; the message names the file or option."""
+
+
+class ConfigError(CTTransferError, ValueError):
+    """A bad parameter value. The library says ``lr=nan: ...``; the CLI says ``--lr nan: ...``."""
+
+    def __init__(self, param: str, value, why: str):
+        self.param, self.value, self.why = param, value, why
+        super().__init__(f"{param}={value}: {why}")
+
+    def as_flag(self) -> str:
+        return f"--{self.param.replace('_', '-')} {self.value}: {self.why}"
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """A short, single-line reason from any exception (never cut mid-word, no object reprs)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return text

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
-import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -12,16 +9,18 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 
+from . import _io
 from .errors import CTTransferError
 
 
 def autocast(enabled: bool, device: str = "cpu"):
-    return torch.autocast(device_type=device, dtype=torch.bfloat16) if enabled else nullcontext()
+    kind = str(device).split(":")[0]
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 @torch.inference_mode()
-def predict_proba(model, images_u8: torch.Tensor, transform, batch_size: int = 256,
-                  bf16: bool = False, device: str = "cpu", channels_last: bool = True) -> np.ndarray:
+def predict_proba(model, images_u8: torch.Tensor, transform, *, batch_size: int = 256, bf16: bool = False,
+                  device: str = "cpu", channels_last: bool = True) -> np.ndarray:
     """Class probabilities (softmax) for ``N x 3 x S x S`` uint8 images, in batches."""
     model.eval()
     out = []
@@ -45,6 +44,8 @@ def compute_metrics(y_true, proba, classes: list[str]) -> dict:
     """
     y_true = np.asarray(y_true)
     proba = np.asarray(proba)
+    if len(y_true) == 0:
+        raise CTTransferError("no images to evaluate (the subset is empty)")
     y_pred = proba.argmax(1)
     labels = list(range(len(classes)))
     cm = skm.confusion_matrix(y_true, y_pred, labels=labels)
@@ -72,55 +73,42 @@ def compute_metrics(y_true, proba, classes: list[str]) -> dict:
 
 
 def write_predictions(path, paths: list[str], y_true, proba, classes: list[str]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["path", "true", "pred"] + [f"prob_{c}" for c in classes])
-        for p, t, pr in zip(paths, y_true, proba):
-            w.writerow([p, classes[t] if t is not None else "", classes[int(np.argmax(pr))]] + [f"{v:.6f}" for v in pr])
-    os.replace(tmp, path)
+    rows = []
+    for p, t, pr in zip(paths, y_true, proba):
+        row = {"path": p, "true": classes[t] if t is not None else "", "pred": classes[int(np.argmax(pr))]}
+        row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, pr)})
+        rows.append(row)
+    _io.write_csv(path, rows, ["path", "true", "pred"] + [f"prob_{c}" for c in classes])
 
 
 def read_predictions(path) -> tuple[list[str], list[str], np.ndarray, list[str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh))
-    header, rows = rows[0], rows[1:]
-    classes = [h[len("prob_"):] for h in header[3:]]
-    proba = np.array([[float(v) for v in r[3:]] for r in rows], dtype=np.float64).reshape(len(rows), len(classes))
-    return [r[0] for r in rows], [r[1] for r in rows], proba, classes
+    rows = _io.read_csv(path, required=("path", "true", "pred"), what="predictions file")
+    classes = [k[len("prob_"):] for k in (rows[0] if rows else {}) if k.startswith("prob_")]
+    try:
+        proba = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise CTTransferError(f"{path}: predictions file has non-numeric probabilities") from None
+    return [r["path"] for r in rows], [r["true"] for r in rows], proba.reshape(len(rows), len(classes)), classes
 
 
-def write_json(path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def plot_confusion_matrix(cm, classes: list[str], path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def confusion_matrix_figure(cm, classes: list[str], title: str = ""):
+    from matplotlib.figure import Figure
     from sklearn.metrics import ConfusionMatrixDisplay
 
-    fig, ax = plt.subplots(figsize=(4, 3.6))
+    fig = Figure(figsize=(4, 3.6))
+    ax = fig.subplots()
     ConfusionMatrixDisplay(np.asarray(cm), display_labels=classes).plot(ax=ax, colorbar=False, cmap="Blues")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_curves(history: list[dict], path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def curves_figure(history: list[dict], title: str = ""):
+    from matplotlib.figure import Figure
 
     ep = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig = Figure(figsize=(8, 3.2))
+    axes = fig.subplots(1, 2)
     for key, ax in (("loss", axes[0]), ("acc", axes[1])):
         ax.plot(ep, [h[f"train_{key}"] for h in history], label="train")
         ax.plot(ep, [h[f"val_{key}"] for h in history], label="val")
@@ -129,30 +117,10 @@ def plot_curves(history: list[dict], path, title: str = "") -> None:
         ax.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def evaluate_run(run_dir, data_dir=None, split_file=None, progress: bool = False) -> dict:
-    """Re-evaluate a run's best checkpoint on its val and test subsets; rewrites metrics.json."""
-    from . import train as train_mod
-
-    run = train_mod.load_run(run_dir)
-    cfg = run.config
-    data_dir = data_dir or cfg["data"]
-    rows = train_mod.prepare_rows(cfg, data_dir=data_dir, split_file=split_file or Path(run_dir) / "split.csv")
-    metrics_path = Path(run_dir) / "metrics.json"
-    old = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    result = train_mod.evaluate_subsets(run.model, rows, run.classes, cfg, data_dir, Path(run_dir), progress)
-    for key in ("train_seconds", "epochs", "model", "weights", "image_size", "seed", "strategy", "best_epoch"):
-        if key in old:
-            result[key] = old[key]
-    write_json(metrics_path, {**old, **result})
-    return {**old, **result}
-
-
-def check_run_dir(run_dir) -> Path:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise CTTransferError(f"{run_dir}: not a run directory (no config.json)")
-    return run_dir
+def save_figure(fig, path, dpi: int = 110) -> None:
+    """PNG through the atomic writer (no half-written image if the disk is full)."""
+    with _io.atomic_open(Path(path), "wb") as fh:
+        fig.savefig(fh, format="png", dpi=dpi)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import data as D
 from .errors import CTTransferError
-from .predict import DEFAULT_WINDOW, collect_inputs, load_batch, read_input
 
 METHODS = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "cam": "CAM", "lrp": "LRP"}
 
@@ -23,7 +25,7 @@ def find_layer(model, name: str | None):
     for candidate in (name, f"backbone.{name}"):
         if candidate in modules:
             return modules[candidate]
-    raise CTTransferError(f"--target-layer {name}: no such module (e.g. backbone.blocks.5, feature_map)")
+    raise CTTransferError(f"target_layer={name}: no such module (e.g. backbone.blocks.5, feature_map)")
 
 
 def _normalise(maps: np.ndarray, positive: bool = False) -> np.ndarray:
@@ -55,7 +57,7 @@ class ContrastiveTarget:
 def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_layer=None) -> np.ndarray:
     """``N x S x S`` maps in [0, 1] for normalised inputs ``x`` and the given class indices."""
     if method not in METHODS:
-        raise CTTransferError(f"--method {method}: choose {', '.join(METHODS)}")
+        raise CTTransferError(f"method={method}: choose {', '.join(METHODS)}")
     model.eval()
     layer = target_layer if target_layer is not None else model.feature_map
     size = x.shape[-2:]
@@ -63,7 +65,11 @@ def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_lay
         from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
         cls = GradCAM if method == "gradcam" else GradCAMPlusPlus
         with cls(model=model, target_layers=[layer]) as cam:
-            maps = cam(input_tensor=x, targets=[ContrastiveTarget(t) for t in targets])
+            try:
+                maps = cam(input_tensor=x, targets=[ContrastiveTarget(t) for t in targets])
+            except (ValueError, IndexError, RuntimeError) as exc:  # e.g. a layer without a spatial map
+                raise CTTransferError(f"target_layer: {METHODS[method]} needs a layer with a spatial (N x C x H x W) "
+                                      f"output ({' '.join(str(exc).split())[:80]})") from None
         return _normalise(maps)
     if method == "cam":
         # Zhou et al. 2016: the head is GAP -> linear, so CAM = sum_k w[c, k] * A_k exactly. Weights
@@ -91,14 +97,21 @@ def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_lay
     return _normalise(relevance.sum(1).detach().numpy(), positive=True)
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, path: Path, title: str) -> None:
-    """Heat map (resized to the image) in jet over the grey image, titled, saved as PNG."""
-    import matplotlib
+def overlay_array(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Heat map (jet, resized to the image) blended over the grey image: ``H x W x 3`` uint8."""
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    heat = resize_map(heat, image.shape) if heat.shape != image.shape[:2] else heat
+    colour = colormaps["jet"](np.clip(heat, 0, 1))[..., :3] * 255.0
+    return np.clip((1 - alpha) * image + alpha * colour, 0, 255).astype(np.uint8)
 
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3.1))
+
+def overlay_figure(image: np.ndarray, heat: np.ndarray, title: str):
+    """The input beside the overlay, titled with the prediction (a matplotlib ``Figure``)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.1))
+    axes = fig.subplots(1, 2)
     axes[0].imshow(image)
     axes[0].set_title("input", fontsize=9)
     axes[1].imshow(image)
@@ -107,100 +120,64 @@ def overlay(image: np.ndarray, heat: np.ndarray, path: Path, title: str) -> None
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return fig
 
 
 def resize_map(heat: np.ndarray, shape) -> np.ndarray:
-    t = torch.from_numpy(heat)[None, None].float()
+    t = torch.from_numpy(np.ascontiguousarray(heat))[None, None].float()
     return F.interpolate(t, size=tuple(shape[:2]), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def explain(run, inputs: list[str], method: str, out_dir, target_layer: str | None = None,
-            window=DEFAULT_WINDOW, batch_size: int = 16, names: list[str] | None = None) -> list[dict]:
-    """Overlays for each input; returns path, prediction, probability, overlay file, heat map."""
-    paths = collect_inputs(inputs)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+class Explanation(NamedTuple):
+    label: str
+    probability: float
+    heatmap: np.ndarray  # full resolution, [0, 1]
+    overlay: np.ndarray  # H x W x 3 uint8
+    method: str
+
+    @property
+    def title(self) -> str:
+        text = f"{METHODS[self.method]} · pred {self.label} (p={self.probability:.3f})"
+        return text + (" · no positive evidence" if self.heatmap.max() == self.heatmap.min() else "")
+
+
+def explain_images(run, images: list[np.ndarray], *, method: str = "gradcam", target_layer: str | None = None,
+                   batch_size: int = 16) -> list[Explanation]:
+    """Explanations of full-resolution ``H x W x 3`` uint8 images (preprocessed like training)."""
+    if method not in METHODS:
+        raise CTTransferError(f"method={method}: choose {', '.join(METHODS)}")
     layer = find_layer(run.model, target_layer)
-    results = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        x = run.transform(load_batch(chunk, run.image_size, window))
+    # hooks and zennit run on the CPU (inference per image is cheap); a GPU run keeps its model there
+    model = run.model if str(run.device) == "cpu" else copy.deepcopy(run.model).cpu()
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        x = run.transform(D.stack([run.preprocess(a) for a in chunk]))
         with torch.no_grad():
-            proba = torch.softmax(run.model(x).float(), 1).numpy()
+            proba = torch.softmax(model(x).float(), 1).numpy()
         preds = proba.argmax(1).tolist()
-        maps = heatmaps(run.model, x, method, preds, layer)
-        for j, (p, pred, heat) in enumerate(zip(chunk, preds, maps)):
-            image = read_input(p, window)
+        maps = heatmaps(model, x, method, preds, layer)
+        for image, pred, p, heat in zip(chunk, preds, proba, maps):
             full = resize_map(heat, image.shape)
-            stem = names[start + j] if names else re.sub(r"[^A-Za-z0-9_.-]+", "_", p.stem)
-            target = out_dir / f"{stem}_{method}.png"
-            title = f"{METHODS[method]} · pred {run.classes[pred]} (p={proba[j, pred]:.3f})"
-            if heat.max() == heat.min():
-                title += " · no positive evidence"
-            overlay(image, full, target, title)
-            results.append({"path": str(p), "pred": run.classes[pred], "prob": float(proba[j, pred]),
-                            "overlay": str(target), "heatmap": full})
+            out.append(Explanation(run.classes[pred], float(p[pred]), full, overlay_array(image, full), method))
+    return out
+
+
+def explain_files(run, paths: list[Path], *, method: str, out_dir, target_layer: str | None = None,
+                  names: list[str] | None = None) -> list[dict]:
+    """Overlay PNGs (input beside heat map) for image/DICOM files; returns what was written."""
+    from ._io import ensure_writable_dir
+    from .evaluate import save_figure
+
+    out_dir = ensure_writable_dir(out_dir)
+    find_layer(run.model, target_layer)  # a bad layer fails before any decoding
+    results = []
+    for i, p in enumerate(paths):
+        image = D.read_input(p, run.preprocess.window)
+        ex = explain_images(run, [image], method=method, target_layer=target_layer)[0]
+        stem = names[i] if names else re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(p).stem)
+        target = out_dir / f"{stem}_{method}.png"
+        save_figure(overlay_figure(image, ex.heatmap, ex.title), target, dpi=80)
+        results.append({"path": str(p), "pred": ex.label, "prob": ex.probability, "overlay": str(target),
+                        "heatmap": ex.heatmap})
     return results
-
-
-def gallery_section(grid_dir, out_dir, method: str = "gradcam", per_cell: int = 2) -> str | None:
-    """Markdown: overlays of a few test images per confusion cell (TP, TN, FP, FN) of the best run."""
-    from .evaluate import read_predictions
-    from .report import collect_runs
-    from .train import load_run
-
-    runs, _ = collect_runs(grid_dir)
-    if not runs:
-        return None
-    best = max(runs, key=lambda r: (r["metrics"]["val"]["accuracy"], r["metrics"]["test"]["accuracy"]))
-    run = load_run(best["dir"])
-    paths, true, proba, classes = read_predictions(best["dir"] / "predictions_test.csv")
-    if len(classes) != 2:
-        return None
-    pos = classes[1]
-    cells = {"TP": [], "TN": [], "FP": [], "FN": []}
-    for p, t, pr in zip(paths, true, proba):
-        pred = classes[int(pr.argmax())]
-        key = ("T" if pred == t else "F") + ("P" if pred == pos else "N")
-        if len(cells[key]) < per_cell:
-            cells[key].append(p)
-    data_dir = Path(run.config["data"])
-    gallery = Path(out_dir) / "gallery"
-    lines = [f"## Explanation gallery ({METHODS.get(method, method)})", "",
-             f"Best run by validation accuracy: `{best['name']}` (test accuracy "
-             f"{best['metrics']['test']['accuracy']:.4f}). Up to {per_cell} test images per confusion-matrix cell; "
-             f"positive class {pos}.", ""]
-    for key, files in cells.items():
-        lines.append(f"### {key} ({len(files)} shown)")
-        lines.append("")
-        if not files:
-            lines += ["none in this cell", ""]
-            continue
-        names = [f"{key}_{i}" for i in range(len(files))]
-        res = explain(run, [str(data_dir / f) for f in files], method, gallery, names=names)
-        for f, r in zip(files, res):
-            lines += [f"`{f}`", "", f"![{key}](gallery/{Path(r['overlay']).name})", ""]
-    return "\n".join(lines)
-
-
-def cmd_explain(args):
-    from .predict import parse_window
-    from .train import load_run
-
-    run = load_run(args.run)
-    results = explain(run, args.inputs, args.method, args.out, args.target_layer, parse_window(args.window))
-    for r in results:
-        print(f"{r['path']}: {r['pred']} (p={r['prob']:.3f}) -> {r['overlay']}")
-
-
-def add_cli(sub) -> None:
-    p = sub.add_parser("explain", help="heat-map overlays (Grad-CAM, Grad-CAM++, CAM, LRP) for images")
-    p.add_argument("--run", required=True)
-    p.add_argument("inputs", nargs="+", help="image files, folders or DICOM files")
-    p.add_argument("--method", choices=sorted(METHODS), default="gradcam")
-    p.add_argument("--out", required=True, help="folder for the overlay PNGs")
-    p.add_argument("--target-layer", help="module name (default: the feature map the head pools)")
-    p.add_argument("--window", help="DICOM window WIDTH,LEVEL in HU (default 1500,-600)")
-    p.set_defaults(func=cmd_explain)

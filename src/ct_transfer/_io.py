@@ -1,0 +1,148 @@
+"""One place per file format: every read turns any failure into ``CTTransferError("<path>: <why>")``,
+every write is atomic (temporary file in the same folder, then ``os.replace``) so a failure leaves
+nothing half-written and never modifies an existing file."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import CTTransferError, first_line
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return first_line(exc)
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w", **kwargs):
+    """Write ``path`` through a temporary file; on any error the temporary file is removed."""
+    path = Path(path)
+    if path.is_dir():
+        raise CTTransferError(f"{path}: is a folder, not a file")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CTTransferError(f"{path.parent}: cannot write here ({_why(exc)})") from None
+    try:
+        with os.fdopen(fd, mode, **kwargs) as fh:
+            yield fh
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise CTTransferError(f"{path}: cannot write ({_why(exc)})") from None
+        raise
+
+
+def write_bytes(path, data: bytes) -> None:
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+
+
+def write_text(path, text: str) -> None:
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+def _finite(obj):
+    """JSON has no NaN/inf: write them as null rather than invalid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(_finite(obj), indent=2, default=float) + "\n")
+
+
+def read_json(path, *, what: str = "JSON file") -> dict:
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CTTransferError(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CTTransferError(f"{path}: not a readable {what} ({_why(exc)})") from None
+    if not isinstance(obj, dict):
+        raise CTTransferError(f"{path}: not a valid {what} (expected an object)")
+    return obj
+
+
+def write_csv(path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    fieldnames = fieldnames or (list(rows[0]) if rows else [])
+    with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fieldnames, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def read_csv(path, *, required: tuple[str, ...] = (), what: str = "CSV file") -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise CTTransferError(f"{path}: {what} not found")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+        if "\x00" in text:
+            raise ValueError("binary content")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        rows = [dict(r) for r in reader]
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
+        raise CTTransferError(f"{path}: not a readable {what} ({_why(exc)})") from None
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise CTTransferError(f"{path}: {what} needs the columns {', '.join(required)}")
+    for i, r in enumerate(rows, 2):
+        if None in r or any(r.get(c) in (None, "") for c in required):
+            raise CTTransferError(f"{path}: line {i} is malformed (every row needs {', '.join(required)})")
+    return rows
+
+
+def save_checkpoint(obj, path) -> None:
+    import torch
+
+    with atomic_open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def load_checkpoint(path, *, map_location="cpu", keys: tuple[str, ...] = ("model",)) -> dict:
+    """``torch.load(weights_only=True)``; a truncated or foreign file is a one-line error."""
+    import torch
+
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CTTransferError(f"{path}: checkpoint not found") from None
+    except Exception as exc:  # torch raises many types for damaged files
+        raise CTTransferError(f"{path}: cannot load checkpoint ({first_line(exc, 100)})") from None
+    if not isinstance(obj, dict) or any(k not in obj for k in keys):
+        raise CTTransferError(f"{path}: not a ct-transfer checkpoint (missing {', '.join(keys)})")
+    return obj
+
+
+def ensure_writable_dir(path) -> Path:
+    """Create ``path`` if needed and prove a file can be written there, before any work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CTTransferError(f"{path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise CTTransferError(f"{path}: cannot write here ({_why(exc)})") from None
+    return path

@@ -1,0 +1,179 @@
+"""Decoding: any image file or DICOM slice to one fixed ``H x W x 3`` uint8 RGB array.
+
+Alpha, palette, ICC profile, bit depth and file metadata are dropped, so the RGB/RGBA encoding
+difference between the classes of the original SARS-CoV-2 download cannot leak into a model.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import CTTransferError, first_line
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+DEFAULT_WINDOW = (1500.0, -600.0)  # lung window: width, level (HU)
+MAX_PIXELS = 40_000_000  # a decompression bomb is refused before decoding (a CT slice is ~0.3 MP)
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL image -> ``H x W x 3`` uint8. Alpha, palette, ICC profile and bit depth are dropped."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(image).astype(np.float64)
+        if mode.startswith("I;16"):
+            arr = arr / 257.0  # full 16-bit range onto 8 bits
+        elif mode == "I" and arr.min() >= 0 and arr.max() <= 65535:
+            arr = arr / 257.0 if arr.max() > 255 else arr
+        else:  # float or out-of-range integers: stretch what is there
+            arr = np.nan_to_num(arr)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def decode_bytes(data: bytes, name: str) -> Image.Image:
+    """Decode fully (truncated files fail here, not later); bombs and non-images are one-line errors."""
+    if not data:
+        raise CTTransferError(f"{name}: cannot decode image (empty file)")
+    try:
+        image = Image.open(io.BytesIO(data))
+        w, h = image.size
+        if w * h > MAX_PIXELS:
+            raise CTTransferError(f"{name}: image is {w}x{h} px, more than the {MAX_PIXELS:,} px allowed "
+                                  "(decompression bomb?)")
+        if w < 1 or h < 1:
+            raise CTTransferError(f"{name}: image has no pixels")
+        image.load()
+        return image
+    except CTTransferError:
+        raise
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
+        raise CTTransferError(f"{name}: cannot decode image ({first_line(exc, 100)})") from None
+
+
+def read_bytes(path: Path) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise CTTransferError(f"{path}: file is {size / 2**20:.0f} MB, more than {MAX_FILE_BYTES // 2**20} MB")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CTTransferError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise CTTransferError(f"{path}: is a folder, not an image") from None
+    except OSError as exc:
+        raise CTTransferError(f"{path}: cannot read ({(exc.strerror or str(exc)).lower()})") from None
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decode one image file at full resolution to ``H x W x 3`` uint8."""
+    path = Path(path)
+    return to_rgb_array(decode_bytes(read_bytes(path), str(path)))
+
+
+def is_dicom_bytes(data: bytes) -> bool:
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def is_dicom(path: Path) -> bool:
+    if Path(path).suffix.lower() in DICOM_EXTENSIONS:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def dicom_to_array(data: bytes, name: str, window=DEFAULT_WINDOW) -> np.ndarray:
+    """CT DICOM -> Hounsfield units (pydicom's modality LUT) -> window -> ``H x W x 3`` uint8."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as exc:
+        raise CTTransferError(f"{name}: not a readable DICOM file ({first_line(exc, 100)})") from None
+    modality = str(getattr(ds, "Modality", "")).upper()
+    if modality and modality != "CT":
+        raise CTTransferError(f"{name}: DICOM modality is {modality}, not CT")
+    if "PixelData" not in ds:
+        raise CTTransferError(f"{name}: DICOM file has no pixel data")
+    rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
+    if rows * cols > MAX_PIXELS:
+        raise CTTransferError(f"{name}: DICOM image is {cols}x{rows} px, more than the {MAX_PIXELS:,} px allowed")
+    try:
+        pixels = ds.pixel_array
+        hu = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    except Exception as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        label = getattr(syntax, "name", str(syntax))
+        raise CTTransferError(f"{name}: cannot decode DICOM pixel data ({label}; a decoder plugin may be "
+                              f"missing: {first_line(exc, 80)})") from None
+    if hu.ndim == 3:  # multi-frame: the middle slice
+        hu = hu[hu.shape[0] // 2]
+    if hu.ndim != 2 or hu.size == 0:
+        raise CTTransferError(f"{name}: DICOM pixel data is not a 2-D slice (shape {hu.shape})")
+    width, level = window
+    lo = level - width / 2
+    gray = np.rint(np.clip((hu - lo) / width, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def read_dicom(path, window=DEFAULT_WINDOW) -> np.ndarray:
+    path = Path(path)
+    return dicom_to_array(read_bytes(path), str(path), window)
+
+
+def decode_any(data: bytes, name: str, window=DEFAULT_WINDOW) -> np.ndarray:
+    """Bytes of an image or a DICOM file -> full-resolution ``H x W x 3`` uint8."""
+    if is_dicom_bytes(data) or name.lower().endswith(DICOM_EXTENSIONS):
+        return dicom_to_array(data, name, window)
+    return to_rgb_array(decode_bytes(data, name))
+
+
+def read_input(path, window=DEFAULT_WINDOW) -> np.ndarray:
+    """Full-resolution ``H x W x 3`` uint8 of an image or a DICOM file."""
+    path = Path(path)
+    return decode_any(read_bytes(path), str(path), window)
+
+
+def as_rgb_array(obj, window=DEFAULT_WINDOW) -> np.ndarray:
+    """A path, bytes, PIL image or numpy array (H x W, H x W x 1/3/4; any dtype) -> ``H x W x 3`` uint8."""
+    if isinstance(obj, (str, os.PathLike)):
+        return read_input(obj, window)
+    if isinstance(obj, Image.Image):
+        return to_rgb_array(obj)
+    if isinstance(obj, (bytes, bytearray)):
+        return decode_any(bytes(obj), "<bytes>", window)
+    if isinstance(obj, np.ndarray):
+        arr = obj
+        if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[2] not in (1, 3, 4):
+            arr = arr.transpose(1, 2, 0)  # channels-first
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] not in (3, 4) or min(arr.shape[:2]) < 1:
+            raise CTTransferError(f"array of shape {obj.shape}: expected H x W, H x W x 3 or H x W x 4")
+        arr = arr[:, :, :3]
+        if arr.dtype != np.uint8:
+            f = np.nan_to_num(arr.astype(np.float64))
+            if f.min() >= 0 and f.max() <= 1.0:
+                f = f * 255.0  # floats in [0, 1]
+            elif f.min() < 0 or f.max() > 255:
+                lo, hi = float(f.min()), float(f.max())
+                f = (f - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(f)
+            arr = np.clip(np.rint(f), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(arr)
+    raise CTTransferError(f"{type(obj).__name__}: not an image (give a path, PIL image, numpy array or bytes)")

@@ -1,0 +1,165 @@
+"""Finding images (folder per class) and splitting them: stratified 80:10:10, the paper's Table 1,
+split files (``path,class,subset[,group]``) read and written through one place."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import _io
+from ..errors import ConfigError, CTTransferError
+from .decode import IMAGE_EXTENSIONS, read_image
+
+SUBSETS = ("train", "val", "test")
+DEFAULT_POSITIVE = "COVID"
+PAPER_PER_CLASS = {"train": 976, "val": 122, "test": 122}  # Table 1 of the paper
+PRESETS = ("stratified", "paper")
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str  # relative to the dataset root, POSIX separators
+    label: str
+
+
+def scan_folder(root: str | os.PathLike) -> tuple[list[Item], list[str]]:
+    """List ``root/<class>/**/<image>``; returns the items (sorted) and the class names (sorted)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CTTransferError(f"{root}: dataset folder not found")
+    try:
+        class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        items: list[Item] = []
+        empty = []
+        for class_dir in class_dirs:
+            files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                empty.append(str(class_dir))
+            items.extend(Item(p.relative_to(root).as_posix(), class_dir.name) for p in files)
+    except OSError as exc:
+        raise CTTransferError(f"{root}: cannot list ({(exc.strerror or str(exc)).lower()})") from None
+    if empty:
+        raise CTTransferError(f"{', '.join(empty)}: class folder holds no images ({'/'.join(IMAGE_EXTENSIONS)})")
+    classes = [d.name for d in class_dirs]
+    if len(classes) < 2:
+        found = classes[0] if classes else "none"
+        raise CTTransferError(f"{root}: need at least two class folders, found {len(classes)} ({found})")
+    return items, classes
+
+
+def class_order(classes: list[str], positive: str | None) -> list[str]:
+    """Class index order: for two classes the positive class gets index 1 (so metrics use it)."""
+    if positive is None or len(classes) != 2:
+        return sorted(classes)
+    if positive not in classes:
+        raise ConfigError("positive", positive, f"not a class (classes: {', '.join(sorted(classes))})")
+    return [c for c in sorted(classes) if c != positive] + [positive]
+
+
+def resolve_classes(rows: list[dict], positive: str | None) -> list[str]:
+    classes = sorted({r["class"] for r in rows})
+    if len(classes) < 2:
+        raise CTTransferError(f"split has {len(classes)} class(es) ({', '.join(classes)}); need at least two")
+    if positive is None:
+        positive = DEFAULT_POSITIVE if DEFAULT_POSITIVE in classes else classes[-1]
+    return class_order(classes, positive)
+
+
+def make_split(items: list[Item], preset: str = "stratified", seed: int = 0,
+               ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[dict]:
+    """Per-class shuffled split. ``paper``: 976/122/122 per class (1220 sampled per class)."""
+    if preset not in PRESETS:
+        raise ConfigError("preset", preset, f"choose {', '.join(PRESETS)}")
+    by_class: dict[str, list[Item]] = defaultdict(list)
+    for it in items:
+        by_class[it.label].append(it)
+    rng = np.random.RandomState(seed)
+    rows = []
+    for label in sorted(by_class):
+        group = sorted(by_class[label], key=lambda it: it.path)
+        order = rng.permutation(len(group))
+        if preset == "paper":
+            need = sum(PAPER_PER_CLASS.values())
+            if len(group) < need:
+                raise ConfigError("preset", "paper", f"class {label} has {len(group)} images, needs {need}")
+            counts = [PAPER_PER_CLASS[s] for s in SUBSETS]
+        else:
+            n_val = int(round(len(group) * ratios[1]))
+            n_test = int(round(len(group) * ratios[2]))
+            counts = [len(group) - n_val - n_test, n_val, n_test]
+        start = 0
+        for subset, count in zip(SUBSETS, counts):
+            for j in order[start:start + count]:
+                rows.append({"path": group[j].path, "class": label, "subset": subset})
+            start += count
+    rows.sort(key=lambda r: (SUBSETS.index(r["subset"]), r["class"], r["path"]))
+    return rows
+
+
+def limit_rows(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:
+    """At most ``limit`` images per class, keeping each class's subset proportions (>= 1 each)."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for label in sorted({r["class"] for r in rows}):
+        class_rows = [r for r in rows if r["class"] == label]
+        for subset in SUBSETS:
+            sub = [r for r in class_rows if r["subset"] == subset]
+            if not sub:
+                continue
+            k = max(1, int(round(limit * len(sub) / len(class_rows))))
+            idx = sorted(rng.permutation(len(sub))[:k])
+            out.extend(sub[i] for i in idx)
+    return out
+
+
+def write_split(rows: list[dict], path: str | os.PathLike) -> None:
+    fields = ["path", "class", "subset"] + [k for k in ("group", "source") if any(k in r for r in rows)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _io.write_csv(path, [{k: r.get(k, "") for k in fields} for r in rows], fields)
+
+
+def read_split(path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Read a split CSV; with ``data_dir`` every listed file must exist there."""
+    path = Path(path)
+    rows = _io.read_csv(path, required=("path", "class", "subset"), what="split file")
+    if not rows:
+        raise CTTransferError(f"{path}: split file lists no images")
+    bad = [r["subset"] for r in rows if r["subset"] not in SUBSETS]
+    if bad:
+        raise CTTransferError(f"{path}: unknown subset '{bad[0][:40]}' (use train, val, test)")
+    unsafe = [r["path"] for r in rows if Path(r["path"]).is_absolute() or ".." in Path(r["path"]).parts]
+    if unsafe:
+        raise CTTransferError(f"{path}: paths must be relative to the dataset folder, e.g. not {unsafe[0][:80]}")
+    if data_dir is not None:
+        missing = [r["path"] for r in rows if not (Path(data_dir) / r["path"]).is_file()]
+        if missing:
+            raise CTTransferError(f"{path}: {len(missing)} listed file(s) missing under {data_dir}, e.g. {missing[0]}")
+    return rows
+
+
+def split_counts(rows: list[dict]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in rows:
+        counts[r["subset"]][r["class"]] += 1
+    return {s: dict(c) for s, c in counts.items()}
+
+
+def pixel_duplicates_across_subsets(rows: list[dict], data_dir: str | os.PathLike) -> list[tuple[str, str]]:
+    """Pairs of files with identical decoded pixels that sit in different subsets."""
+    by_hash: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        arr = read_image(Path(data_dir) / r["path"])
+        digest = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
+        by_hash[digest].append(r)
+    pairs = []
+    for group in by_hash.values():
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                if group[i]["subset"] != group[j]["subset"]:
+                    pairs.append((f"{group[i]['path']} ({group[i]['subset']})", f"{group[j]['path']} ({group[j]['subset']})"))
+    return pairs

@@ -1,0 +1,160 @@
+"""Callbacks keep the epoch loop short (fastai's idea): best-model tracking, checkpoints, history,
+progress, early stopping and custom stop rules are objects the loop calls at fixed points.
+
+Hooks: ``on_fit_start(state)``, ``on_epoch_start(state)``, ``on_batch_end(state, n, loss_sum,
+correct)``, ``on_epoch_end(state, row)``, ``on_fit_end(state)``. Setting ``state.stop = True``
+ends training after the current epoch. Callback time is not counted in ``train_seconds``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+log = logging.getLogger("ct_transfer.engine")
+
+
+class Callback:
+    order = 50  # lower runs first
+
+    def on_fit_start(self, state): ...
+
+    def on_epoch_start(self, state): ...
+
+    def on_batch_end(self, state, n, loss_sum, correct): ...
+
+    def on_epoch_end(self, state, row): ...
+
+    def on_fit_end(self, state): ...
+
+
+class TrackBest(Callback):
+    """Best epoch on val accuracy, ties to the lower val loss; keeps a copy of its weights."""
+
+    order = 0
+
+    def on_epoch_end(self, state, row):
+        best = state.best
+        if best is None or (row["val_acc"], -row["val_loss"]) > (best["val_acc"], -best["val_loss"]):
+            state.best = {"epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
+            state.best_state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+            state.improved = True
+        else:
+            state.improved = False
+
+
+class Checkpoint(Callback):
+    """``best.pt`` when val improves; ``last.pt`` (full resume state) every ``every`` epochs and at
+    the end. The weights are copied to the CPU first so a slow disk does not hold the device."""
+
+    order = 10
+
+    def __init__(self, rundir, every: int = 1):
+        self.rundir, self.every = rundir, max(1, int(every))
+
+    def on_epoch_end(self, state, row):
+        if state.improved:
+            self.rundir.save_best({"model": _cpu(state.best_state), "classes": state.classes,
+                                   "epoch": state.best["epoch"]})
+        last_epoch = state.epoch >= state.config.epochs or state.stop
+        if state.epoch % self.every == 0 or last_epoch:
+            self.rundir.save_last(resume_state(state))
+
+
+def resume_state(state) -> dict:
+    return {"model": _cpu(state.model.state_dict()), "optimizer": copy.deepcopy(state.optimizer.state_dict()),
+            "epoch": state.epoch, "history": state.history, "best": state.best,
+            "train_seconds": state.train_seconds, "classes": state.classes}
+
+
+def _cpu(sd: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+
+class HistoryCSV(Callback):
+    order = 20
+
+    def __init__(self, rundir):
+        self.rundir = rundir
+
+    def on_epoch_end(self, state, row):
+        self.rundir.write_history(state.history)
+
+
+class ProgressLog(Callback):
+    """One log line per epoch (and a tqdm bar within the epoch when stderr is a terminal)."""
+
+    order = 30
+
+    def __init__(self, bar: bool = True):
+        self.bar_enabled, self.bar, self.last_post = bar, None, 0
+
+    def on_epoch_start(self, state):
+        if self.bar_enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=state.n_train, desc=f"epoch {state.epoch + 1}/{state.config.epochs}", leave=False,
+                            unit="img", disable=None, mininterval=1.0)  # no bar when stderr is not a terminal
+
+    def on_batch_end(self, state, n, loss_sum, correct):
+        if self.bar is not None and not self.bar.disable:
+            self.bar.update(n)
+            seen = self.bar.n
+            if seen - self.last_post >= 256 or seen >= self.bar.total:  # a host sync only now and then
+                self.bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.3f}")
+                self.last_post = seen
+
+    def on_epoch_end(self, state, row):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar, self.last_post = None, 0
+        log.info("epoch %d/%d  loss %.4f acc %.4f  val_loss %.4f val_acc %.4f  [%.0fs]", row["epoch"],
+                 state.config.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
+                 state.train_seconds)
+
+
+class EarlyStopping(Callback):
+    """Stop when val accuracy has not improved for ``patience`` epochs."""
+
+    order = 40
+
+    def __init__(self, patience: int = 10):
+        self.patience = int(patience)
+
+    def on_epoch_end(self, state, row):
+        if state.best and state.epoch - state.best["epoch"] >= self.patience:
+            log.info("early stop: no val improvement for %d epochs", self.patience)
+            state.stop = True
+
+
+class StopWhen(Callback):
+    """Stop when ``predicate(row, model)`` is true (time-to-accuracy benchmarks use it)."""
+
+    order = 60
+
+    def __init__(self, predicate):
+        self.predicate = predicate
+
+    def on_epoch_end(self, state, row):
+        if self.predicate(row, state.model):
+            state.stop = True
+
+
+class TimeToAccuracy(Callback):
+    """Records the training seconds at which val accuracy first reached each target."""
+
+    order = 45
+
+    def __init__(self, targets=(0.95, 0.98)):
+        self.targets = sorted(targets)
+        self.reached: dict[float, float] = {}
+
+    def on_epoch_end(self, state, row):
+        for t in self.targets:
+            if t not in self.reached and not math.isnan(row["val_acc"]) and row["val_acc"] >= t:
+                self.reached[t] = row["seconds"]
+
+
+def ordered(callbacks) -> list[Callback]:
+    return sorted(callbacks, key=lambda cb: cb.order)

@@ -1,0 +1,55 @@
+"""Fine-tuning strategies: which parameters train (``full``, ``partial``, ``frozen``)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..config import STRATEGIES
+from ..errors import ConfigError
+
+
+def parameter_groups(backbone: nn.Module) -> list[list[str]]:
+    """The backbone's stages in order (stem first), from timm's own group_matcher."""
+    from timm.models import group_parameters
+
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    return [groups[k] for k in sorted(groups)]
+
+
+def default_freeze_until(backbone: nn.Module) -> int:
+    return max(0, len(parameter_groups(backbone)) // 2 - 1)
+
+
+def apply_strategy(model, strategy: str, freeze_until: int | None = None) -> dict:
+    """Set requires_grad; returns what was frozen (modules whose params are all frozen stay in eval)."""
+    if strategy not in STRATEGIES:
+        raise ConfigError("strategy", strategy, f"choose {', '.join(STRATEGIES)}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if strategy == "full":
+        return {"frozen_groups": 0, "frozen_params": 0}
+    groups = parameter_groups(model.backbone)
+    if strategy == "frozen":
+        upto = len(groups) - 1
+    else:
+        upto = default_freeze_until(model.backbone) if freeze_until is None else int(freeze_until)
+        if not 0 <= upto < len(groups) - 1:
+            raise ConfigError("freeze_until", freeze_until,
+                              f"choose 0..{len(groups) - 2} for {model.backbone.__class__.__name__}")
+    frozen = {n for g in groups[:upto + 1] for n in g}
+    params = dict(model.backbone.named_parameters())
+    for name in frozen:
+        params[name].requires_grad_(False)
+    if strategy == "frozen":
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+    return {"frozen_groups": upto + 1, "frozen_params": int(sum(params[n].numel() for n in frozen))}
+
+
+def set_train_mode(model) -> None:
+    """train() for trainable parts; frozen modules (all params frozen) stay in eval (BN stats fixed)."""
+    model.train()
+    for module in model.backbone.modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            module.eval()

@@ -1,0 +1,197 @@
+"""``Run``: a trained model together with its preprocessing, classes, config and results.
+
+What ``fit`` returns and ``load_run`` reads back: call it on scans (``predict``), ask why
+(``explain``), evaluate it on other data, ``save`` it, ``export`` it. It owns its run directory
+through ``RunDir`` (atomic writes); checkpoints load with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from . import data as D
+from . import models as M
+from .errors import CTTransferError
+from .evaluate import (compute_metrics, confusion_matrix_figure, curves_figure, predict_proba, save_figure,
+                       write_predictions)
+from .rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class Prediction(NamedTuple):
+    label: str
+    probabilities: dict[str, float]
+
+
+class Run:
+    def __init__(self, *, model, config: dict, classes: list[str], preprocess: D.Preprocess, metrics=None,
+                 history=None, split=None, directory=None, device: str = "cpu", checkpoint: str | None = None):
+        self.model, self.config, self.classes, self.preprocess = model, dict(config), list(classes), preprocess
+        self.metrics = metrics or {}
+        self.history = history or []
+        self.split = split or []
+        self.directory = Path(directory) if directory else None
+        self.device = device
+        self.checkpoint = checkpoint
+        self.mean, self.std = M.normalization(model)
+        self.transform = D.batch_transform(self.mean, self.std, augment=False)
+        self._predictions: dict[str, tuple] = {}
+
+    def __repr__(self):
+        acc = self.metrics.get("test", {}).get("accuracy")
+        where = f" at {self.directory}" if self.directory else ""
+        return (f"Run({self.config.get('model')}, weights={self.config.get('weights')}, "
+                f"test accuracy={acc if acc is None else round(acc, 4)}{where})")
+
+    @property
+    def image_size(self) -> int:
+        return self.preprocess.image_size
+
+    # -- inference -------------------------------------------------------------------------
+    def load_images(self, inputs) -> torch.Tensor:
+        """Paths (images, DICOM), arrays, PIL images or bytes -> ``N x 3 x S x S`` uint8 tensor."""
+        cache = D.ImageCache(self.preprocess)
+        arrays = [cache.get(x) if isinstance(x, (str, Path)) and not D.is_dicom(Path(x)) else self.preprocess.load(x)
+                  for x in inputs]
+        return D.stack(arrays)
+
+    def predict_proba(self, inputs, *, batch_size: int = 64) -> np.ndarray:
+        if batch_size < 1:
+            raise CTTransferError(f"batch_size={batch_size}: must be >= 1")
+        inputs = _as_list(inputs)
+        out = [predict_proba(self.model, self.load_images(inputs[i:i + batch_size]), self.transform,
+                             device=self.device, channels_last=self.config.get("channels_last", True))
+               for i in range(0, len(inputs), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+
+    def predict(self, inputs, *, batch_size: int = 64) -> list[Prediction]:
+        """One ``(label, {class: probability})`` per input (path, array, PIL image or bytes)."""
+        proba = self.predict_proba(inputs, batch_size=batch_size)
+        return [Prediction(self.classes[int(p.argmax())], {c: float(v) for c, v in zip(self.classes, p)})
+                for p in proba]
+
+    def explain(self, inputs, *, method: str = "gradcam", target_layer: str | None = None):
+        """Heat map (full resolution, [0, 1]) and an RGB overlay; one ``Explanation`` per input,
+        or a single one when a single input is given."""
+        from .explain import explain_images
+
+        single = not isinstance(inputs, (list, tuple))
+        items = _as_list(inputs)
+        full = [D.as_rgb_array(x, self.preprocess.window) for x in items]
+        result = explain_images(self, full, method=method, target_layer=target_layer)
+        return result[0] if single else result
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate_subsets(self, subsets: dict, *, write: bool = False) -> dict:
+        """Metrics for already-decoded subsets (``.x``, ``.y``, ``.rows``); keeps the predictions."""
+        result = {}
+        for name, sub in subsets.items():
+            proba = predict_proba(self.model, sub.x.to(self.device), self.transform, device=self.device,
+                                  bf16=self.config.get("bf16", False),
+                                  channels_last=self.config.get("channels_last", True))
+            result[name] = compute_metrics(sub.y.cpu().numpy(), proba, self.classes)
+            self._predictions[name] = ([r["path"] for r in sub.rows], sub.y.cpu().tolist(), proba)
+        return result
+
+    def evaluate(self, *, data=None, split_file=None, subsets=("val", "test")) -> dict:
+        """Re-evaluate on the run's split (or another split file / data folder)."""
+        from .engine.data import load_subset
+
+        data = data or self.config["data"]
+        rows = D.read_split(split_file, data) if split_file else self.split
+        if not rows:
+            raise CTTransferError("split_file: this run has no split; give one")
+        loaded = {}
+        for name in subsets:
+            x, y, kept, _ = load_subset(rows, name, self.classes, data, self.preprocess, on_bad="skip")
+            if len(kept) == 0:
+                raise CTTransferError(f"{split_file or 'split'}: the {name} subset is empty")
+            loaded[name] = _Loaded(x, y, kept)
+        result = self.evaluate_subsets(loaded)
+        self.metrics = {**self.metrics, **result}
+        return self.metrics
+
+    # -- files -----------------------------------------------------------------------------
+    def write_outputs(self, directory=None) -> None:
+        """metrics.json, predictions per subset, confusion matrix and curves into the run directory."""
+        rd = RunDir(directory or self.directory)
+        for name, (paths, y, proba) in self._predictions.items():
+            write_predictions(rd / f"predictions_{name}.csv", paths, y, proba, self.classes)
+        if self.metrics:
+            rd.write_metrics(self.metrics)
+        if "test" in self.metrics:
+            save_figure(confusion_matrix_figure(self.metrics["test"]["confusion_matrix"], self.classes,
+                                                f"{self.config.get('model')} · test"), rd / "confusion_matrix.png")
+        if self.history:
+            title = f"{self.config.get('model')} · weights={Path(str(self.config.get('weights'))).name} · " \
+                    f"seed {self.config.get('seed')}"
+            save_figure(curves_figure(self.history, title), rd / "curves.png")
+
+    def save(self, path) -> Path:
+        """Write the whole run (config, split, history, best.pt, metrics, predictions, plots) to ``path``."""
+        from ._io import ensure_writable_dir
+
+        rd = RunDir(ensure_writable_dir(path))
+        rd.write_config({**self.config, "out": str(rd.path)})
+        if self.split:
+            D.write_split(self.split, rd / "split.csv")
+        rd.write_history(self.history)
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        rd.save_best({"model": state, "classes": self.classes, "epoch": self.metrics.get("best_epoch", 0)})
+        self.write_outputs(rd.path)
+        self.directory = rd.path
+        return rd.path
+
+    def export(self, path, *, format: str | None = None, n_check: int = 32) -> dict:
+        """ONNX (``.onnx``) or ``torch.export`` (``.pt2``) with the normalisation inside; parity checked."""
+        from .export import export
+
+        return export(self, path, format=format, n_check=n_check)
+
+
+class _Loaded(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+    rows: list
+
+
+def _as_list(inputs) -> list:
+    if isinstance(inputs, (list, tuple)):
+        return list(inputs)
+    return [inputs]
+
+
+def load_run(path, *, checkpoint: str = "best.pt", device: str = "cpu") -> Run:
+    """Read a run directory written by ``fit`` or ``Run.save``."""
+    rd = RunDir(path).check()
+    cfg = rd.read_config()
+    ckpt_name = checkpoint if (rd / checkpoint).is_file() else "last.pt"
+    from . import _io
+
+    if not (rd / ckpt_name).is_file():
+        raise CTTransferError(f"{rd.path}: no checkpoint (best.pt / last.pt)")
+    ckpt = _io.load_checkpoint(rd / ckpt_name, map_location="cpu", keys=("model", "classes"))
+    classes = ckpt["classes"]
+    if "model" not in cfg:
+        raise CTTransferError(f"{rd / 'config.json'}: not a valid run config (no model)")
+    model = M.create_model(cfg["model"], weights="none", num_classes=len(classes), dropout=cfg.get("dropout", 0.8))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise CTTransferError(f"{rd / ckpt_name}: checkpoint does not fit {cfg['model']} (another architecture?)") from None
+    model.eval().to(device)
+    pre = cfg.get("preprocess") or {"image_size": cfg.get("image_size") or M.resolve(cfg["model"]).image_size}
+    try:
+        preprocess = D.Preprocess.from_dict(pre)
+    except (TypeError, ValueError):
+        raise CTTransferError(f"{rd / 'config.json'}: invalid preprocess entry") from None
+    split = D.read_split(rd / "split.csv") if (rd / "split.csv").is_file() else []
+    return Run(model=model, config=cfg, classes=classes, preprocess=preprocess, metrics=rd.read_metrics(),
+               history=rd.read_history(), split=split, directory=rd.path, device=device,
+               checkpoint=str(rd / ckpt_name))

@@ -1,0 +1,107 @@
+"""``RunDir``: the one owner of a run directory's files. Every write is atomic; ``last.pt`` keeps
+its predecessor (``last.prev.pt``) so a resume can fall back to the last good checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from . import _io
+from .errors import CTTransferError
+
+log = logging.getLogger(__name__)
+
+CONFIG, SPLIT, HISTORY, METRICS = "config.json", "split.csv", "history.csv", "metrics.json"
+BEST, LAST, LAST_PREV = "best.pt", "last.pt", "last.prev.pt"
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __truediv__(self, name) -> Path:
+        return self.path / name
+
+    def __repr__(self):
+        return f"RunDir({str(self.path)!r})"
+
+    # -- what is there ---------------------------------------------------------------------
+    def is_run(self) -> bool:
+        return (self.path / CONFIG).is_file()
+
+    def check(self) -> "RunDir":
+        if not self.is_run():
+            raise CTTransferError(f"{self.path}: not a run directory (no {CONFIG})")
+        return self
+
+    def owns(self, target) -> bool:
+        """Is ``target`` one of this run's own files (never an output of another command)?"""
+        try:
+            target = Path(target).resolve()
+            return target == self.path.resolve() or target.parent == self.path.resolve() and (
+                target.name in (CONFIG, SPLIT, HISTORY, METRICS, BEST, LAST, LAST_PREV)
+                or target.suffix in (".pt", ".csv", ".json"))
+        except OSError:
+            return False
+
+    # -- json / csv ------------------------------------------------------------------------
+    def read_config(self) -> dict:
+        return _io.read_json(self.path / CONFIG, what="run config")
+
+    def write_config(self, cfg: dict) -> None:
+        _io.write_json(self.path / CONFIG, cfg)
+
+    def read_metrics(self) -> dict | None:
+        p = self.path / METRICS
+        return _io.read_json(p, what="metrics file") if p.exists() else None
+
+    def write_metrics(self, metrics: dict) -> None:
+        _io.write_json(self.path / METRICS, metrics)
+
+    def write_history(self, history: list[dict]) -> None:
+        if history:
+            _io.write_csv(self.path / HISTORY, history)
+
+    def read_history(self) -> list[dict]:
+        p = self.path / HISTORY
+        if not p.exists():
+            return []
+        return [{k: float(v) for k, v in r.items()} for r in _io.read_csv(p, what="history file")]
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save_best(self, state: dict) -> None:
+        _io.save_checkpoint(state, self.path / BEST)
+
+    def save_last(self, state: dict) -> None:
+        """New ``last.pt``; the previous one becomes ``last.prev.pt`` (a fallback for resume)."""
+        tmp = self.path / f".{LAST}.new"
+        _io.save_checkpoint(state, tmp)
+        if (self.path / LAST).exists():
+            os.replace(self.path / LAST, self.path / LAST_PREV)
+        os.replace(tmp, self.path / LAST)
+
+    def load_best(self, map_location="cpu") -> dict:
+        for name in (BEST, LAST):
+            if (self.path / name).is_file():
+                return _io.load_checkpoint(self.path / name, map_location=map_location, keys=("model", "classes"))
+        raise CTTransferError(f"{self.path}: no checkpoint ({BEST} / {LAST})")
+
+    def load_resume_state(self, map_location="cpu") -> dict | None:
+        """The newest loadable resume state: ``last.pt``, else ``last.prev.pt`` (said in the log)."""
+        keys = ("model", "optimizer", "epoch", "history", "best", "train_seconds", "classes")
+        errors = []
+        for name in (LAST, LAST_PREV):
+            if not (self.path / name).exists():
+                continue
+            try:
+                state = _io.load_checkpoint(self.path / name, map_location=map_location, keys=keys)
+            except CTTransferError as exc:
+                errors.append(str(exc))
+                continue
+            if errors:
+                log.warning("%s; resuming from %s (epoch %d) instead", errors[0], name, state["epoch"])
+            return state
+        if errors:
+            raise CTTransferError(errors[0] + " (and no earlier checkpoint to fall back to)")
+        return None

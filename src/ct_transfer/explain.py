@@ -145,46 +145,6 @@ def explain(run, inputs: list[str], method: str, out_dir, target_layer: str | No
     return results
 
 
-def gallery_section(grid_dir, out_dir, method: str = "gradcam", per_cell: int = 2) -> str | None:
-    """Markdown: overlays of a few test images per confusion cell (TP, TN, FP, FN) of the best run."""
-    from .evaluate import read_predictions
-    from .report import collect_runs
-    from .train import load_run
-
-    runs, _ = collect_runs(grid_dir)
-    if not runs:
-        return None
-    best = max(runs, key=lambda r: (r["metrics"]["val"]["accuracy"], r["metrics"]["test"]["accuracy"]))
-    run = load_run(best["dir"])
-    paths, true, proba, classes = read_predictions(best["dir"] / "predictions_test.csv")
-    if len(classes) != 2:
-        return None
-    pos = classes[1]
-    cells = {"TP": [], "TN": [], "FP": [], "FN": []}
-    for p, t, pr in zip(paths, true, proba):
-        pred = classes[int(pr.argmax())]
-        key = ("T" if pred == t else "F") + ("P" if pred == pos else "N")
-        if len(cells[key]) < per_cell:
-            cells[key].append(p)
-    data_dir = Path(run.config["data"])
-    gallery = Path(out_dir) / "gallery"
-    lines = [f"## Explanation gallery ({METHODS.get(method, method)})", "",
-             f"Best run by validation accuracy: `{best['name']}` (test accuracy "
-             f"{best['metrics']['test']['accuracy']:.4f}). Up to {per_cell} test images per confusion-matrix cell; "
-             f"positive class {pos}.", ""]
-    for key, files in cells.items():
-        lines.append(f"### {key} ({len(files)} shown)")
-        lines.append("")
-        if not files:
-            lines += ["none in this cell", ""]
-            continue
-        names = [f"{key}_{i}" for i in range(len(files))]
-        res = explain(run, [str(data_dir / f) for f in files], method, gallery, names=names)
-        for f, r in zip(files, res):
-            lines += [f"`{f}`", "", f"![{key}](gallery/{Path(r['overlay']).name})", ""]
-    return "\n".join(lines)
-
-
 def cmd_explain(args):
     from .predict import parse_window
     from .train import load_run

@@ -127,12 +127,11 @@ def _run_rows(runs: list[dict]) -> list[dict]:
              "external": [e["name"] for e in r["external"]]} for r in runs]
 
 
-def render_markdown(summary: dict, *, runs: list[dict], plots: dict[str, str], paper: dict,
-                    extra_sections: list[str]) -> str:
+def render_markdown(summary: dict, *, runs: list[dict], plots: dict[str, str], extra_sections: list[str]) -> str:
     """report.md's text from report.json's content (``summary``) and the written plots."""
     protocol = summary["protocol"]
     context = {
-        **summary, "paper_json": paper, "plots": plots, "extra_sections": extra_sections,
+        **summary, "plots": plots, "extra_sections": extra_sections,
         "run_rows": _run_rows(runs), "table_numbers": TABLE_NUMBERS, "titles": METRIC_TITLES,
         "external_columns": EXTERNAL_COLUMNS, "paper_epochs": PAPER_EPOCHS,
         "reduced": bool(protocol["epochs"]) and max(protocol["epochs"]) < PAPER_EPOCHS,

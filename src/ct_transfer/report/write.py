@@ -38,7 +38,7 @@ def _paper_section(tables: dict, paper: dict) -> dict:
     """Our tables beside the paper's, per subset and metric, plus the paper's table means."""
     beside = {s: {k: P.beside_paper(tables[s][k]["rows"], k, paper=paper) for k in P.TABLE_KEYS}
               for s in SUBSETS}
-    return {"beside": beside, "means": P.paper_table_means(paper=paper)}
+    return {"citation": paper["citation"], "beside": beside, "means": P.paper_table_means(paper=paper)}
 
 
 def _ratios(tables: dict, paper: dict) -> dict:
@@ -85,8 +85,7 @@ def write_report(grid_dir, out_dir=None, *, extra_sections: list[str] | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
     paper_val = {k: {r["model"]: r for r in P.paper_rows(k)} for k in ("accuracy", "f1")}
     plots = write_plots(out_dir, tables=summary["tables"], groups=groups, runs=runs, paper_val=paper_val)
-    paper = P.paper_results()
-    md = render_markdown(summary, runs=runs, plots=plots, paper=paper, extra_sections=extra_sections or [])
+    md = render_markdown(summary, runs=runs, plots=plots, extra_sections=extra_sections or [])
     (out_dir / "report.md").write_text(md, encoding="utf-8")
     (out_dir / "report.html").write_text(render_html(md, image_dir=out_dir), encoding="utf-8")
     (out_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")

@@ -53,3 +53,18 @@ def small_dataset(root: Path, data_dir: Path, per_class: int = 12) -> Path:
         for f in files:
             shutil.copy(f, root / cls / f.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_grid(tmp_path_factory, data_dir):
+    """A real grid: EfficientNetLite0 x {none, imagenet} x seed 0, 1 epoch, 20 images per class.
+
+    Read-only for tests: copy it (shutil.copytree) before changing anything inside.
+    """
+    from ct_transfer.experiment import run_grid
+
+    out = tmp_path_factory.mktemp("tiny-grid")
+    results = run_grid(str(data_dir), str(out), ["EfficientNetLite0"], ["none", "imagenet"], [0],
+                       base=dict(epochs=1, limit=20), progress=False)
+    assert [r["status"] for r in results] == ["done", "done"]
+    return out

@@ -188,17 +188,18 @@ def cmd_experiment(args):
 def cmd_report(args):
     from .report import gallery_section, write_report
 
+    out = args.out or args.grid_dir
     extra = []
     if not args.no_gallery:
-        section = gallery_section(args.grid_dir, args.out or args.grid_dir, args.method)
+        section = gallery_section(args.grid_dir, out, args.method)
         if section:
             extra.append(section)
-    summary = write_report(args.grid_dir, args.out, extra)
-    where = Path(args.out or args.grid_dir)
-    ratio = summary["ratios"]["accuracy_ratio"]
+    summary = write_report(args.grid_dir, args.out, extra_sections=extra)
+    ratio = summary["ratios"]["ours"]["test"]["accuracy_ratio"]
     ratio_text = "n/a" if ratio is None else f"{ratio:.3f}"
-    print(f"{len(summary['runs'])} runs reported; accuracy ratio (with/without TL) {ratio_text}")
-    print(f"wrote {where / 'report.md'} and {where / 'report.html'}")
+    print(f"{len(summary['runs'])} runs reported (split: {summary['split']['name']}); "
+          f"test accuracy ratio (with/without TL) {ratio_text}")
+    print(f"wrote {Path(out) / 'report.md'} and {Path(out) / 'report.html'}")
 
 
 def cmd_predict(args):

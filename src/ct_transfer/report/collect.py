@@ -1,0 +1,175 @@
+"""Collect: the runs of a grid directory, their metrics, history, external results, and the split."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+from ..errors import CTTransferError
+
+log = logging.getLogger(__name__)
+
+CONDITIONS = ("none", "imagenet")  # "without" and "with" transfer learning
+PAPER_PER_CLASS = {"train": 976, "val": 122, "test": 122}  # the paper's Table 1
+EXTERNAL_KEYS = ("accuracy", "recall", "specificity", "f1", "roc_auc")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; anything else is a one-line CTTransferError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CTTransferError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CTTransferError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CTTransferError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _require(data: dict, keys, path: Path) -> None:
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise CTTransferError(f"{path}: missing key(s) {', '.join(missing)}")
+
+
+def read_history(path: Path) -> list[dict]:
+    """history.csv as a list of {column: float}; [] when the run has none."""
+    if not path.exists():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    except (OSError, ValueError, TypeError) as exc:
+        raise CTTransferError(f"{path}: unreadable history ({str(exc).splitlines()[0]})") from None
+
+
+def read_external(run_dir: Path) -> list[dict]:
+    """External test sets of a run: ``RUN/external/<name>/metrics.json`` -> {name, data, metrics}."""
+    root = run_dir / "external"
+    if not root.is_dir():
+        return []
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        path = folder / "metrics.json"
+        if not path.exists():
+            log.info("%s: no metrics.json, skipped", folder)
+            continue
+        data = read_json(path)
+        _require(data, ("metrics",), path)
+        metrics = data["metrics"]
+        if not isinstance(metrics, dict):
+            raise CTTransferError(f"{path}: 'metrics' must be an object")
+        _require(metrics, ("accuracy",), path)
+        out.append({"name": str(data.get("name") or folder.name), "data": str(data.get("data", "")),
+                    "metrics": metrics, "path": path})
+    return out
+
+
+def condition(weights: str) -> str:
+    """none | imagenet | file (a weights file: neither of the paper's two conditions)."""
+    return weights if weights in CONDITIONS else "file"
+
+
+def read_run(run_dir: Path) -> dict:
+    """One finished run: metrics.json, config.json, history.csv and external results."""
+    metrics = read_json(run_dir / "metrics.json")
+    config = read_json(run_dir / "config.json")
+    _require(metrics, ("model", "seed", "val", "test"), run_dir / "metrics.json")
+    _require(config, ("weights",), run_dir / "config.json")
+    return {"dir": run_dir, "name": run_dir.name, "model": metrics["model"],
+            "weights": condition(config["weights"]), "seed": metrics["seed"],
+            "strategy": metrics.get("strategy", "full"), "metrics": metrics,
+            "history": read_history(run_dir / "history.csv"), "config": config,
+            "external": read_external(run_dir)}
+
+
+def collect_runs(grid_dir) -> tuple[list[dict], list[dict]]:
+    """(finished runs, failed or unfinished runs) of a grid directory."""
+    grid_dir = Path(grid_dir)
+    runs_dir = grid_dir / "runs"
+    if not runs_dir.is_dir():
+        raise CTTransferError(f"{grid_dir}: not a grid directory (no runs/ folder)")
+    done, other = [], []
+    for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+        if (run_dir / "metrics.json").exists():
+            done.append(read_run(run_dir))
+            continue
+        error = run_dir / "error.txt"
+        other.append({"name": run_dir.name,
+                      "error": error.read_text(encoding="utf-8").strip() if error.exists() else "unfinished"})
+    return done, other
+
+
+def group_runs(runs: list[dict]) -> dict:
+    """{model: {condition: [runs sorted by seed]}} in first-seen model order."""
+    out: dict = {}
+    for r in runs:
+        out.setdefault(r["model"], {}).setdefault(r["weights"], []).append(r)
+    for conds in out.values():
+        for lst in conds.values():
+            lst.sort(key=lambda r: r["seed"])
+    return out
+
+
+def read_grid_info(grid_dir) -> dict:
+    """GRID/grid.json (data, models, weights, seeds, split, settings); {} for a grid without one."""
+    path = Path(grid_dir) / "grid.json"
+    return read_json(path) if path.exists() else {}
+
+
+def _split_counts(path: Path) -> dict | None:
+    """{subset: {class: n}} and whether a patient/group column keeps every group in one subset."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = set(reader.fieldnames or ())
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not {"subset", "class"} <= columns:
+        return None
+    counts = Counter((r["subset"], r["class"]) for r in rows)
+    by_subset: dict = {}
+    for (subset, cls), n in sorted(counts.items()):
+        by_subset.setdefault(subset, {})[cls] = n
+    group_col = next((c for c in ("patient", "group") if c in columns), None)
+    subsets_per_group: dict = {}
+    for r in rows if group_col else ():
+        subsets_per_group.setdefault(r[group_col], set()).add(r["subset"])
+    disjoint = bool(subsets_per_group) and all(len(s) == 1 for s in subsets_per_group.values())
+    return {"counts": by_subset, "groups_disjoint": disjoint}
+
+
+def describe_split(grid_dir, grid_info: dict) -> dict:
+    """Which split the grid used: {name, how, file, counts, patient_level}.
+
+    grid.json records the split file (always GRID/split.csv, a copy) and, in newer grids, the
+    preset or the user's split file; older grids record neither, so a split whose counts are
+    the paper's Table 1 is named "paper" (inferred).
+    """
+    grid_dir = Path(grid_dir)
+    settings = grid_info.get("settings") or {}
+    split_path = Path(grid_info.get("split") or grid_dir / "split.csv")
+    if not split_path.exists() and (grid_dir / "split.csv").exists():
+        split_path = grid_dir / "split.csv"  # grid moved: grid.json holds the old absolute path
+    info = _split_counts(split_path) if split_path.exists() else None
+    counts = info["counts"] if info else None
+    user_file = grid_info.get("split_file") or settings.get("split_file")
+    preset = grid_info.get("split_preset") or settings.get("split_preset")
+    if user_file:
+        name, how = Path(user_file).name, "split file (grid.json)"
+    elif preset:
+        name, how = str(preset), "preset (grid.json)"
+    elif split_path.name != "split.csv":
+        name, how = split_path.name, "split file (grid.json)"
+    elif counts and all(counts.get(s, {}) and set(counts[s].values()) == {n} for s, n in PAPER_PER_CLASS.items()):
+        name, how = "paper", "inferred: 976/122/122 images per class, the paper's Table 1"
+    else:
+        name, how = "unknown", "grid.json names no preset or split file"
+    patient_level = name == "grouped" or bool(info and info["groups_disjoint"])
+    return {"name": name, "how": how, "file": str(split_path) if split_path.exists() else None,
+            "counts": counts, "patient_level": patient_level}

@@ -1,0 +1,216 @@
+"""The report package on a real tiny grid: paper tables, ratios, external results, HTML, plots, split."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ct_transfer import report as R
+from ct_transfer.cli import main
+from ct_transfer.errors import CTTransferError
+from ct_transfer.report import paper as P
+
+PAPER_JSON = Path(__file__).resolve().parents[2] / "shared" / "paper" / "pardede2023.json"
+RUN = "EfficientNetLite0__imagenet__seed0"
+EXTERNAL = {"name": "ucsd-dev", "data": "/elsewhere/ucsd", "metrics": {
+    "n": 541, "accuracy": 0.543, "precision": 0.5, "recall": 0.612, "f1": 0.55, "specificity": 0.483,
+    "roc_auc": 0.571, "confusion_matrix": [[140, 150], [97, 154]], "positive_class": "COVID",
+    "ci95": {"accuracy": [0.501, 0.585], "recall": [0.55, 0.67], "specificity": [0.425, 0.541],
+             "f1": [0.5, 0.6], "roc_auc": [0.522, 0.62]}}}
+
+
+def md_table(md: str, heading: str) -> list[list[str]]:
+    """Body rows (cells as text) of the first markdown table after ``## heading``."""
+    lines = md.splitlines()
+    start = lines.index(f"## {heading}")
+    rows = []
+    for line in lines[start + 1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("|"):
+            rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+        elif rows:
+            break
+    return rows[2:]  # header and separator
+
+
+def by_model(rows):
+    return {r[0]: r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def paper_json():
+    return json.loads(PAPER_JSON.read_text())
+
+
+@pytest.fixture(scope="module")
+def report(tiny_grid, tmp_path_factory):
+    """The report of the untouched grid: (out dir, report.md, summary)."""
+    out = tmp_path_factory.mktemp("report")
+    summary = R.write_report(tiny_grid, out)
+    return out, (out / "report.md").read_text(), summary
+
+
+@pytest.fixture(scope="module")
+def external_report(tiny_grid, tmp_path_factory):
+    """The report of a copy of the grid where one run has an external results file."""
+    grid = tmp_path_factory.mktemp("ext") / "grid"
+    shutil.copytree(tiny_grid, grid)
+    target = grid / "runs" / RUN / "external" / "ucsd-dev"
+    target.mkdir(parents=True)
+    (target / "metrics.json").write_text(json.dumps(EXTERNAL))
+    out = grid / "report"
+    summary = R.write_report(grid, out)
+    return grid, (out / "report.md").read_text(), summary
+
+
+def test_resource_is_the_shared_paper_json(paper_json):
+    assert R.paper_results() == paper_json
+    assert "Pardede" in R.paper_results()["citation"]
+
+
+@pytest.mark.parametrize("subset", ["val", "test"])
+@pytest.mark.parametrize("key, table", [("accuracy", "val_accuracy"), ("f1", "val_f1")])
+def test_tables_6_7_carry_every_paper_architecture(report, paper_json, subset, key, table):
+    _, md, _ = report
+    title = {"accuracy": "Table 6 — accuracy", "f1": "Table 7 — F1 score"}[key]
+    rows = by_model(md_table(md, f"{title} ({subset})"))
+    for t in paper_json["tables"]:
+        row = rows[t["model"]]
+        assert float(row[1]) == t[table]["without"] and float(row[2]) == t[table]["with"]
+        assert float(row[3]) == pytest.approx(t[table]["difference"])
+        assert row[4] == row[5] == "not run"
+    ours = rows["EfficientNetLite0"]  # ran here, not in the paper
+    assert ours[1] == ours[2] == "not in paper"
+    runs, _ = R.collect_runs(report[2]["grid"])
+    value = {r["weights"]: r["metrics"][subset][key] for r in runs}
+    assert ours[4] == f"{value['none']:.3f} (n=1)" and ours[5] == f"{value['imagenet']:.3f} (n=1)"
+    assert float(ours[6]) == pytest.approx(value["imagenet"] - value["none"], abs=1e-3)
+
+
+def test_table_8_times_equal_the_json(report, paper_json):
+    rows = by_model(md_table(report[1], "Table 8 — training time"))
+    for t in paper_json["tables"]:
+        assert rows[t["model"]][1] == t["train_time"]["without"]
+        assert rows[t["model"]][2] == t["train_time"]["with"]
+    mean = next(r for r in rows.values() if r[0].startswith("**mean**"))
+    by_hand = sum(t["train_time"]["without_seconds"] for t in paper_json["tables"]) / len(paper_json["tables"])
+    assert by_hand == 2207 and mean[1] == "0:36:47"  # the paper's text says 0:36:52
+
+
+def test_ratios_from_table_means_are_computed_by_hand(report, paper_json):
+    _, md, summary = report
+    tables = paper_json["tables"]
+    acc_wo = sum(t["val_accuracy"]["without"] for t in tables) / len(tables)
+    acc_wi = sum(t["val_accuracy"]["with"] for t in tables) / len(tables)
+    sec_wo = sum(t["train_time"]["without_seconds"] for t in tables) / len(tables)
+    sec_wi = sum(t["train_time"]["with_seconds"] for t in tables) / len(tables)
+    ratios = summary["ratios"]["paper_tables"]
+    assert ratios["accuracy_ratio"] == pytest.approx(acc_wi / acc_wo) == pytest.approx(1.1628, abs=1e-4)
+    assert ratios["time_ratio"] == pytest.approx(sec_wo / sec_wi)
+    assert summary["ratios"]["paper_abstract"]["accuracy_ratio"] == paper_json["abstract"]["accuracy_ratio"]
+    rows = md_table(md, "Headline ratios")
+    abstract = next(r for r in rows if r[0].startswith("paper, abstract"))
+    from_tables = next(r for r in rows if r[0].startswith("paper, from its Table 6"))
+    assert abstract[3] == "1.13×" and abstract[6] == "1.1×" and abstract[4].startswith("0.58 h")
+    assert from_tables[3] == f"{acc_wi / acc_wo:.3f}×" and from_tables[6] == f"{sec_wo / sec_wi:.3f}×"
+    # ours: the same formula on our runs
+    runs, _ = R.collect_runs(summary["grid"])
+    acc = {r["weights"]: r["metrics"]["test"]["accuracy"] for r in runs}
+    ours = next(r for r in rows if r[0].startswith("ours, test"))
+    expected = acc["imagenet"] / acc["none"] if acc["none"] else None
+    assert ours[3] == ("—" if expected is None else f"{expected:.3f}×")
+    assert "do not follow from the paper's own tables" in md
+
+
+def test_without_external_results_the_report_says_so(report):
+    md = report[1]
+    section = md[md.index("## Internal vs external"):md.index("## Plots")]
+    assert "No external validation was run" in section and "slice-level split is optimistic" in section
+    assert report[2]["external"] == []
+
+
+def test_external_results_appear_beside_internal(external_report):
+    grid, md, summary = external_report
+    section = md[md.index("## Internal vs external"):md.index("## Plots")]
+    assert "No external validation" not in section
+    assert "### EfficientNetLite0 — ImageNet weights" in section
+    rows = md_table(section.replace("### EfficientNetLite0 — ImageNet weights", "## t"), "t")
+    internal, external = rows
+    test = json.loads((grid / "runs" / RUN / "metrics.json").read_text())["test"]
+    assert internal[0] == "internal test" and internal[3] == f"{test['accuracy']:.3f}"
+    assert internal[4] == f"{test['recall']:.3f}" and internal[5] == f"{test['specificity']:.3f}"
+    assert external[0] == "ucsd-dev (`/elsewhere/ucsd`)" and external[1:3] == ["1", "541"]
+    assert external[3:] == ["0.543 [0.501, 0.585]", "0.612 [0.550, 0.670]", "0.483 [0.425, 0.541]",
+                            "0.550 [0.500, 0.600]", "0.571 [0.522, 0.620]"]
+    [group] = summary["external"]
+    assert group["weights"] == "imagenet" and group["sets"][1]["metrics"]["accuracy"]["ci95"] == [0.501, 0.585]
+
+
+def test_html_is_markdown_with_images_inlined(report):
+    out, md, _ = report
+    html = (out / "report.html").read_text()
+    n_tables = sum(1 for line in md.splitlines() if line.startswith("|---"))
+    assert html.count("<table>") == n_tables >= 6
+    images = re.findall(r"<img [^>]*src=\"([^\"]*)\"", html)
+    assert len(images) == len(re.findall(r"^!\[", md, flags=re.M)) >= 6
+    assert all(src.startswith("data:image/png;base64,") for src in images)
+    png = base64.b64decode(images[0].split(",", 1)[1])
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    assert "<h2>Table 6 — accuracy (val)</h2>" in html and "<strong>" in html
+
+
+def test_figures_are_png_files(report):
+    out, md, _ = report
+    names = re.findall(r"^!\[[^\]]*\]\(([^)]+)\)", md, flags=re.M)
+    assert "confusion_matrices.png" in names and "accuracy_val.png" in names
+    for name in names:
+        with Image.open(out / name) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_split_is_stated_at_the_top(report, tiny_grid, tmp_path):
+    md = report[1]
+    assert md.splitlines()[2].startswith("**Split: paper**")  # run_grid's default, inferred from counts
+    assert report[2]["split"]["counts"]["test"] == {"COVID": 122, "non-COVID": 122}
+    grid = tmp_path / "grid"
+    shutil.copytree(tiny_grid, grid)
+    info = json.loads((grid / "grid.json").read_text())
+    info["settings"]["split_preset"] = "stratified"
+    (grid / "grid.json").write_text(json.dumps(info))
+    assert R.describe_split(grid, R.read_grid_info(grid))["name"] == "stratified"
+    info["split_file"] = "/somewhere/ucsd_SPLIT.csv"
+    (grid / "grid.json").write_text(json.dumps(info))
+    assert R.describe_split(grid, R.read_grid_info(grid))["name"] == "ucsd_SPLIT.csv"
+
+
+def test_bad_input_is_one_line_naming_the_file(tiny_grid, tmp_path, capsys):
+    with pytest.raises(CTTransferError, match=f"^{re.escape(str(tmp_path))}: not a grid directory"):
+        R.collect_runs(tmp_path)
+    grid = tmp_path / "grid"
+    shutil.copytree(tiny_grid, grid)
+    bad = grid / "runs" / RUN / "metrics.json"
+    bad.write_text("{not json")
+    with pytest.raises(CTTransferError, match=f"^{re.escape(str(bad))}: not valid JSON"):
+        R.collect_runs(grid)
+    assert main(["report", str(grid), "--no-gallery"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(bad) in err
+
+
+def test_paper_rows_and_join():
+    rows = P.paper_rows("train_seconds")
+    assert [r["model"] for r in rows] == P.paper_models() and len(rows) == 12
+    assert all(r["without"] == P.parse_hms(P.format_hms(r["without"])) for r in rows)
+    joined = P.beside_paper([{"model": "EfficientNetV2L"}, {"model": "EfficientNetLite0"}], "accuracy")
+    assert [j["model"] for j in joined][-1] == "EfficientNetLite0" and joined[-1]["paper"] is None
+    assert next(j for j in joined if j["model"] == "EfficientNetV2L")["ours"] == {"model": "EfficientNetV2L"}
+    assert next(j for j in joined if j["model"] == "DenseNet201")["ours"] is None

@@ -20,8 +20,8 @@ def autocast(enabled: bool, device: str = "cpu"):
 
 @torch.inference_mode()
 def predict_proba(model, images_u8: torch.Tensor, transform, *, batch_size: int = 256, bf16: bool = False,
-                  device: str = "cpu", channels_last: bool = True) -> np.ndarray:
-    """Class probabilities (softmax) for ``N x 3 x S x S`` uint8 images, in batches."""
+                  device: str = "cpu", channels_last: bool = True, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities (softmax of logits / ``temperature``) for ``N x 3 x S x S`` uint8 images."""
     model.eval()
     out = []
     for start in range(0, len(images_u8), batch_size):
@@ -30,7 +30,7 @@ def predict_proba(model, images_u8: torch.Tensor, transform, *, batch_size: int 
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(bf16, device):
             logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
+        out.append(torch.softmax(logits.float() / temperature, dim=1).cpu())
     if not out:
         return np.zeros((0, 0), np.float32)
     return torch.cat(out).numpy()

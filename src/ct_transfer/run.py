@@ -39,6 +39,11 @@ class Run:
         self.directory = Path(directory) if directory else None
         self.device = device
         self.checkpoint = checkpoint
+        # calibration: temperature scaling of the logits (1.0 = none) and a decision threshold on the
+        # positive class's probability (None = argmax); both fitted on val and stored in config.json
+        cal = self.config.get("calibration") or {}
+        self.temperature = float(cal.get("temperature", 1.0))
+        self.threshold = cal.get("threshold")
         self.mean, self.std = M.normalization(model)
         self.transform = D.batch_transform(self.mean, self.std, augment=False)
         self._predictions: dict[str, tuple] = {}
@@ -66,15 +71,21 @@ class Run:
             raise CTTransferError(f"batch_size={batch_size}: must be >= 1")
         inputs = _as_list(inputs)
         out = [predict_proba(self.model, self.load_images(inputs[i:i + batch_size]), self.transform,
-                             device=self.device, channels_last=self.config.get("channels_last", True))
+                             device=self.device, channels_last=self.config.get("channels_last", True),
+                             temperature=self.temperature)
                for i in range(0, len(inputs), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
     def predict(self, inputs, *, batch_size: int = 64) -> list[Prediction]:
         """One ``(label, {class: probability})`` per input (path, array, PIL image or bytes)."""
         proba = self.predict_proba(inputs, batch_size=batch_size)
-        return [Prediction(self.classes[int(p.argmax())], {c: float(v) for c, v in zip(self.classes, p)})
-                for p in proba]
+        return [Prediction(self.decide(p), {c: float(v) for c, v in zip(self.classes, p)}) for p in proba]
+
+    def decide(self, proba) -> str:
+        """The predicted class: argmax, or positive-class probability >= ``threshold`` when one is set."""
+        if self.threshold is not None and len(self.classes) == 2:
+            return self.classes[1] if float(proba[1]) >= float(self.threshold) else self.classes[0]
+        return self.classes[int(np.argmax(proba))]
 
     def explain(self, inputs, *, method: str = "gradcam", target_layer: str | None = None):
         """Heat map (full resolution, [0, 1]) and an RGB overlay; one ``Explanation`` per input,

@@ -8,8 +8,6 @@ tables), ``paper`` (the paper's numbers), ``plots`` (figures), ``render`` (Jinja
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .collect import collect_runs, describe_split, group_runs, read_grid_info
 from .gallery import gallery_section
 from .paper import abstract_ratios, paper_results, paper_rows, paper_table_means, table_ratios

@@ -57,38 +57,46 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
-def add_config_flags(p: argparse.ArgumentParser, *, skip=()) -> None:
+def add_config_flags(p: argparse.ArgumentParser, *, skip=(), required=()) -> None:
+    """One flag per ``TrainConfig`` field. Flags not given stay unset (``SUPPRESS``), so a recipe
+    fills them and the dataclass holds the only defaults; the help shows those defaults."""
     from .config import TrainConfig
+    from .recipes import RECIPES
 
     for f in fields(TrainConfig):
-        if f.name in skip:
+        if f.name in skip or f.metadata.get("cli") is False:
             continue
         meta, kind = f.metadata, _base_type(f.type)
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         help_text = meta.get("help", "")
         if kind is bool:
             action = "store_false" if f.default is True else "store_true"
-            p.add_argument(flag, dest=f.name, action=action, help=help_text)
+            p.add_argument(flag, dest=f.name, action=action, default=argparse.SUPPRESS, help=help_text)
             continue
-        kw = {"dest": f.name, "help": help_text, "type": _finite_float if kind is float else kind}
+        kw = {"dest": f.name, "help": help_text, "type": _finite_float if kind is float else kind,
+              "default": argparse.SUPPRESS}
         if meta.get("choices"):
             kw["choices"] = list(meta["choices"])
-        if f.default is MISSING:
+        if f.default is MISSING or f.name in required:
             kw["required"] = True
-        else:
-            kw["default"] = f.default
-            if f.default is not None:
-                kw["help"] += f" (default: {f.default})"
+        if f.default is not MISSING and f.default is not None:
+            kw["help"] += f" (default: {f.default})"
         p.add_argument(flag, **kw)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--recipe", choices=sorted(RECIPES),
+                       help="a named recipe (paper = the paper's protocol, the defaults); flags override it")
+    group.add_argument("--recipe-file", help="a YAML/JSON recipe file (e.g. written by `tune`); flags override it")
 
 
 def config_from_args(args, **overrides):
+    """``TrainConfig`` from the recipe (if any), the flags given, then ``overrides``."""
     from .config import TrainConfig
+    from .recipes import config_from_recipe
 
     names = {f.name for f in fields(TrainConfig)}
-    d = {k: v for k, v in vars(args).items() if k in names}
-    d.update(overrides)
-    return TrainConfig(**d)
+    given = {k: v for k, v in vars(args).items() if k in names and k != "recipe"}
+    recipe = getattr(args, "recipe_file", None) or getattr(args, "recipe", None)
+    return config_from_recipe(recipe, **{**given, **overrides})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,11 +180,12 @@ def cmd_experiment(args):
     models = _csv_list(args.models, flag="--models") if args.models else list(preset["models"])
     weights = _csv_list(args.weights, flag="--weights") if args.weights else list(preset["weights"])
     seeds = _csv_list(args.seeds, int, "--seeds")
-    base = asdict(config_from_args(args, model=models[0], out=None))
+    cfg = config_from_args(args, model=models[0], out=None)
+    base = asdict(cfg)
     for k in ("data", "model", "out", "weights", "seed", "split_file", "split_preset", "split_seed"):
         base.pop(k, None)
-    results = run_grid(args.data, args.out, models, weights, seeds, base=base, split_file=args.split_file,
-                       split_preset=args.grid_split_preset or "paper", split_seed=args.split_seed,
+    results = run_grid(cfg.data, args.out, models, weights, seeds, base=base, split_file=cfg.split_file,
+                       split_preset=args.grid_split_preset or "paper", split_seed=cfg.split_seed,
                        progress=not args.quiet)
     failed = [r for r in results if r["status"] == "failed"]
     if failed:  # the others finished; the exit code must not say all is well
@@ -295,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("train", help="train and evaluate one model")
-    add_config_flags(p)
+    add_config_flags(p, required=("out",))
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_train)

@@ -13,6 +13,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from .errors import ConfigError
 
 STRATEGIES = ("full", "partial", "frozen")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle")
 SPLIT_PRESETS = ("stratified", "paper")
 ON_BAD = ("error", "skip")
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch
@@ -37,7 +39,11 @@ class TrainConfig:
     image_size: int | None = _opt(None, "input size in px (default: the model table's: 64; Xception 71; "
                                         "InceptionResNetV2 75)")
     batch_size: int = _opt(32, "batch size")
-    lr: float = _opt(1e-4, "Adam learning rate")
+    lr: float = _opt(1e-4, "learning rate (peak rate for onecycle)")
+    optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
+    weight_decay: float = _opt(0.0, "weight decay (decoupled for adamw)")
+    schedule: str = _opt("constant", "learning-rate schedule over all steps", choices=SCHEDULES)
+    label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
     dropout: float = _opt(0.8, "dropout before the linear head")
     seed: int = _opt(0, "seed of initialisation, augmentation and batch order")
     limit: int | None = _opt(None, "at most N images per class (quick trials)")
@@ -53,6 +59,7 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model")
     threads: int | None = _opt(None, "torch threads (default: all cores)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    recipe: str | None = _opt(None, "the recipe these values came from (a name or a file; see recipes.py)", cli=False)
 
     def __post_init__(self):
         _validate(self)
@@ -106,7 +113,12 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("lr", c.lr, "choose a finite number in (0, 10]")
     if not isinstance(c.dropout, (int, float)) or not math.isfinite(c.dropout) or not 0 <= c.dropout < 1:
         raise ConfigError("dropout", c.dropout, "choose a number in [0, 1)")
-    for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD)):
+    for name, lo, hi in (("weight_decay", 0.0, 1.0), ("label_smoothing", 0.0, 0.5)):
+        v = getattr(c, name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not lo <= v <= hi:
+            raise ConfigError(name, v, f"choose a number in [{lo}, {hi}]")
+    for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD),
+                          ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
         if getattr(c, name) not in allowed:
             raise ConfigError(name, getattr(c, name), f"choose {', '.join(allowed)}")
     for name in ("augment", "channels_last", "bf16", "compile"):

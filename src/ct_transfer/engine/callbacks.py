@@ -64,6 +64,7 @@ class Checkpoint(Callback):
 
 def resume_state(state) -> dict:
     return {"model": _cpu(state.model.state_dict()), "optimizer": copy.deepcopy(state.optimizer.state_dict()),
+            "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
             "epoch": state.epoch, "history": state.history, "best": state.best,
             "train_seconds": state.train_seconds, "classes": state.classes}
 

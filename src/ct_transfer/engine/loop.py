@@ -49,6 +49,7 @@ class TrainState:
     train_seconds: float = 0.0
     improved: bool = False
     stop: bool = False
+    scheduler: object = None  # stepped once per optimizer step
 
 
 def pick_device(name: str) -> str:
@@ -69,6 +70,28 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
         idx = perm[start:start + batch_size]
         if len(idx) > 1 or n == 1:  # a lone last image would break BatchNorm
             yield idx
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer steps per epoch, as ``_batches`` yields them (a lone last image is skipped)."""
+    return n // batch_size + (1 if n % batch_size > 1 or n == 1 else 0)
+
+
+def make_scheduler(cfg: TrainConfig, opt, steps: int):
+    total = max(1, cfg.epochs * steps)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total + 1)
+    return None
 
 
 def _check_out(cfg: TrainConfig, resume: bool) -> RunDir | None:
@@ -133,8 +156,9 @@ def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: boo
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     state = TrainState(cfg, model, opt, classes, device, len(subsets["train"].x))
+    state.scheduler = make_scheduler(cfg, opt, steps_per_epoch(len(subsets["train"].x), cfg.batch_size))
     if resume and rundir is not None:
         _restore(state, rundir, device)
 
@@ -166,6 +190,8 @@ def _restore(state: TrainState, rundir: RunDir, device: str) -> None:
         return
     state.model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
+    if state.scheduler is not None and saved.get("scheduler"):
+        state.scheduler.load_state_dict(saved["scheduler"])
     state.history, state.epoch = saved["history"][:saved["epoch"]], saved["epoch"]
     state.best, state.train_seconds = saved["best"], saved["train_seconds"]
     if state.best is not None:
@@ -216,10 +242,12 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
     def step(xb, yb):
         with autocast(bf16, device):
             logits = fwd(xb)
-        loss = F.cross_entropy(logits.float(), yb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if state.scheduler is not None:
+            state.scheduler.step()
         return loss.detach(), logits.detach()
 
     def epoch_fn(epoch, g, callbacks):
@@ -285,10 +313,12 @@ def _frozen_epochs(state: TrainState, subsets, mean, std, bf16):
         tl, tc, seen = 0.0, 0, 0
         for idx in _batches(len(f), cfg.batch_size, g):
             logits = model.head(f[idx])
-            loss = F.cross_entropy(logits, y_tr[idx])
+            loss = F.cross_entropy(logits, y_tr[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if state.scheduler is not None:
+                state.scheduler.step()
             tl += float(loss.detach()) * len(idx)
             tc += int((logits.argmax(1) == y_tr[idx]).sum())
             seen += len(idx)

@@ -1,0 +1,64 @@
+"""Recipes: named sets of ``TrainConfig`` values (``paper`` = the paper's protocol, the defaults),
+or a YAML/JSON file of the same keys (what ``tune`` writes). Explicit options override a recipe;
+the run's config.json records the full resolved values and the recipe's name."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+from .config import TrainConfig
+from .errors import ConfigError, CTTransferError
+
+# Each recipe lists only what differs from TrainConfig's defaults (which are the paper's protocol).
+RECIPES: dict[str, dict] = {
+    "paper": {},
+}
+
+_NOT_IN_RECIPES = {"data", "model", "out", "recipe"}  # what a run is about, not how it is trained
+
+
+def load_recipe(recipe: str) -> dict:
+    """A recipe name or a .yaml/.yml/.json file -> validated ``{field: value}``."""
+    if recipe in RECIPES:
+        return dict(RECIPES[recipe])
+    path = Path(recipe)
+    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise ConfigError("recipe", recipe, f"choose {', '.join(RECIPES)} or a .yaml/.json recipe file")
+    if not path.is_file():
+        raise CTTransferError(f"{path}: recipe file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as exc:  # yaml/json raise many types
+        raise CTTransferError(f"{path}: not a readable recipe file ({' '.join(str(exc).split())[:100]})") from None
+    if not isinstance(values, dict):
+        raise CTTransferError(f"{path}: a recipe file holds a mapping of option: value")
+    known = {f.name for f in fields(TrainConfig)} - _NOT_IN_RECIPES
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CTTransferError(f"{path}: unknown option(s) {', '.join(map(str, unknown))} (known: {', '.join(sorted(known))})")
+    return values
+
+
+def config_from_recipe(recipe: str | None, /, **options) -> TrainConfig:
+    """``TrainConfig`` from a recipe, with ``options`` overriding it."""
+    if recipe is None:
+        return TrainConfig(**options)
+    return TrainConfig(**{**load_recipe(recipe), **options, "recipe": recipe})
+
+
+def write_recipe(path, values: dict) -> None:
+    """Write a recipe file (YAML) that ``train --recipe-file`` reads back."""
+    import yaml
+
+    from . import _io
+
+    clean = {k: v for k, v in values.items() if k not in _NOT_IN_RECIPES}
+    _io.write_text(path, yaml.safe_dump(clean, sort_keys=True))

@@ -112,15 +112,13 @@ class Run:
 
     def evaluate(self, *, data=None, split_file=None, subsets=("val", "test")) -> dict:
         """Re-evaluate on the run's split (or another split file / data folder)."""
-        from .engine.data import load_subset
-
         data = data or self.config["data"]
         rows = D.read_split(split_file, data) if split_file else self.split
         if not rows:
             raise CTTransferError("split_file: this run has no split; give one")
         loaded = {}
         for name in subsets:
-            x, y, kept, _ = load_subset(rows, name, self.classes, data, self.preprocess, on_bad="skip")
+            x, y, kept, _ = D.load_subset(rows, name, self.classes, data, self.preprocess, on_bad="skip")
             if len(kept) == 0:
                 raise CTTransferError(f"{split_file or 'split'}: the {name} subset is empty")
             loaded[name] = _Loaded(x, y, kept)

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..errors import CTTransferError
 from .decode import decode_any, read_bytes
@@ -138,6 +139,15 @@ class ImageCache:
 
 def stack(arrays: list[np.ndarray]):
     """``S x S x 3`` arrays -> ``N x 3 x S x S`` uint8 tensor."""
-    import torch
-
     return torch.from_numpy(np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2)))
+
+
+def load_subset(rows, subset, classes, data_dir, preprocess, *, cache_dir=None, on_bad="error", progress=False):
+    """(uint8 tensor N x 3 x S x S, labels tensor, kept rows, bad-file messages) of one subset."""
+    sub = [r for r in rows if r["subset"] == subset]
+    cache = ImageCache(preprocess, cache_dir)
+    arr, kept, bad = cache.load_many([Path(data_dir) / r["path"] for r in sub], on_bad, progress,
+                                     desc=f"decode {subset}")
+    kept_rows = [sub[i] for i in kept]
+    labels = torch.tensor([classes.index(r["class"]) for r in kept_rows], dtype=torch.long)
+    return torch.from_numpy(arr), labels, kept_rows, bad

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import data as D
+from ..data import load_subset
 from ..errors import ConfigError, CTTransferError
 
 log = logging.getLogger("ct_transfer.engine")
@@ -51,17 +52,6 @@ def check_memory(n_images: int, image_size: int) -> None:
         raise ConfigError("image_size", image_size,
                           f"{n_images} images at {image_size} px need about {need / 2**30:.1f} GB, "
                           f"{avail / 2**30:.1f} GB available; choose a smaller size or a --limit")
-
-
-def load_subset(rows, subset, classes, data_dir, preprocess, *, cache_dir=None, on_bad="error", progress=False):
-    """(uint8 tensor N x 3 x S x S, labels tensor, kept rows, bad-file messages) of one subset."""
-    sub = [r for r in rows if r["subset"] == subset]
-    cache = D.ImageCache(preprocess, cache_dir)
-    arr, kept, bad = cache.load_many([Path(data_dir) / r["path"] for r in sub], on_bad, progress,
-                                     desc=f"decode {subset}")
-    kept_rows = [sub[i] for i in kept]
-    labels = torch.tensor([classes.index(r["class"]) for r in kept_rows], dtype=torch.long)
-    return torch.from_numpy(arr), labels, kept_rows, bad
 
 
 def load_subsets(cfg, rows, classes, preprocess, device, progress=False) -> tuple[dict[str, Subset], list[str]]:

@@ -179,11 +179,15 @@ def test_figures_are_png_files(report):
 
 def test_split_is_stated_at_the_top(report, tiny_grid, tmp_path):
     md = report[1]
-    assert md.splitlines()[2].startswith("**Split: paper**")  # run_grid's default, inferred from counts
+    assert md.splitlines()[2].startswith("**Split: paper**")  # run_grid's default, recorded in grid.json
     assert report[2]["split"]["counts"]["test"] == {"COVID": 122, "non-COVID": 122}
     grid = tmp_path / "grid"
     shutil.copytree(tiny_grid, grid)
     info = json.loads((grid / "grid.json").read_text())
+    assert info["split_preset"] == "paper"
+    del info["split_preset"]
+    (grid / "grid.json").write_text(json.dumps(info))  # an older grid.json: inferred from the counts
+    assert R.describe_split(grid, R.read_grid_info(grid))["how"].startswith("inferred")
     info["settings"]["split_preset"] = "stratified"
     (grid / "grid.json").write_text(json.dumps(info))
     assert R.describe_split(grid, R.read_grid_info(grid))["name"] == "stratified"

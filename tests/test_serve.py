@@ -176,7 +176,7 @@ def test_api_equals_cli_predict_on_slices_and_dicom(server, runs, slices, tmp_pa
         np.testing.assert_allclose(probs(r, run.classes), [float(expected[f"prob_{c}"]) for c in run.classes],
                                    atol=1e-5)
         assert r["label"] == expected["pred"]
-        assert "overlay" not in r
+        assert r["overlay"] is None
         # the preprocessed input shown is exactly what the model saw
         np.testing.assert_array_equal(decode_data_url(r["input"]), run.preprocess.load(str(f)))
     assert body["results"][-1]["size"] == [128, 128]  # CT_small.dcm
@@ -194,6 +194,11 @@ def test_calibrated_run_and_cards(server, runs, slices):
     plain = post(server, slices, run="plain", overlay="false").json()
     assert not np.allclose([probs(r, run.classes) for r in plain["results"]],
                            [probs(r, run.classes) for r in body["results"]])  # temperature changed them
+
+    api = httpx.get(server["url"] + "/openapi.json").json()
+    form = api["components"]["schemas"]["Body_predict_api_predict_post"]["properties"]
+    assert set(form) == {"files", "run", "method", "overlay"}
+    assert {"200", "413", "422", "500"} <= set(api["paths"]["/api/predict"]["post"]["responses"])
 
     cards = {c["name"]: c for c in httpx.get(server["url"] + "/api/runs").json()["runs"]}
     assert list(cards) == ["plain", "calibrated"]
@@ -266,6 +271,16 @@ def test_bad_uploads_are_4xx_with_a_message_and_the_server_keeps_serving(server,
         assert message in detail, (name, detail)
         assert "Traceback" not in resp.text and "\n" not in detail
         assert httpx.get(server["url"] + "/api/health").json()["status"] == "ok"
+    # a chunked body (no Content-Length) is cut off while it streams in
+    def chunks():
+        yield b'--b\r\nContent-Disposition: form-data; name="files"; filename="stream.png"\r\n\r\n'
+        for _ in range(MAX_UPLOAD_MB + 1):
+            yield os.urandom(2**20)
+        yield b"\r\n--b--\r\n"
+    resp = httpx.post(server["url"] + "/api/predict", content=chunks(), timeout=60,
+                      headers={"content-type": "multipart/form-data; boundary=b"})
+    assert resp.request.headers["transfer-encoding"] == "chunked" and "content-length" not in resp.request.headers
+    assert resp.status_code == 413 and f"larger than the {MAX_UPLOAD_MB} MB" in resp.json()["detail"]
     # one bad file among good ones: the good ones are answered, the bad one is listed
     body = post(server, [slices[0], ("knee.dcm", mr_dicom())], run="plain", overlay="false").json()
     assert [r["name"] for r in body["results"]] == [slices[0].name]
@@ -437,8 +452,17 @@ def test_browser_upload_predict_sort_csv_and_errors(browser, server, runs, slice
     assert page.inner_text("#card h2") == "Run calibrated"
     assert page.locator("#card .warning").count() == 0
     assert "external: ucsd-val-20" in page.inner_text("#card table.metrics")
-    page.set_input_files("#files", str(slices[0]))
+    # drag and drop: a real file dropped on the drop zone (DataTransfer built in the page)
+    page.evaluate("""([name, b64]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, { type: "image/png" }));
+        document.querySelector('#drop').dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true }));
+    }""", [slices[0].name, base64.b64encode(slices[0].read_bytes()).decode()])
     page.wait_for_function("document.querySelectorAll('#results tbody tr').length === 6", timeout=60_000)
-    assert "p(COVID) ≥ 0.800" in page.inner_text("#results tbody")
+    dropped = page.locator("#results tbody tr", has_text="calibrated")
+    assert dropped.locator("td.rule").inner_text() == "p(COVID) ≥ 0.800"
+    expected = load_run(runs["calibrated"]).predict([slices[0]])[0]
+    assert dropped.locator("td.pred").inner_text() == expected.label
     assert page_errors == []
     page.close()

@@ -2,8 +2,9 @@
 
 Why FastAPI (on Starlette) + uvicorn rather than Gradio: two small pure-Python packages (plus
 pydantic and python-multipart) instead of Gradio's large dependency tree and bundled front end; a
-plain HTML + vanilla JS page we control (no npm build, nothing fetched from the internet); the
-OpenAPI documentation of ``POST /api/predict`` comes for free at ``/docs``; and the app is an
+plain HTML + vanilla JS page we control (no npm build; the page loads nothing from the internet);
+the OpenAPI description of ``POST /api/predict`` comes for free (``/openapi.json``; the ``/docs``
+viewer loads Swagger UI from a CDN, so it needs a connection); and the app is an
 ordinary ASGI object, so tests run the real server on a loopback port and drive it with any HTTP
 client or a real browser.
 
@@ -380,10 +381,15 @@ def create_app(runs: dict[str, Served], *, limits: Limits = Limits()):
                 "limits": {"max_request_mb": limits.max_request_bytes / 2**20, "max_images": limits.max_images,
                            "max_pixels": D.decode.MAX_PIXELS}}
 
-    @app.post("/api/predict", summary="Classify uploaded images, DICOM files or zips of them")
+    models = _api_models()
+    problem = {"model": models["Problem"]}
+
+    @app.post("/api/predict", summary="Classify uploaded images, DICOM files or zips of them",
+              response_model=models["Answer"],
+              responses={400: problem, 404: problem, 413: problem, 422: problem, 500: problem})
     async def predict(files: list[UploadFile] = File(..., description="PNG/JPEG/TIFF/DICOM files or .zip"),
                       run: str | None = Form(None, description=f"run name (default: the first: {names[0]})"),
-                      method: Literal["gradcam", "gradcampp", "cam", "lrp"] = Form("gradcam"),
+                      method: Literal[tuple(METHODS)] = Form("gradcam"),
                       overlay: bool = Form(True, description="compute the heat-map overlay")):
         """Per file: predicted class (calibrated decision), class probabilities, the preprocessed input
         (PNG data URL) and the heat-map overlay. Files that cannot be decoded are listed in ``errors``;
@@ -400,6 +406,40 @@ def create_app(runs: dict[str, Served], *, limits: Limits = Limits()):
         return await run_in_threadpool(analyse, served, items, method=method, overlay=overlay, limits=limits)
 
     return app
+
+
+def _api_models() -> dict:
+    """The documented shapes of ``/api/predict`` (OpenAPI at ``/openapi.json`` and ``/docs``)."""
+    from pydantic import BaseModel, Field
+
+    class Result(BaseModel):
+        name: str = Field(description="file name (zip members: archive.zip/inner/path)")
+        label: str = Field(description="predicted class: argmax, or p(positive) >= threshold when one is set")
+        probabilities: dict[str, float] = Field(description="calibrated (softmax of logits / temperature)")
+        size: list[int] = Field(description="decoded width and height in px")
+        input: str = Field(description="the model's input (decoded, DICOM windowed, resized) as a PNG data URL")
+        overlay: str | None = Field(None, description="heat map over the image, PNG data URL (overlay=true)")
+        explained_class: str | None = Field(None, description="the class the heat map explains (argmax)")
+
+    class FileError(BaseModel):
+        name: str
+        error: str = Field(description="one-line reason, e.g. 'x.dcm: DICOM modality is MR, not CT'")
+
+    class Answer(BaseModel):
+        run: str
+        classes: list[str]
+        method: str | None = Field(description="explanation method, null when overlay=false")
+        threshold: float | None = Field(description="decision threshold on p(positive_class); null = argmax")
+        temperature: float
+        positive_class: str | None
+        results: list[Result]
+        errors: list[FileError] = Field(description="files that could not be decoded (the others are answered)")
+
+    class Problem(BaseModel):
+        detail: str | list[dict] = Field(description="one-line message for the user (a list of field errors "
+                                                      "when a form field itself is malformed)")
+
+    return {"Answer": Answer, "Problem": Problem}
 
 
 def _is_loopback(host: str) -> bool:

@@ -360,6 +360,12 @@ def test_cli_errors_and_safe_default(monkeypatch, capsys, runs):
     assert build_parser().parse_args(["serve", "--run", "x"]).host == "127.0.0.1"
     assert main(["serve", "--run", str(runs["plain"]), "--port", "70000"]) == 2
     assert capsys.readouterr().err.strip() == "ct-transfer: error: --port 70000: choose 1..65535"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--run", str(runs["plain"]), "--port", str(port)]) == 2
+    assert capsys.readouterr().err.startswith(f"ct-transfer: error: --port {port}: cannot listen on 127.0.0.1:{port}")
     assert main(["serve", "--run", "/nonexistent/run"]) == 2
     assert "not a run directory" in capsys.readouterr().err
     from ct_transfer import serve as S
@@ -404,7 +410,8 @@ def test_browser_upload_predict_sort_csv_and_errors(browser, server, runs, slice
     files = [*slices, Path(CT)]
     page.set_input_files("#files", [str(f) for f in files])
     page.wait_for_function("document.querySelectorAll('#results tbody tr').length === 5", timeout=120_000)
-    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function("[...document.querySelectorAll('#results img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
     cli = cli_predict(runs["plain"], files, tmp_path)
     rows = page.locator("#results tbody tr")
     shown = {rows.nth(i).locator("td.file").inner_text(): rows.nth(i) for i in range(5)}

@@ -1,7 +1,7 @@
 """``ct-transfer serve``: a small local web page (and JSON API) to try trained runs on scans.
 
-Why FastAPI (on Starlette) + uvicorn rather than Gradio: two small pure-Python packages (plus
-pydantic and python-multipart) instead of Gradio's large dependency tree and bundled front end; a
+Why FastAPI (on Starlette) + uvicorn rather than Gradio: a few small packages (FastAPI, Starlette,
+uvicorn, pydantic, python-multipart) instead of Gradio's large dependency tree and bundled front end; a
 plain HTML + vanilla JS page we control (no npm build; the page loads nothing from the internet);
 the OpenAPI description of ``POST /api/predict`` comes for free (``/openapi.json``; the ``/docs``
 viewer loads Swagger UI from a CDN, so it needs a connection); and the app is an
@@ -451,6 +451,24 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_bind(host: str, port: int) -> None:
+    """A taken port or an unknown host is a one-line error now, not uvicorn's exit after start-up."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise CTTransferError(f"--host {host}: cannot resolve ({exc.strerror or exc})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise CTTransferError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}; "
+                                  "is another server running there?)") from None
+
+
 def serve(run_paths, *, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:
     """Load the runs once and serve them until interrupted."""
     require_extras()
@@ -458,6 +476,7 @@ def serve(run_paths, *, host: str = "127.0.0.1", port: int = 8000, limits: Limit
 
     if not 0 < port < 65536:
         raise CTTransferError(f"--port {port}: choose 1..65535")
+    _check_bind(host, port)  # before the slow model loading
     app = create_app(load_runs(run_paths), limits=limits)
     if not _is_loopback(host):
         log.warning("serving on %s: anyone who can reach this machine can upload scans (no login, no TLS)", host)

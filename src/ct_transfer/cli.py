@@ -271,6 +271,14 @@ def cmd_export(args):
           f"{info['parity']['max_abs_diff_probabilities']:.2e}")
 
 
+def cmd_serve(args):
+    from .serve import Limits, serve
+
+    if not 0 < args.max_upload_mb <= 4096:
+        raise CTTransferError(f"--max-upload-mb {args.max_upload_mb}: choose 1..4096")
+    serve(args.run, host=args.host, port=args.port, limits=Limits(max_request_bytes=args.max_upload_mb * 2**20))
+
+
 # ---------------------------------------------------------------------------------------------
 # Parser
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx", "pt2", "torchscript"], help="default: from the file name")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="a local web page (and JSON API) to classify and explain scans with runs")
+    p.add_argument("--run", required=True, action="append", help="run directory (repeat for several runs)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-upload-mb", type=int, default=100, help="largest request body in MB (default 100)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

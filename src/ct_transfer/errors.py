@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* (?:at|object at) 0x[0-9a-fA-F]+>")
+
 
 class CTTransferError(Exception):
     """An input or option problem the user can fix; the message names the file or option."""
@@ -20,7 +24,8 @@ class ConfigError(CTTransferError, ValueError):
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """A short, single-line reason from any exception (never cut mid-word, no object reprs)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    # PIL says "cannot identify image file <_io.BytesIO object at 0x7f...>": drop the repr
+    text = _OBJECT_REPR.sub("", " ".join(str(exc).split())).strip() or type(exc).__name__
     if len(text) > limit:
         text = text[:limit].rsplit(" ", 1)[0] + " …"
     return text

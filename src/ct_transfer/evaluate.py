@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn import metrics as skm
 
 from . import _io
 from .errors import CTTransferError
@@ -42,6 +41,8 @@ def compute_metrics(y_true, proba, classes: list[str]) -> dict:
     Binary: the positive class is ``classes[1]``; ``confusion_matrix`` is [[tn, fp], [fn, tp]].
     More classes: macro averages, one-vs-rest AUC, the full matrix, no specificity.
     """
+    from sklearn import metrics as skm  # lazy: it pulls scipy.stats + pandas (seconds); predict/serve skip it
+
     y_true = np.asarray(y_true)
     proba = np.asarray(proba)
     if len(y_true) == 0:

@@ -1,0 +1,243 @@
+// ct-transfer serve: the page. Vanilla JS, no build step; talks only to this server's JSON API.
+"use strict";
+
+const state = { runs: [], rows: [], sort: { key: null, dir: 1 } };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+const pct = (v) => (v === null || v === undefined ? "—" : (100 * v).toFixed(1) + "%");
+const num = (v, d = 4) => (v === null || v === undefined ? "—" : Number(v).toFixed(d));
+
+function currentRun() {
+  return state.runs.find((r) => r.name === $("run").value) || state.runs[0];
+}
+
+function thresholdText(run) {
+  if (run.threshold === null || run.threshold === undefined) return "argmax (no threshold set)";
+  return `p(${run.positive_class}) ≥ ${num(run.threshold, 3)}`;
+}
+
+// ---- run card --------------------------------------------------------------------------------
+function metricCell(row, key) {
+  const v = row[key];
+  if (key === "n") return v === undefined ? "—" : String(v);
+  const ci = (row.ci95 || {})[key];
+  return ci ? `${num(v, 3)} [${num(ci[0], 3)}, ${num(ci[1], 3)}]` : num(v, 3);
+}
+
+function metricsTable(rows) {
+  const keys = ["accuracy", "recall", "specificity", "f1", "roc_auc", "n"];
+  const head = el("tr", {}, el("th", { text: "set" }), ...keys.map((k) => el("th", { text: k.replace("_", "-") })));
+  const body = rows.map(([name, row]) => el("tr", {}, el("td", { text: name }),
+    ...keys.map((k) => el("td", { class: "num", text: metricCell(row, k) }))));
+  return el("table", { class: "metrics" }, el("thead", {}, head), el("tbody", {}, ...body));
+}
+
+function renderCard() {
+  const run = currentRun();
+  const card = $("card");
+  card.replaceChildren();
+  if (!run) return;
+  const recipe = Object.entries(run.recipe || {}).map(([k, v]) => `${k} ${v}`).join(" · ");
+  const facts = [
+    ["Model", `${run.model} · weights ${run.weights} · input ${run.image_size}×${run.image_size}`],
+    ["Training data", run.data || "—"],
+    ["Recipe", recipe || "—"],
+    ["Preprocessing", run.preprocess],
+    ["Classes", run.classes.join(", ")],
+    ["Decision", `${thresholdText(run)} · temperature ${num(run.temperature, 3)}`],
+  ];
+  const dl = el("dl", { class: "facts" });
+  for (const [k, v] of facts) dl.append(el("dt", { text: k }), el("dd", { text: v }));
+  card.append(el("h2", { text: `Run ${run.name}` }), dl);
+  for (const w of run.warnings) card.append(el("p", { class: "warning", text: w }));
+  const rows = Object.entries(run.internal).map(([s, m]) => [`internal ${s}`, m]);
+  for (const e of run.external) rows.push([`external: ${e.name}`, e.metrics]);
+  if (rows.length) {
+    card.append(el("h3", { text: "Metrics (95% intervals where recorded)" }), metricsTable(rows));
+  }
+}
+
+// ---- upload ------------------------------------------------------------------------------------
+function showMessages(list) {
+  const ul = $("messages");
+  ul.replaceChildren(...list.map((m) => el("li", { text: m })));
+}
+
+function detailText(body, status) {
+  if (body && typeof body.detail === "string") return body.detail;
+  if (body && Array.isArray(body.detail)) return body.detail.map((d) => d.msg).join("; ");
+  return `the server answered ${status}`;
+}
+
+async function upload(fileList) {
+  const files = Array.from(fileList || []);
+  if (!files.length) return;
+  const run = currentRun();
+  const form = new FormData();
+  for (const f of files) form.append("files", f, f.name);
+  form.append("run", run.name);
+  form.append("method", $("method").value);
+  form.append("overlay", $("overlay").checked ? "true" : "false");
+  $("status").textContent = `Analysing ${files.length} file${files.length > 1 ? "s" : ""}…`;
+  showMessages([]);
+  document.body.classList.add("busy");
+  try {
+    const resp = await fetch("/api/predict", { method: "POST", body: form });
+    let body = null;
+    try { body = await resp.json(); } catch (_) { body = null; }
+    if (!resp.ok) {
+      $("status").textContent = "";
+      showMessages([detailText(body, resp.status)]);
+      return;
+    }
+    addResults(body);
+    $("status").textContent = `${body.results.length} image${body.results.length === 1 ? "" : "s"} classified` +
+      (body.errors.length ? `, ${body.errors.length} refused` : "") + ".";
+    showMessages(body.errors.map((e) => e.error));
+  } catch (err) {
+    $("status").textContent = "";
+    showMessages(["The server could not be reached: " + err.message]);
+  } finally {
+    document.body.classList.remove("busy");
+    $("files").value = "";
+  }
+}
+
+// ---- results table -------------------------------------------------------------------------
+function addResults(body) {
+  for (const r of body.results) {
+    state.rows.push({
+      file: r.name, run: body.run, pred: r.label, probabilities: r.probabilities, classes: body.classes,
+      threshold: body.threshold, positive: body.positive_class, temperature: body.temperature,
+      method: body.method, input: r.input, overlay: r.overlay || null, explained: r.explained_class || null,
+    });
+  }
+  renderTable();
+}
+
+function classColumns() {
+  const seen = [];
+  for (const row of state.rows) for (const c of row.classes) if (!seen.includes(c)) seen.push(c);
+  return seen;
+}
+
+function columns() {
+  return [
+    { key: "file", label: "File", value: (r) => r.file },
+    { key: "run", label: "Run", value: (r) => r.run },
+    { key: "pred", label: "Prediction", value: (r) => r.pred },
+    ...classColumns().map((c) => ({ key: "p:" + c, label: `p(${c})`, value: (r) => r.probabilities[c] ?? null, num: true })),
+    { key: "threshold", label: "Decision rule", value: (r) => (r.threshold === null ? -1 : r.threshold) },
+    { key: "input", label: "Input", sortable: false },
+    { key: "overlay", label: "Overlay", sortable: false },
+  ];
+}
+
+function renderTable() {
+  const cols = columns();
+  $("results-panel").hidden = state.rows.length === 0;
+  $("count").textContent = `${state.rows.length} image${state.rows.length === 1 ? "" : "s"}`;
+  const head = $("results").tHead.rows[0];
+  head.replaceChildren(...cols.map((c) => {
+    const th = el("th", { "data-key": c.key, text: c.label });
+    if (c.sortable !== false) {
+      th.classList.add("sortable");
+      if (state.sort.key === c.key) th.classList.add(state.sort.dir > 0 ? "asc" : "desc");
+      th.addEventListener("click", () => sortBy(c.key));
+    }
+    return th;
+  }));
+  let rows = state.rows.slice();
+  const col = cols.find((c) => c.key === state.sort.key);
+  if (col) {
+    rows.sort((a, b) => {
+      const x = col.value(a), y = col.value(b);
+      const cmp = typeof x === "number" && typeof y === "number" ? x - y : String(x).localeCompare(String(y), undefined, { numeric: true });
+      return cmp * state.sort.dir;
+    });
+  }
+  $("results").tBodies[0].replaceChildren(...rows.map((r) => {
+    const tr = el("tr", { class: "result" });
+    tr.append(el("td", { class: "file", text: r.file, title: r.file }), el("td", { text: r.run }),
+      el("td", { class: "pred", text: r.pred }));
+    for (const c of classColumns()) {
+      const v = r.probabilities[c];
+      const td = el("td", { class: "num prob", "data-class": c, text: v === undefined ? "—" : num(v) });
+      if (v !== undefined) td.append(el("span", { class: "bar" }, el("span", { style: `width:${(100 * v).toFixed(1)}%` })));
+      tr.append(td);
+    }
+    tr.append(el("td", { class: "rule", text: r.threshold === null ? "argmax" : `p(${r.positive}) ≥ ${num(r.threshold, 3)}` }));
+    tr.append(el("td", {}, el("img", { class: "input", src: r.input, alt: `model input for ${r.file}` })));
+    const ov = el("td");
+    if (r.overlay) {
+      ov.append(el("img", { class: "overlay", src: r.overlay, alt: `${r.method} overlay for ${r.file}` }),
+        el("div", { class: "muted small", text: `${r.method} · evidence for ${r.explained}` }));
+    } else ov.append(el("span", { class: "muted", text: "—" }));
+    tr.append(ov);
+    return tr;
+  }));
+}
+
+function sortBy(key) {
+  state.sort = state.sort.key === key ? { key, dir: -state.sort.dir } : { key, dir: 1 };
+  renderTable();
+}
+
+function csvCell(v) {
+  const s = v === null || v === undefined ? "" : String(v);
+  return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
+}
+
+function downloadCsv() {
+  const classes = classColumns();
+  const header = ["file", "run", "pred", ...classes.map((c) => "prob_" + c), "threshold", "temperature", "method"];
+  const lines = [header.join(",")];
+  for (const r of state.rows) {
+    lines.push([r.file, r.run, r.pred, ...classes.map((c) => r.probabilities[c]), r.threshold, r.temperature,
+      r.method].map(csvCell).join(","));
+  }
+  const blob = new Blob([lines.join("\n") + "\n"], { type: "text/csv" });
+  const a = el("a", { href: URL.createObjectURL(blob), download: "ct-transfer-predictions.csv" });
+  document.body.append(a);
+  a.click();
+  a.remove();
+}
+
+// ---- start -----------------------------------------------------------------------------------
+async function start() {
+  try {
+    const resp = await fetch("/api/runs");
+    const body = await resp.json();
+    state.runs = body.runs;
+    $("run").replaceChildren(...state.runs.map((r) => el("option", { value: r.name, text: `${r.name} (${r.model})` })));
+    $("run").disabled = state.runs.length < 2;
+    const lim = body.limits;
+    $("limits").textContent = `Up to ${lim.max_images} images and ${lim.max_request_mb} MB per upload; ` +
+      `images up to ${(lim.max_pixels / 1e6).toFixed(0)} megapixels. Files stay on this server, in memory, ` +
+      `and are discarded after the answer.`;
+    renderCard();
+  } catch (err) {
+    $("card").replaceChildren(el("p", { class: "warning", text: "Could not load the runs: " + err.message }));
+  }
+  $("run").addEventListener("change", renderCard);
+  $("files").addEventListener("change", (e) => upload(e.target.files));
+  $("csv").addEventListener("click", downloadCsv);
+  $("clear").addEventListener("click", () => { state.rows = []; renderTable(); showMessages([]); $("status").textContent = ""; });
+  const drop = $("drop");
+  for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
+  for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });
+  drop.addEventListener("drop", (e) => upload(e.dataTransfer.files));
+}
+
+start();

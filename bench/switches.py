@@ -29,7 +29,7 @@ def step_rate(model_name: str, channels_last: bool, bf16: bool, compile_: bool, 
     from ct_transfer import models as M
 
     torch.manual_seed(0)
-    model = M.create_model(model_name, "none", 2, 0.8)
+    model = M.create_model(model_name, "none", num_classes=2, dropout=0.8)
     x = torch.randn(32, 3, 64, 64)
     y = torch.randint(0, 2, (32,))
     if channels_last:

@@ -40,7 +40,7 @@ def run_baseline(model_name: str, epochs: int, split_csv: Path, workers: int) ->
 
     torch.manual_seed(0)
     spec = M.resolve(model_name)
-    model = M.create_model(model_name, "none", 2, 0.8)
+    model = M.create_model(model_name, "none", num_classes=2, dropout=0.8)
     mean, std = M.normalization(model)
     size = spec.image_size
     common = [v2.ToImage(), v2.Resize((size, size), antialias=True)]

@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "sarscov2-ct"
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "src"))  # the checkout's package, not an installed one
 
 
 def paper_split(folder: Path) -> Path:
@@ -28,4 +29,13 @@ def machine_info() -> dict:
 
     return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "command": " ".join(sys.argv)}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average": os.getloadavg(), "command": " ".join(sys.argv)}
+
+
+def write_json(path: Path, obj) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")

@@ -1,4 +1,6 @@
-"""Where the time of one engine training step goes (torch.profiler, CPU), by operator group.
+"""Where the time of one engine training step goes (torch.profiler, CPU), by operator group, and
+what the optimizer implementation costs: the engine's (``make_optimizer``: foreach) against
+PyTorch's CPU default (a per-parameter loop), same model, same batches, timed in the same run.
 
     python bench/profile_step.py --model EfficientNetV2B0
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,23 +36,41 @@ def main():
     from ct_transfer import data as D
     from ct_transfer import models as M
 
+    from ct_transfer import TrainConfig
+    from ct_transfer.engine.loop import make_optimizer
+
     torch.manual_seed(0)
     model = M.create_model(args.model, "none").to(memory_format=torch.channels_last).train()
-    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    cfg = TrainConfig(data="-", model=args.model)
     tf = D.batch_transform(*M.normalization(model), augment=True)
     x_u8 = torch.randint(0, 256, (32, 3, 64, 64), dtype=torch.uint8)
     y = torch.randint(0, 2, (32,))
     g = torch.Generator().manual_seed(0)
 
+    opt = None
+
     def step():
         x = tf(x_u8, g).contiguous(memory_format=torch.channels_last)
         loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    for _ in range(3):
-        step()
+    rates = {}
+    for label, make in (("per-parameter loop (PyTorch CPU default)",
+                         lambda: torch.optim.Adam(model.parameters(), 1e-4, foreach=False)),
+                        ("engine (foreach)", lambda: make_optimizer(cfg, model.parameters()))):
+        opt = make()
+        for _ in range(3):
+            step()
+        t0 = time.perf_counter()
+        for _ in range(args.steps * 2):
+            step()
+        rates[label] = 32 * args.steps * 2 / (time.perf_counter() - t0)
+    print("| optimizer | train img/s |\n|---|---|")
+    for label, r in rates.items():
+        print(f"| {label} | {r:.1f} |")
+    print()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):
             step()
@@ -73,6 +94,7 @@ def main():
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({**machine_info(), "model": args.model,
+                                          "optimizer_img_per_s": rates,
                                           "shares": {k: v / total for k, v in rows}}, indent=2) + "\n")
 
 

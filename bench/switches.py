@@ -29,14 +29,14 @@ def step_rate(model_name: str, channels_last: bool, bf16: bool, compile_: bool, 
     from ct_transfer import models as M
 
     torch.manual_seed(0)
-    model = M.create_model(model_name, "none", 2, 0.8)
+    model = M.create_model(model_name, "none", num_classes=2, dropout=0.8)
     x = torch.randn(32, 3, 64, 64)
     y = torch.randint(0, 2, (32,))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     fwd = torch.compile(model) if compile_ else model
-    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    opt = torch.optim.Adam(model.parameters(), 1e-4, foreach=True)  # as the engine does
     model.train()
 
     def step():
@@ -58,12 +58,12 @@ def step_rate(model_name: str, channels_last: bool, bf16: bool, compile_: bool, 
 
 
 def accuracy(switch: dict, epochs: int, split: Path) -> dict:
-    from ct_transfer.train import TrainConfig, train
+    from ct_transfer import TrainConfig, fit
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(data=str(DATA), model="EfficientNetLite0", weights="imagenet", out=tmp + "/r",
                           epochs=epochs, split_file=str(split), seed=0, **switch)
-        m = train(cfg, progress=False)
+        m = fit(cfg, progress=False).metrics
     return {"val_acc": m["val"]["accuracy"], "test_acc": m["test"]["accuracy"], "train_seconds": m["train_seconds"]}
 
 

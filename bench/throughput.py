@@ -2,7 +2,7 @@
 
 (a) baseline: torchvision ImageFolder + per-image transforms.v2 with the paper's augmentation +
     DataLoader + a plain fp32 loop (what a PyTorch tutorial / Keras ImageDataGenerator user writes);
-(b) engine: ``ct_transfer.train.train`` (decoded once, batch augmentation, channels-last).
+(b) engine: ``ct_transfer.fit`` (decoded once, batch augmentation, channels-last, foreach Adam).
 Each variant runs in its own process so peak memory is its own. Prints a table, writes JSON.
 
     python bench/throughput.py --quick          # EfficientNetV2B0, 1 epoch each, < 3 min
@@ -40,7 +40,7 @@ def run_baseline(model_name: str, epochs: int, split_csv: Path, workers: int) ->
 
     torch.manual_seed(0)
     spec = M.resolve(model_name)
-    model = M.create_model(model_name, "none", 2, 0.8)
+    model = M.create_model(model_name, "none", num_classes=2, dropout=0.8)
     mean, std = M.normalization(model)
     size = spec.image_size
     common = [v2.ToImage(), v2.Resize((size, size), antialias=True)]
@@ -85,13 +85,13 @@ def run_baseline(model_name: str, epochs: int, split_csv: Path, workers: int) ->
 
 
 def run_engine(model_name: str, epochs: int, split_csv: Path) -> dict:
-    from ct_transfer.train import TrainConfig, train
+    from ct_transfer import TrainConfig, fit
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         cfg = TrainConfig(data=str(DATA), model=model_name, out=tmp + "/run", epochs=epochs,
                           split_file=str(split_csv))
-        train(cfg, progress=False)
+        fit(cfg, progress=False)
         total = time.perf_counter() - t0
         hist = [l.split(",") for l in (Path(tmp) / "run" / "history.csv").read_text().strip().splitlines()]
     head, last = hist[0], hist[-1]

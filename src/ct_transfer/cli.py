@@ -57,6 +57,16 @@ def _finite_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"choose an integer >= 1, not {text!r}")
+    return value
+
+
 def add_config_flags(p: argparse.ArgumentParser, *, skip=(), required=()) -> None:
     """One flag per ``TrainConfig`` field. Flags not given stay unset (``SUPPRESS``), so a recipe
     fills them and the dataclass holds the only defaults; the help shows those defaults."""
@@ -186,7 +196,7 @@ def cmd_experiment(args):
         base.pop(k, None)
     results = run_grid(cfg.data, args.out, models, weights, seeds, base=base, split_file=cfg.split_file,
                        split_preset=args.grid_split_preset or "paper", split_seed=cfg.split_seed,
-                       progress=not args.quiet)
+                       progress=not args.quiet, jobs=args.jobs)
     failed = [r for r in results if r["status"] == "failed"]
     if failed:  # the others finished; the exit code must not say all is well
         raise CTTransferError(f"{args.out}: {len(failed)} of {len(results)} runs failed: "
@@ -333,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated model names (default: the preset's)")
     p.add_argument("--weights", help="comma-separated: none,imagenet or paths (default: none,imagenet)")
     p.add_argument("--seeds", default="0")
+    p.add_argument("--jobs", type=_positive_int, default=1,
+                   help="runs at once on this machine (each with cores/N threads; a GPU is shared)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_experiment)
 

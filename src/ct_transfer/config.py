@@ -12,7 +12,9 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .errors import ConfigError
 
-STRATEGIES = ("full", "partial", "frozen")
+STRATEGIES = ("full", "partial", "frozen", "linear")
+HEAD_INITS = ("random", "probe")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 SPLIT_PRESETS = ("stratified", "paper")
@@ -48,7 +50,12 @@ class TrainConfig:
     seed: int = _opt(0, "seed of initialisation, augmentation and batch order")
     limit: int | None = _opt(None, "at most N images per class (quick trials)")
     augment: bool = _opt(True, "the paper's augmentation", flag="--no-augment")
-    strategy: str = _opt("full", "fine-tuning strategy", choices=STRATEGIES)
+    strategy: str = _opt("full", "fine-tuning strategy (linear: a convex linear probe on fixed features, "
+                                 "seconds; epochs are ignored)", choices=STRATEGIES)
+    head_init: str = _opt("random", "full/partial: start the head from a linear probe (probe) or at random",
+                          choices=HEAD_INITS)
+    resize_from: int | None = _opt(None, "progressive resizing: first epoch at this size (px), growing to "
+                                         "--image-size by mid-training (second half at full size)")
     freeze_until: int | None = _opt(None, "partial: last frozen stage (timm parameter group, 0 = stem)")
     frozen_views: int = _opt(2, "frozen + augmentation: augmented views cached per image")
     positive: str | None = _opt(None, "positive class (default COVID if present)")
@@ -56,7 +63,10 @@ class TrainConfig:
     cache_dir: str | None = _opt(None, "on-disk cache of decoded images, keyed by file content")
     channels_last: bool = _opt(True, "channels-last memory format", flag="--no-channels-last")
     bf16: bool = _opt(False, "bfloat16 autocast (fp32 master weights; default on CUDA)")
-    compile: bool = _opt(False, "torch.compile the model")
+    compile: bool = _opt(False, "torch.compile the model (drops the last partial batch: static shapes)")
+    compile_mode: str = _opt("default", "torch.compile mode (reduce-overhead: CUDA graphs)", choices=COMPILE_MODES)
+    checkpoint_every: int = _opt(1, "write last.pt (resume state) every N epochs and at the end; best.pt "
+                                    "only on improvement; both written by a background thread")
     threads: int | None = _opt(None, "torch threads (default: all cores)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     recipe: str | None = _opt(None, "the recipe these values came from (a name or a file; see recipes.py)", cli=False)
@@ -85,6 +95,8 @@ class TrainConfig:
         size = self.image_size or spec.image_size
         if size < spec.min_size:
             raise ConfigError("image_size", size, f"choose {spec.min_size}..{MAX_IMAGE_SIZE} for {spec.name}")
+        if self.resize_from is not None and not spec.min_size <= self.resize_from <= size:
+            raise ConfigError("resize_from", self.resize_from, f"choose {spec.min_size}..{size} (the image size)")
         return replace(self, image_size=int(size))
 
 
@@ -98,8 +110,9 @@ def _validate(c: TrainConfig) -> None:
         if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
             raise ConfigError(name, v, "required")
     ints = {"epochs": (1, 100_000), "batch_size": (1, 65_536), "seed": (0, 2**31 - 1), "split_seed": (0, 2**31 - 1),
-            "frozen_views": (1, 64)}
+            "frozen_views": (1, 64), "checkpoint_every": (1, 100_000)}
     optional_ints = {"limit": (1, 10**9), "freeze_until": (0, 1000), "image_size": (1, MAX_IMAGE_SIZE),
+                     "resize_from": (32, MAX_IMAGE_SIZE),
                      "threads": (1, os.cpu_count() or 1)}
     for name, (lo, hi) in {**ints, **optional_ints}.items():
         v = getattr(c, name)
@@ -118,7 +131,8 @@ def _validate(c: TrainConfig) -> None:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not lo <= v <= hi:
             raise ConfigError(name, v, f"choose a number in [{lo}, {hi}]")
     for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD),
-                          ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+                          ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("head_init", HEAD_INITS),
+                          ("compile_mode", COMPILE_MODES)):
         if getattr(c, name) not in allowed:
             raise ConfigError(name, getattr(c, name), f"choose {', '.join(allowed)}")
     for name in ("augment", "channels_last", "bf16", "compile"):
@@ -129,6 +143,8 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("cache_dir", c.cache_dir, "exists and is not a folder")
     if c.out is not None and os.path.exists(c.out) and not os.path.isdir(c.out):
         raise ConfigError("out", c.out, "exists and is not a folder")
+    if c.head_init == "probe" and c.strategy not in ("full", "partial"):
+        raise ConfigError("head_init", c.head_init, "only with strategy full or partial")
     if c.strategy != "partial" and c.freeze_until is not None:
         raise ConfigError("freeze_until", c.freeze_until, "only with strategy=partial")
 

@@ -2,6 +2,7 @@
 
 Restarting the same command skips finished runs, resumes the interrupted one from its last epoch
 and retries failed ones; a failing run is recorded (``error.txt``) and the grid goes on.
+``jobs`` runs several cells at once (process pool); each cell is one ``run_cell`` call.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from . import data as D
 from . import models as M
 from .config import TrainConfig
 from .engine import fit
-from .errors import CTTransferError
+from .errors import ConfigError, CTTransferError
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,12 @@ def run_status(run_dir: Path, epochs: int | None = None) -> str:
     """done | failed | partial (resumable) | todo. A done run asked for more epochs is partial."""
     if (run_dir / "metrics.json").exists():
         try:
-            finished = _io.read_json(run_dir / "metrics.json", what="metrics file").get("epochs", 0)
+            metrics = _io.read_json(run_dir / "metrics.json", what="metrics file")
+            finished = metrics.get("epochs", 0)
         except CTTransferError:
             return "partial" if (run_dir / "last.pt").exists() else "todo"  # damaged: redo the evaluation
-        if epochs is None or finished >= epochs or not (run_dir / "last.pt").exists():
+        linear = metrics.get("strategy") == "linear"  # one convex fit: epochs do not apply
+        if epochs is None or finished >= epochs or linear or not (run_dir / "last.pt").exists():
             return "done"
         return "partial"
     if (run_dir / "error.txt").exists():
@@ -68,59 +71,104 @@ def ensure_split(grid_dir: Path, data: str, split_file: str | None, split_preset
 
 def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: list[int], *,
              base: dict | None = None, split_file: str | None = None, split_preset: str = "paper",
-             split_seed: int = 0, progress: bool = True) -> list[dict]:
-    """Train every (model, weights, seed); returns one status dict per cell."""
+             split_seed: int = 0, progress: bool = True, jobs: int = 1) -> list[dict]:
+    """Train every (model, weights, seed); returns one status dict per cell, in grid order.
+
+    ``jobs`` > 1 runs that many cells at once in spawned worker processes (each with
+    ``threads = cores // jobs`` unless ``base`` sets threads; on CUDA they share the device). Each
+    cell is the same ``run_cell`` call either way, so results, files and resume are the same.
+    """
     base = dict(base or {})
     grid_dir = Path(out)
     if not Path(data).is_dir():
         raise CTTransferError(f"{data}: dataset folder not found")
+    if not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError("jobs", jobs, "choose an integer >= 1")
     for m in models:
         M.resolve(m)  # unknown names fail before any training
     # every cell's options are checked before the first run starts
     TrainConfig(**{**base, "data": str(data), "model": models[0] if models else "-", "out": None})
     _io.ensure_writable_dir(grid_dir)
     split = ensure_split(grid_dir, data, split_file, split_preset, split_seed)
-    strategy = base.get("strategy", "full")
     cells = grid_cells(models, weights, seeds)
     _io.write_json(grid_dir / "grid.json", {
         "data": str(data), "models": models, "weights": weights, "seeds": seeds, "split": str(split),
         "split_preset": None if split_file else split_preset, "split_file": split_file, "settings": base,
     })
-    results, t_start = [], time.perf_counter()
-    for k, (model, w, seed) in enumerate(cells, 1):
-        run_dir = grid_dir / "runs" / run_name(model, w, seed, strategy)
-        status = run_status(run_dir, base.get("epochs"))
-        done_before = sum(r["status"] == "done" for r in results)
-        elapsed = time.perf_counter() - t_start
-        head = f"[{k}/{len(cells)}] {model} weights={w} seed={seed}"
-        if status == "done":
-            log.info("%s: done already, skipped", head)
-            results.append({"run": run_dir.name, "status": "done"})
-            continue
-        log.info("%s: %s (%d done, %d left, %.1f min so far)", head, "resuming" if status == "partial" else "starting",
-                 done_before, len(cells) - k + 1, elapsed / 60)
-        (run_dir / "error.txt").unlink(missing_ok=True)
-        try:
-            cfg = TrainConfig(**{**base, "data": str(data), "model": model, "weights": w, "seed": seed,
-                                 "out": str(run_dir), "split_file": str(split)})
-            run = fit(cfg, progress=progress, resume=status == "partial")
-            acc = run.metrics["test"]["accuracy"]
-            results.append({"run": run_dir.name, "status": "done", "test_accuracy": acc})
-            log.info("%s: test accuracy %.4f, %.0f s training", head, acc, run.metrics["train_seconds"])
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # record and go on: one bad cell must not stop the grid
-            msg = str(exc) if isinstance(exc, CTTransferError) else f"{type(exc).__name__}: {exc}"
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                _io.write_text(run_dir / "error.txt", msg + "\n")
-                _io.write_text(run_dir / "error.log", traceback.format_exc())
-            except (OSError, CTTransferError):
-                pass
-            results.append({"run": run_dir.name, "status": "failed", "error": msg})
-            log.info("%s: FAILED: %s", head, msg)
+    t_start = time.perf_counter()
+    jobs = min(jobs, max(1, len(cells)))
+    if jobs == 1:
+        results = [run_cell(str(data), str(grid_dir), model, w, seed, base, str(split), progress=progress,
+                            label=f"[{k}/{len(cells)}]") for k, (model, w, seed) in enumerate(cells, 1)]
+    else:
+        results = _run_parallel(str(data), grid_dir, cells, base, str(split), progress, jobs)
     n_done = sum(r["status"] == "done" for r in results)
     n_failed = sum(r["status"] == "failed" for r in results)
     log.info("grid: %d done, %d failed, %.1f min", n_done, n_failed, (time.perf_counter() - t_start) / 60)
     return results
 
+
+def run_cell(data: str, grid_dir: str, model: str, w: str, seed: int, base: dict, split: str, *,
+             progress: bool = True, label: str = "") -> dict:
+    """One grid cell: skip if done, resume if partial, else train; a failure is recorded, not raised.
+
+    Plain arguments and a plain dict result, so any executor (threads, processes, Ray) can run it.
+    """
+    run_dir = Path(grid_dir) / "runs" / run_name(model, w, seed, base.get("strategy", "full"))
+    status = run_status(run_dir, base.get("epochs"))
+    head = f"{label} {model} weights={w} seed={seed}".strip()
+    if status == "done":
+        log.info("%s: done already, skipped", head)
+        return {"run": run_dir.name, "status": "done"}
+    log.info("%s: %s", head, "resuming" if status == "partial" else "starting")
+    (run_dir / "error.txt").unlink(missing_ok=True)
+    try:
+        cfg = TrainConfig(**{**base, "data": str(data), "model": model, "weights": w, "seed": seed,
+                             "out": str(run_dir), "split_file": str(split)})
+        run = fit(cfg, progress=progress, resume=status == "partial")
+        acc = run.metrics["test"]["accuracy"]
+        log.info("%s: test accuracy %.4f, %.0f s training", head, acc, run.metrics["train_seconds"])
+        return {"run": run_dir.name, "status": "done", "test_accuracy": acc}
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # record and go on: one bad cell must not stop the grid
+        msg = str(exc) if isinstance(exc, CTTransferError) else f"{type(exc).__name__}: {exc}"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _io.write_text(run_dir / "error.txt", msg + "\n")
+            _io.write_text(run_dir / "error.log", traceback.format_exc())
+        except (OSError, CTTransferError):
+            pass
+        log.info("%s: FAILED: %s", head, msg)
+        return {"run": run_dir.name, "status": "failed", "error": msg}
+
+
+def _worker_init(threads: int, jobs: int, level: int) -> None:
+    """A spawned worker: its share of the cores (and of the GPU's memory), the parent's log level."""
+    import torch
+
+    logging.basicConfig(level=level, format="%(message)s")
+    torch.set_num_threads(threads)
+    if torch.cuda.is_available():  # one process must not take the memory the others need
+        torch.cuda.set_per_process_memory_fraction(0.95 / jobs)
+
+
+def _run_parallel(data: str, grid_dir: Path, cells, base: dict, split: str, progress: bool, jobs: int) -> list[dict]:
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = base.get("threads") or max(1, (os.cpu_count() or 1) // jobs)
+    cell_base = {**base, "threads": base.get("threads")}  # fit() sets torch threads only when given
+    log.info("grid: %d cells, %d at a time, %d thread(s) each", len(cells), jobs, threads)
+    level = logging.getLogger("ct_transfer").getEffectiveLevel()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(threads, jobs, level)) as pool:
+        futures = [pool.submit(run_cell, data, str(grid_dir), model, w, seed, cell_base, split, progress=False,
+                               label=f"[{k}/{len(cells)}]") for k, (model, w, seed) in enumerate(cells, 1)]
+        try:
+            return [f.result() for f in futures]
+        except KeyboardInterrupt:
+            for f in futures:
+                f.cancel()
+            raise

@@ -14,6 +14,16 @@ from .errors import ConfigError, CTTransferError
 # Each recipe lists only what differs from TrainConfig's defaults (which are the paper's protocol).
 RECIPES: dict[str, dict] = {
     "paper": {},
+    # A convex linear probe on fixed ImageNet features (engine/probe.py): seconds to a minute or two
+    # on a laptop CPU at 224 px, decoding included. Use with an ImageNet-pretrained model.
+    "linear-probe": {"weights": "imagenet", "strategy": "linear", "image_size": 224, "augment": False},
+    # The CPU fast path (docs/performance.md): the head starts from the linear probe, the first
+    # stages stay frozen in eval mode (no backward through the largest activations), the first half
+    # of training runs at growing sizes (128 -> 224 px), one-cycle AdamW with a 10x higher peak rate
+    # than the paper's, light dropout and label smoothing, 16 epochs instead of 100.
+    "cpu-fast": {"weights": "imagenet", "strategy": "partial", "head_init": "probe", "image_size": 224,
+                 "resize_from": 128, "epochs": 16, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01,
+                 "schedule": "onecycle", "dropout": 0.2, "label_smoothing": 0.1},
 }
 
 _NOT_IN_RECIPES = {"data", "model", "out", "recipe"}  # what a run is about, not how it is trained

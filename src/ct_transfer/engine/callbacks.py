@@ -46,31 +46,76 @@ class TrackBest(Callback):
 
 class Checkpoint(Callback):
     """``best.pt`` when val improves; ``last.pt`` (full resume state) every ``every`` epochs and at
-    the end. The weights are copied to the CPU first so a slow disk does not hold the device."""
+    the end. The loop only snapshots the tensors to the CPU (a copy, so training may go on changing
+    them); one background thread serialises and writes the files, in order, off the hot path.
+    ``on_fit_end`` waits for the writes, so a finished ``fit`` has its files on disk."""
 
     order = 10
 
-    def __init__(self, rundir, every: int = 1):
-        self.rundir, self.every = rundir, max(1, int(every))
+    def __init__(self, rundir, every: int = 1, background: bool = True):
+        self.rundir, self.every, self.background = rundir, max(1, int(every)), background
+        self._pool, self._pending = None, []
+
+    def _submit(self, fn, obj):
+        if not self.background:
+            return fn(obj)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ct-checkpoint")
+        self._pending = [f for f in self._pending if not f.done() or f.exception() is not None]
+        self._raise_failed()
+        self._pending.append(self._pool.submit(fn, obj))
+
+    def _raise_failed(self):
+        for f in self._pending:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
 
     def on_epoch_end(self, state, row):
         if state.improved:
-            self.rundir.save_best({"model": _cpu(state.best_state), "classes": state.classes,
-                                   "epoch": state.best["epoch"]})
-        last_epoch = state.epoch >= state.config.epochs or state.stop
-        if state.epoch % self.every == 0 or last_epoch:
-            self.rundir.save_last(resume_state(state))
+            self._submit(self.rundir.save_best, {"model": _cpu(state.best_state), "classes": state.classes,
+                                                 "epoch": state.best["epoch"]})
+        end = state.end_epoch or state.config.epochs
+        if state.epoch % self.every == 0 or state.epoch >= end or state.stop:
+            self._submit(self.rundir.save_last, resume_state(state))
+
+    def on_fit_end(self, state):
+        self.flush()
+
+    def flush(self):
+        """Wait for every queued write; a failed write raises here."""
+        for f in self._pending:
+            f.result()
+        self._pending = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def resume_state(state) -> dict:
-    return {"model": _cpu(state.model.state_dict()), "optimizer": copy.deepcopy(state.optimizer.state_dict()),
-            "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
-            "epoch": state.epoch, "history": state.history, "best": state.best,
-            "train_seconds": state.train_seconds, "classes": state.classes}
+    """A snapshot on the CPU that later training steps cannot change (the writer thread reads it)."""
+    return {"model": _cpu(state.model.state_dict()), "optimizer": _cpu_tree(state.optimizer.state_dict()),
+            "scheduler": copy.deepcopy(state.scheduler.state_dict()) if state.scheduler is not None else None,
+            "epoch": state.epoch, "history": copy.deepcopy(state.history), "best": copy.deepcopy(state.best),
+            "train_seconds": state.train_seconds, "classes": list(state.classes)}
 
 
 def _cpu(sd: dict) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in sd.items()}
+
+
+def _cpu_tree(obj):
+    """Deep copy with every tensor copied to the CPU (optimizer state may live on a GPU)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_tree(v) for v in obj)
+    return copy.deepcopy(obj)
 
 
 class HistoryCSV(Callback):

@@ -26,6 +26,7 @@ from ..evaluate import autocast, predict_proba
 from ..rundir import RunDir
 from ..run import Run
 from . import callbacks as C
+from . import probe as P
 from .data import load_subsets, split_rows
 from .strategies import apply_strategy, set_train_mode
 
@@ -50,6 +51,9 @@ class TrainState:
     improved: bool = False
     stop: bool = False
     scheduler: object = None  # stepped once per optimizer step
+    end_epoch: int | None = None  # None: config.epochs
+    extra: dict = field(default_factory=dict)  # strategy facts for metrics.json (the linear probe's C, ...)
+    subsets: dict | None = None  # the decoded train/val/test tensors (callbacks may evaluate on them)
 
 
 def pick_device(name: str) -> str:
@@ -64,25 +68,48 @@ def _epoch_generator(seed: int, epoch: int, device: str) -> torch.Generator:
     return g
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
+def _batches(n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool = False):
+    """Shuffled index batches. ``drop_last``: only full batches (static shapes for compiled/graphed
+    steps; the dropped images change every epoch with the shuffle)."""
     perm = torch.randperm(n, generator=generator, device=generator.device)
     for start in range(0, n, batch_size):
         idx = perm[start:start + batch_size]
+        if drop_last and len(idx) < batch_size and n >= batch_size:
+            return
         if len(idx) > 1 or n == 1:  # a lone last image would break BatchNorm
             yield idx
 
 
 def make_optimizer(cfg: TrainConfig, params):
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """The optimizer with multi-tensor kernels: PyTorch picks foreach only on CUDA by default; on the
+    CPU the per-parameter Adam loop (hundreds of small tensors) cost ~10 % of a step. The update is
+    the same math either way (fused Adam on the CPU rounds slightly differently, so foreach is used)."""
+    params = list(params)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
+                               foreach=True)
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
-def steps_per_epoch(n: int, batch_size: int) -> int:
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
     """Optimizer steps per epoch, as ``_batches`` yields them (a lone last image is skipped)."""
+    if drop_last and n >= batch_size:
+        return n // batch_size
     return n // batch_size + (1 if n % batch_size > 1 or n == 1 else 0)
+
+
+def epoch_size(cfg: TrainConfig, epoch: int) -> int:
+    """Progressive resizing: the training size of ``epoch`` (0-based). From ``resize_from`` up to
+    ``image_size`` in steps of 32 px over the first half of training; the second half at full size,
+    so BatchNorm statistics and the head end at the size evaluation uses."""
+    if not cfg.resize_from or cfg.resize_from >= cfg.image_size:
+        return cfg.image_size
+    ramp = cfg.epochs // 2
+    if epoch >= ramp:
+        return cfg.image_size
+    size = cfg.resize_from + (cfg.image_size - cfg.resize_from) * epoch / max(ramp, 1)
+    return int(min(cfg.image_size, max(cfg.resize_from, round(size / 32) * 32)))
 
 
 def make_scheduler(cfg: TrainConfig, opt, steps: int):
@@ -157,16 +184,29 @@ def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: boo
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    state = TrainState(cfg, model, opt, classes, device, len(subsets["train"].x))
-    state.scheduler = make_scheduler(cfg, opt, steps_per_epoch(len(subsets["train"].x), cfg.batch_size))
+    state = TrainState(cfg, model, opt, classes, device, len(subsets["train"].x), subsets=subsets)
+    state.scheduler = make_scheduler(cfg, opt, steps_per_epoch(len(subsets["train"].x), cfg.batch_size,
+                                                               drop_last=cfg.compile))
+    if cfg.strategy == "linear":
+        state.end_epoch = 1  # one convex fit; --epochs does not apply
     if resume and rundir is not None:
         _restore(state, rundir, device)
 
-    cbs = [C.TrackBest()] + ([C.Checkpoint(rundir), C.HistoryCSV(rundir)] if rundir else [])
-    cbs += ([C.ProgressLog()] if progress else []) + list(callbacks)
     mean, std = M.normalization(model)
-    epoch_fn = (_frozen_epochs if cfg.strategy == "frozen" else _full_epochs)(state, subsets, mean, std, bf16)
+    probe_info = {}
+    if cfg.head_init == "probe" and state.epoch == 0:  # a resumed run has its head already
+        t0 = time.perf_counter()
+        res, feat_s = _probe(state, subsets, mean, std, bf16)
+        P.load_into_fc(model.fc, res.weight, res.bias)
+        state.train_seconds += time.perf_counter() - t0  # part of what this run costs
+        probe_info = {"probe": _probe_summary(res, feat_s)}
+    cbs = [C.TrackBest()] + ([C.Checkpoint(rundir, every=cfg.checkpoint_every), C.HistoryCSV(rundir)]
+                             if rundir else [])
+    cbs += ([C.ProgressLog()] if progress else []) + list(callbacks)
+    make_epochs = {"frozen": _frozen_epochs, "linear": _linear_epochs}.get(cfg.strategy, _full_epochs)
+    epoch_fn = make_epochs(state, subsets, mean, std, bf16)
     _run_epochs(state, epoch_fn, C.ordered(cbs))
+    probe_info = probe_info or state.extra
 
     model.load_state_dict(state.best_state)  # final evaluation with the best-on-val weights
     run = Run(model=model.eval(), config=saved_cfg, classes=classes, preprocess=preprocess, history=state.history,
@@ -176,7 +216,7 @@ def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: boo
         "train_seconds": round(state.train_seconds, 3), "epochs": state.history[-1]["epoch"],
         "best_epoch": state.best["epoch"], "model": M.resolve(cfg.model).name, "timm_name": saved_cfg["timm_name"],
         "weights": cfg.weights, "image_size": cfg.image_size, "seed": cfg.seed, "strategy": cfg.strategy,
-        "classes": classes, **frozen_info,
+        "classes": classes, **frozen_info, **probe_info,
     })
     run.metrics = metrics
     if rundir is not None:
@@ -204,7 +244,7 @@ def _run_epochs(state: TrainState, epoch_fn, callbacks) -> None:
     cfg = state.config
     for cb in callbacks:
         cb.on_fit_start(state)
-    for epoch in range(state.epoch, cfg.epochs):
+    for epoch in range(state.epoch, state.end_epoch or cfg.epochs):
         for cb in callbacks:
             cb.on_epoch_start(state)
         t0 = time.perf_counter()
@@ -237,9 +277,13 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
     train_tf = D.batch_transform(mean, std, augment=cfg.augment)
     eval_tf = D.batch_transform(mean, std, augment=False)
     x_tr, y_tr = subsets["train"].x, subsets["train"].y
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) if cfg.compile \
+        else model
+    graphs = cfg.compile and cfg.compile_mode != "default" and device.startswith("cuda")
 
     def step(xb, yb):
+        if graphs:  # CUDA graphs: tell the compiled step a new iteration starts (outputs are reused)
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(bf16, device):
             logits = fwd(xb)
         loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
@@ -257,8 +301,11 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
         total_loss = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
-        for idx in _batches(len(x_tr), cfg.batch_size, g):
+        size = epoch_size(cfg, epoch)
+        for idx in _batches(len(x_tr), cfg.batch_size, g, drop_last=cfg.compile):
             xb = train_tf(x_tr[idx], g)
+            if size != xb.shape[-1]:  # progressive resizing: augment at full size, then shrink
+                xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             loss, logits = step(xb, y_tr[idx])
@@ -289,6 +336,39 @@ def pooled_features(model, x_u8, transform, *, channels_last=True, bf16=False, d
         with autocast(bf16, device):
             out.append(model.pooled(xb).float())
     return torch.cat(out)
+
+
+def _probe(state: TrainState, subsets, mean, std, bf16):
+    """Linear probe on pooled features of the un-augmented train and val images."""
+    cfg, model, device = state.config, state.model, state.device
+    eval_tf = D.batch_transform(mean, std, augment=False)
+    kw = dict(channels_last=cfg.channels_last, bf16=bf16, device=device, batch_size=64)
+    t0 = time.perf_counter()
+    f_tr = pooled_features(model, subsets["train"].x, eval_tf, **kw).cpu().numpy()
+    f_va = pooled_features(model, subsets["val"].x, eval_tf, **kw).cpu().numpy()
+    feat_s = time.perf_counter() - t0
+    res = P.fit_probe(f_tr, subsets["train"].y.cpu().numpy(), f_va, subsets["val"].y.cpu().numpy(),
+                      num_classes=len(state.classes), seed=cfg.seed)
+    return res, feat_s
+
+
+def _probe_summary(res, feature_seconds: float) -> dict:
+    return {"C": res.C, "val_acc": res.val_acc, "grid": res.grid, "feature_seconds": round(feature_seconds, 3),
+            "solver_seconds": round(res.solver_seconds, 3)}
+
+
+def _linear_epochs(state: TrainState, subsets, mean, std, bf16):
+    """One 'epoch': fixed features, convex fit of the head (see ``probe``); the whole fit is timed."""
+
+    def epoch_fn(epoch, g, callbacks):
+        t0 = time.perf_counter()
+        res, feat_s = _probe(state, subsets, mean, std, bf16)
+        P.load_into_fc(state.model.fc, res.weight, res.bias)
+        state.extra = {"probe": _probe_summary(res, feat_s)}
+        state.stop = True
+        return res.train_loss, res.train_acc, time.perf_counter() - t0, res.val_loss, res.val_acc
+
+    return epoch_fn
 
 
 def _frozen_epochs(state: TrainState, subsets, mean, std, bf16):

@@ -1,4 +1,4 @@
-"""Fine-tuning strategies: which parameters train (``full``, ``partial``, ``frozen``)."""
+"""Fine-tuning strategies: which parameters train (``full``, ``partial``, ``frozen``, ``linear``)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ def apply_strategy(model, strategy: str, freeze_until: int | None = None) -> dic
     if strategy == "full":
         return {"frozen_groups": 0, "frozen_params": 0}
     groups = parameter_groups(model.backbone)
-    if strategy == "frozen":
+    head_only = strategy in ("frozen", "linear")
+    if head_only:
         upto = len(groups) - 1
     else:
         upto = default_freeze_until(model.backbone) if freeze_until is None else int(freeze_until)
@@ -40,7 +41,7 @@ def apply_strategy(model, strategy: str, freeze_until: int | None = None) -> dic
     params = dict(model.backbone.named_parameters())
     for name in frozen:
         params[name].requires_grad_(False)
-    if strategy == "frozen":
+    if head_only:
         for p in model.backbone.parameters():
             p.requires_grad_(False)
     return {"frozen_groups": upto + 1, "frozen_params": int(sum(params[n].numel() for n in frozen))}

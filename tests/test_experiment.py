@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -38,14 +39,15 @@ def test_grid_runs_every_cell_and_records_failures(small_grid):
     assert len(splits) == 1
 
 
-def test_grid_restart_skips_finished_runs(small_grid, data_dir, capsys):
+def test_grid_restart_skips_finished_runs(small_grid, data_dir, caplog):
+    caplog.set_level(logging.INFO, logger="ct_transfer")
     out, _ = small_grid
     done = out / "runs" / "EfficientNetLite0__none__seed0" / "metrics.json"
     stamp = done.stat().st_mtime_ns
     results = run_grid(str(data_dir), str(out), ["EfficientNetLite0"], ["none"], [0], base=BASE, progress=False)
     assert results == [{"run": "EfficientNetLite0__none__seed0", "status": "done"}]
     assert done.stat().st_mtime_ns == stamp
-    assert "done already, skipped" in capsys.readouterr().out
+    assert "done already, skipped" in caplog.text
 
 
 def test_grid_resumes_an_interrupted_run(tmp_path, data_dir):

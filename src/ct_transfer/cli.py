@@ -26,14 +26,23 @@ class _Console(logging.Handler):
         print(self.format(record), file=sys.stdout, flush=True)
 
 
-def _setup_logging(quiet: bool = False) -> None:
+def _setup_logging(quiet: bool = False):
+    """Show the library's log lines for this command; returns a function that puts the logger back
+    as it was (the CLI must not leave a level or handler behind for later Python callers)."""
     logger = logging.getLogger("ct_transfer")
-    if not any(isinstance(h, _Console) for h in logger.handlers):
-        handler = _Console()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    saved = (logger.level, logger.propagate)
+    handler = _Console()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
+
+    def restore():
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+    return restore
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(quiet=getattr(args, "quiet", False))
+    restore_logging = _setup_logging(quiet=getattr(args, "quiet", False))
     try:
         args.func(args)
     except ConfigError as exc:
@@ -403,6 +412,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("ct-transfer: interrupted (a run continues with --resume)", file=sys.stderr)
         return 130
+    finally:
+        restore_logging()
     return 0
 
 

@@ -1,7 +1,8 @@
 """Experiment: the paper's grid (model x weights x seed), one run directory per cell, via ``fit``.
 
 Restarting the same command skips finished runs, resumes the interrupted one from its last epoch
-and retries failed ones; a failing run is recorded (``error.txt``) and the grid goes on.
+and retries failed ones; a failing run is recorded (``error.txt``) and the grid goes on. Each cell
+is one call of ``run_cell``, in this process (``executor="local"``) or as a Ray task (``"ray"``).
 """
 
 from __future__ import annotations
@@ -66,18 +67,32 @@ def ensure_split(grid_dir: Path, data: str, split_file: str | None, split_preset
     return target
 
 
+EXECUTORS = ("local", "ray")
+
+
 def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: list[int], *,
              base: dict | None = None, split_file: str | None = None, split_preset: str = "paper",
-             split_seed: int = 0, progress: bool = True) -> list[dict]:
-    """Train every (model, weights, seed); returns one status dict per cell."""
+             split_seed: int = 0, progress: bool = True, executor: str = "local", address: str | None = None,
+             cpus_per_run: float = 1, gpus_per_run: float = 0) -> list[dict]:
+    """Train every (model, weights, seed); returns one status dict per cell.
+
+    ``executor="ray"`` runs each cell as a Ray task (``ct_transfer.distributed``) on the cluster at
+    ``address`` (or a local one); the cells write into ``out`` directly, so every node must see it.
+    """
     base = dict(base or {})
     grid_dir = Path(out)
+    if executor not in EXECUTORS:
+        raise CTTransferError(f"--executor {executor}: choose {', '.join(EXECUTORS)}")
     if not Path(data).is_dir():
         raise CTTransferError(f"{data}: dataset folder not found")
     for m in models:
         M.resolve(m)  # unknown names fail before any training
     # every cell's options are checked before the first run starts
     TrainConfig(**{**base, "data": str(data), "model": models[0] if models else "-", "out": None})
+    if executor == "ray":
+        from .distributed import check_ray
+
+        check_ray(cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)  # before anything is written
     _io.ensure_writable_dir(grid_dir)
     split = ensure_split(grid_dir, data, split_file, split_preset, split_seed)
     strategy = base.get("strategy", "full")
@@ -86,41 +101,70 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
         "data": str(data), "models": models, "weights": weights, "seeds": seeds, "split": str(split),
         "split_preset": None if split_file else split_preset, "split_file": split_file, "settings": base,
     })
-    results, t_start = [], time.perf_counter()
+    results: dict[int, dict] = {}
+    specs: list[dict] = []
     for k, (model, w, seed) in enumerate(cells, 1):
         run_dir = grid_dir / "runs" / run_name(model, w, seed, strategy)
-        status = run_status(run_dir, base.get("epochs"))
-        done_before = sum(r["status"] == "done" for r in results)
-        elapsed = time.perf_counter() - t_start
         head = f"[{k}/{len(cells)}] {model} weights={w} seed={seed}"
-        if status == "done":
+        if run_status(run_dir, base.get("epochs")) == "done":
             log.info("%s: done already, skipped", head)
-            results.append({"run": run_dir.name, "status": "done"})
+            results[k] = {"run": run_dir.name, "status": "done"}
             continue
-        log.info("%s: %s (%d done, %d left, %.1f min so far)", head, "resuming" if status == "partial" else "starting",
-                 done_before, len(cells) - k + 1, elapsed / 60)
-        (run_dir / "error.txt").unlink(missing_ok=True)
-        try:
-            cfg = TrainConfig(**{**base, "data": str(data), "model": model, "weights": w, "seed": seed,
-                                 "out": str(run_dir), "split_file": str(split)})
-            run = fit(cfg, progress=progress, resume=status == "partial")
-            acc = run.metrics["test"]["accuracy"]
-            results.append({"run": run_dir.name, "status": "done", "test_accuracy": acc})
-            log.info("%s: test accuracy %.4f, %.0f s training", head, acc, run.metrics["train_seconds"])
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # record and go on: one bad cell must not stop the grid
-            msg = str(exc) if isinstance(exc, CTTransferError) else f"{type(exc).__name__}: {exc}"
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                _io.write_text(run_dir / "error.txt", msg + "\n")
-                _io.write_text(run_dir / "error.log", traceback.format_exc())
-            except (OSError, CTTransferError):
-                pass
-            results.append({"run": run_dir.name, "status": "failed", "error": msg})
-            log.info("%s: FAILED: %s", head, msg)
-    n_done = sum(r["status"] == "done" for r in results)
-    n_failed = sum(r["status"] == "failed" for r in results)
-    log.info("grid: %d done, %d failed, %.1f min", n_done, n_failed, (time.perf_counter() - t_start) / 60)
-    return results
+        specs.append({"index": k, "head": head, "progress": progress,
+                      "config": {**base, "data": str(data), "model": model, "weights": w, "seed": seed,
+                                 "out": str(run_dir), "split_file": str(split)}})
+    t_start = time.perf_counter()
+    if executor == "ray":
+        from .distributed import run_cells_on_ray
 
+        for spec, result in run_cells_on_ray(run_cell, specs, address=address, cpus_per_run=cpus_per_run,
+                                             gpus_per_run=gpus_per_run):
+            results[spec["index"]] = result
+    else:
+        for spec in specs:
+            done_before = sum(r["status"] == "done" for r in results.values())
+            log.info("%s: %d done, %d left, %.1f min so far", spec["head"], done_before, len(cells) - len(results),
+                     (time.perf_counter() - t_start) / 60)
+            results[spec["index"]] = run_cell(spec)
+    ordered = [results[k] for k in sorted(results)]
+    n_done = sum(r["status"] == "done" for r in ordered)
+    n_failed = sum(r["status"] == "failed" for r in ordered)
+    log.info("grid: %d done, %d failed, %.1f min", n_done, n_failed, (time.perf_counter() - t_start) / 60)
+    return ordered
+
+
+def run_cell(spec: dict) -> dict:
+    """Train one grid cell (``spec["config"]``: TrainConfig values with ``out`` = its run directory).
+
+    The cell's status is read here, where it runs, so a retried Ray task (after its worker died)
+    resumes from the last checkpoint just like a restarted grid. Failures are recorded, not raised.
+    """
+    cfg_values, head = spec["config"], spec["head"]
+    run_dir = Path(cfg_values["out"])
+    status = run_status(run_dir, cfg_values.get("epochs"))
+    if status == "done":
+        return {"run": run_dir.name, "status": "done"}
+    log.info("%s: %s", head, "resuming" if status == "partial" else "starting")
+    (run_dir / "error.txt").unlink(missing_ok=True)
+    try:
+        run = fit(TrainConfig(**cfg_values), progress=spec.get("progress", True), resume=status == "partial")
+        acc = run.metrics["test"]["accuracy"]
+        log.info("%s: test accuracy %.4f, %.0f s training", head, acc, run.metrics["train_seconds"])
+        return {"run": run_dir.name, "status": "done", "test_accuracy": acc}
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # record and go on: one bad cell must not stop the grid
+        msg = str(exc) if isinstance(exc, CTTransferError) else f"{type(exc).__name__}: {exc}"
+        record_failure(run_dir, msg, traceback.format_exc())
+        log.info("%s: FAILED: %s", head, msg)
+        return {"run": run_dir.name, "status": "failed", "error": msg}
+
+
+def record_failure(run_dir: Path, msg: str, details: str = "") -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _io.write_text(run_dir / "error.txt", msg + "\n")
+        if details:
+            _io.write_text(run_dir / "error.log", details)
+    except (OSError, CTTransferError):
+        pass

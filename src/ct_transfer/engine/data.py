@@ -64,10 +64,13 @@ def load_subset(rows, subset, classes, data_dir, preprocess, *, cache_dir=None, 
     return torch.from_numpy(arr), labels, kept_rows, bad
 
 
-def load_subsets(cfg, rows, classes, preprocess, device, progress=False) -> tuple[dict[str, Subset], list[str]]:
+def load_subsets(cfg, rows, classes, preprocess, device, progress=False, *,
+                 names=D.SUBSETS) -> tuple[dict[str, Subset], list[str]]:
+    """The ``names`` subsets decoded (``tune`` leaves out test); each must hold images."""
+    rows = [r for r in rows if r["subset"] in names]
     check_memory(len(rows), preprocess.image_size)
     subsets, skipped = {}, []
-    for subset in D.SUBSETS:
+    for subset in names:
         x, y, kept, bad = load_subset(rows, subset, classes, cfg.data, preprocess, cache_dir=cfg.cache_dir,
                                       on_bad=cfg.on_bad, progress=progress)
         if len(kept) == 0:

@@ -172,7 +172,7 @@ def test_worker_killed_task_is_retried_and_resumes(cluster, local_grid, data_dir
     assert proc.wait(timeout=300) == 0, "".join(lines)[-3000:]
     reader.join(timeout=10)
     out = "".join(lines)
-    assert "resuming" in out and "seed=0: done" in out
+    assert "resuming" in out and (run / "metrics.json").exists()  # retried on a new worker, from last.pt
     _same_as_local(grid, local_grid, [run.name])
 
 

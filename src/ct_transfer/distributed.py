@@ -49,6 +49,8 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
         return False
     # Worker stdout (our log lines) is forwarded to the driver; the dashboard is not needed.
     kw = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
+    if address and address != "auto":
+        _check_reachable(address)  # ray.init retries a dead address for minutes
     try:
         if address:
             ray.init(address=address, **kw)
@@ -58,6 +60,20 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
         raise CTTransferError(f"--address {address}: cannot reach a Ray cluster ({' '.join(str(exc).split())[:160]})") \
             from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise CTTransferError(f"--address {address}: give auto or HOST:PORT of the Ray head node")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise CTTransferError(f"--address {address}: cannot reach a Ray cluster "
+                              f"({(exc.strerror or str(exc)).lower()})") from None
 
 
 def _worker_logging() -> None:

@@ -139,3 +139,14 @@ def test_bad_space_is_one_line(text, message, data_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+def test_ray_tune_search_writes_the_same_outputs(data_dir, tmp_path):
+    """--executor ray: Ray Tune (OptunaSearch + ASHA) on a Ray instance started here for the search."""
+    pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install 'ct-transfer[ray]')")
+    out = tmp_path / "s"
+    assert _tune(data_dir, out, _space(tmp_path), "--limit", "12", "--trials", "2", "--executor", "ray") == 0
+    rows = _trials(out)
+    assert len(rows) == 2 and all(r["state"] in ("COMPLETE", "PRUNED") for r in rows)
+    assert (out / "best.yaml").exists() and (out / "search.png").exists()
+    assert {r["subset"] for r in D.read_split(out / "split.csv")} == {"train", "val"}

@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["val_accuracy", "val_loss"], default="val_accuracy",
                    help="what the search optimises, on the validation subset (default: val_accuracy)")
     p.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     _add_executor_flags(p)
     p.add_argument("--cpus-per-trial", type=_finite_float, default=1, help="ray: CPUs each trial reserves")
     p.add_argument("--gpus-per-trial", type=_finite_float, default=0, help="ray: GPUs each trial reserves")

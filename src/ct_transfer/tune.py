@@ -14,6 +14,7 @@ Outputs in ``OUT``: ``best.yaml`` (a recipe: ``train --recipe-file best.yaml``),
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import fields
@@ -236,7 +237,8 @@ def _tune_local(optuna, space, base, metric, trials, out_dir: Path, *, seed, set
         study_name="tune", storage=f"sqlite:///{out_dir / 'study.db'}", load_if_exists=True, direction=direction,
         sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
-    key = {k: settings[k] for k in ("data", "model", "space", "metric", "fixed")}
+    key = {k: settings[k] for k in ("data", "model", "space", "metric")}
+    key["fixed"] = {k: v for k, v in settings["fixed"].items() if k != "split_file"}  # split_file lies in out
     if study.user_attrs.get("settings") not in (None, _jsonable(key)):
         raise CTTransferError(f"{out_dir}: holds a search with other settings (model, data, space or metric); "
                               "choose another --out")
@@ -286,6 +288,11 @@ def _ray_trial(config: dict, *, space_items, base, metric):
               report=lambda epoch, value: rt.report({"score": value, "epoch": epoch}))
 
 
+def _define_by_run(trial, *, space):
+    """OptunaSearch's space: sample through the trial, no constants (picklable for Tune's state)."""
+    suggest(trial, space)
+
+
 def _tune_ray(space, base, metric, trials, out_dir: Path, *, address, cpus, gpus, seed, max_epochs) -> list[dict]:
     from ray import tune as rt
     from ray.tune.schedulers import ASHAScheduler
@@ -309,7 +316,7 @@ def _tune_ray(space, base, metric, trials, out_dir: Path, *, address, cpus, gpus
                 trainable,
                 tune_config=rt.TuneConfig(
                     metric="score", mode=mode, num_samples=trials,
-                    search_alg=OptunaSearch(space=lambda t: (suggest(t, searchable), None)[1], metric="score",
+                    search_alg=OptunaSearch(space=functools.partial(_define_by_run, space=searchable), metric="score",
                                             mode=mode, seed=seed),
                     scheduler=ASHAScheduler(time_attr="epoch", max_t=int(max_epochs), grace_period=1,
                                             reduction_factor=3)),
@@ -368,11 +375,13 @@ def _importance(records, space, direction) -> dict:
     varied = [n for n in dists if len({repr(r["params"].get(n)) for r in complete}) > 1]
     if len(complete) < 2 or not varied:
         return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=direction)
     for r in complete:
         study.add_trial(optuna.trial.create_trial(params=r["params"], distributions=dists, value=r["score"]))
     try:
-        return dict(optuna.importance.get_param_importances(study, params=varied))
+        return dict(optuna.importance.get_param_importances(
+            study, params=varied, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)))
     except (RuntimeError, ValueError) as exc:  # e.g. all scores equal
         log.info("parameter importance not computed: %s", exc)
         return {}

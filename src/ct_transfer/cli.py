@@ -205,12 +205,33 @@ def cmd_experiment(args):
         base.pop(k, None)
     results = run_grid(cfg.data, args.out, models, weights, seeds, base=base, split_file=cfg.split_file,
                        split_preset=args.grid_split_preset or "paper", split_seed=cfg.split_seed,
-                       progress=not args.quiet, jobs=args.jobs)
+                       progress=not args.quiet, jobs=args.jobs, executor=args.executor, address=args.address,
+                       cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
     failed = [r for r in results if r["status"] == "failed"]
     if failed:  # the others finished; the exit code must not say all is well
         raise CTTransferError(f"{args.out}: {len(failed)} of {len(results)} runs failed: "
                               + "; ".join(f"{r['run']}: {r['error']}" for r in failed[:3])
                               + (" …" if len(failed) > 3 else ""))
+
+
+def cmd_tune(args):
+    from .config import TrainConfig
+    from .recipes import load_recipe
+    from .tune import tune
+
+    names = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and k not in ("data", "model", "out", "recipe")}
+    recipe = args.recipe_file or args.recipe
+    base = {**(load_recipe(recipe) if recipe else {}), **given}  # the search space overrides both
+    result = tune(data=args.data, model=args.model, space_file=args.space, trials=args.trials, out=args.out,
+                  metric=args.metric, base=base, executor=args.executor, address=args.address,
+                  cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                  search_seed=args.search_seed)
+    best = result["best"]
+    states = [r["state"] for r in result["trials"]]
+    print(f"{len(states)} trials ({states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, "
+          f"{states.count('FAIL')} failed); best trial {best['trial']}: {args.metric} {best['score']:.4f}")
+    print(f"wrote {Path(args.out) / 'best.yaml'} (train --recipe-file), trials.csv, search.md, search.png")
 
 
 def cmd_report(args):
@@ -310,6 +331,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"ct-transfer: error: {self.prog.removeprefix('ct-transfer ')}: {message}\n")
 
 
+def _add_executor_flags(p) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: one run after another in this process; ray: Ray tasks (pip install 'ct-transfer[ray]')")
+    p.add_argument("--address", help="ray: the cluster to join, auto or HOST:PORT (default: start Ray here)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import SPLIT_PRESETS
     from .explain import METHODS
@@ -355,7 +382,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=_positive_int, default=1,
                    help="runs at once on this machine (each with cores/N threads; a GPU is shared)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_executor_flags(p)
+    p.add_argument("--cpus-per-run", type=_finite_float, default=1, help="ray: CPUs each run reserves (default: 1)")
+    p.add_argument("--gpus-per-run", type=_finite_float, default=0,
+                   help="ray: GPUs each run reserves; fractions share one GPU, e.g. 0.25 (default: 0)")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("tune", help="hyper-parameter search on the validation set (Optuna; Ray Tune with --executor ray)")
+    add_config_flags(p, skip=("out", "recipe"))
+    p.add_argument("--space", required=True, help="search space YAML (see docs/tune-space.yaml)")
+    p.add_argument("--trials", type=int, required=True, help="number of trials")
+    p.add_argument("--out", required=True, help="folder for best.yaml, trials.csv, search.md/png (and study.db)")
+    p.add_argument("--metric", choices=["val_accuracy", "val_loss"], default="val_accuracy",
+                   help="what the search optimises, on the validation subset (default: val_accuracy)")
+    p.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_executor_flags(p)
+    p.add_argument("--cpus-per-trial", type=_finite_float, default=1, help="ray: CPUs each trial reserves")
+    p.add_argument("--gpus-per-trial", type=_finite_float, default=0, help="ray: GPUs each trial reserves")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="tables, statistics, plots and explanations of a grid")
     p.add_argument("grid_dir", help="grid directory (from `experiment`)")

@@ -1,8 +1,8 @@
 """Experiment: the paper's grid (model x weights x seed), one run directory per cell, via ``fit``.
 
 Restarting the same command skips finished runs, resumes the interrupted one from its last epoch
-and retries failed ones; a failing run is recorded (``error.txt``) and the grid goes on.
-``jobs`` runs several cells at once (process pool); each cell is one ``run_cell`` call.
+and retries failed ones; a failing run is recorded (``error.txt``) and the grid goes on. Each cell
+is one call of ``run_cell``: in this process, in a pool of ``jobs`` processes, or as a Ray task.
 """
 
 from __future__ import annotations
@@ -69,25 +69,39 @@ def ensure_split(grid_dir: Path, data: str, split_file: str | None, split_preset
     return target
 
 
+EXECUTORS = ("local", "ray")
+
+
 def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: list[int], *,
              base: dict | None = None, split_file: str | None = None, split_preset: str = "paper",
-             split_seed: int = 0, progress: bool = True, jobs: int = 1) -> list[dict]:
+             split_seed: int = 0, progress: bool = True, jobs: int = 1, executor: str = "local",
+             address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0) -> list[dict]:
     """Train every (model, weights, seed); returns one status dict per cell, in grid order.
 
     ``jobs`` > 1 runs that many cells at once in spawned worker processes (each with
-    ``threads = cores // jobs`` unless ``base`` sets threads; on CUDA they share the device). Each
-    cell is the same ``run_cell`` call either way, so results, files and resume are the same.
+    ``threads = cores // jobs`` unless ``base`` sets threads; on CUDA they share the device).
+    ``executor="ray"`` runs each cell as a Ray task (``ct_transfer.distributed``) on the cluster at
+    ``address`` (or a local one); the cells write into ``out`` directly, so every node must see it.
+    The same ``run_cell`` runs either way, so results, files and resume are the same.
     """
     base = dict(base or {})
     grid_dir = Path(out)
+    if executor not in EXECUTORS:
+        raise CTTransferError(f"--executor {executor}: choose {', '.join(EXECUTORS)}")
     if not Path(data).is_dir():
         raise CTTransferError(f"{data}: dataset folder not found")
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError("jobs", jobs, "choose an integer >= 1")
+    if jobs > 1 and executor == "ray":
+        raise ConfigError("jobs", jobs, "with --executor ray set --cpus-per-run/--gpus-per-run instead")
     for m in models:
         M.resolve(m)  # unknown names fail before any training
     # every cell's options are checked before the first run starts
     TrainConfig(**{**base, "data": str(data), "model": models[0] if models else "-", "out": None})
+    if executor == "ray":
+        from .distributed import check_ray
+
+        check_ray(cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)  # before anything is written
     _io.ensure_writable_dir(grid_dir)
     split = ensure_split(grid_dir, data, split_file, split_preset, split_seed)
     cells = grid_cells(models, weights, seeds)
@@ -95,37 +109,57 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
         "data": str(data), "models": models, "weights": weights, "seeds": seeds, "split": str(split),
         "split_preset": None if split_file else split_preset, "split_file": split_file, "settings": base,
     })
+    strategy = base.get("strategy", "full")
+    results: dict[int, dict] = {}
+    specs: list[dict] = []
+    for k, (model, w, seed) in enumerate(cells, 1):
+        run_dir = grid_dir / "runs" / run_name(model, w, seed, strategy)
+        head = f"[{k}/{len(cells)}] {model} weights={w} seed={seed}"
+        if run_status(run_dir, base.get("epochs")) == "done":
+            log.info("%s: done already, skipped", head)
+            results[k] = {"run": run_dir.name, "status": "done"}
+            continue
+        specs.append({"index": k, "head": head, "progress": progress,
+                      "config": {**base, "data": str(data), "model": model, "weights": w, "seed": seed,
+                                 "out": str(run_dir), "split_file": str(split)}})
     t_start = time.perf_counter()
-    jobs = min(jobs, max(1, len(cells)))
-    if jobs == 1:
-        results = [run_cell(str(data), str(grid_dir), model, w, seed, base, str(split), progress=progress,
-                            label=f"[{k}/{len(cells)}]") for k, (model, w, seed) in enumerate(cells, 1)]
+    if executor == "ray":
+        from .distributed import run_cells_on_ray
+
+        for spec, result in run_cells_on_ray(run_cell, specs, address=address, cpus_per_run=cpus_per_run,
+                                             gpus_per_run=gpus_per_run):
+            results[spec["index"]] = result
+    elif jobs > 1 and len(specs) > 1:
+        for spec, result in zip(specs, _run_parallel(specs, base, jobs)):
+            results[spec["index"]] = result
     else:
-        results = _run_parallel(str(data), grid_dir, cells, base, str(split), progress, jobs)
-    n_done = sum(r["status"] == "done" for r in results)
-    n_failed = sum(r["status"] == "failed" for r in results)
+        for spec in specs:
+            done_before = sum(r["status"] == "done" for r in results.values())
+            log.info("%s: %d done, %d left, %.1f min so far", spec["head"], done_before, len(cells) - len(results),
+                     (time.perf_counter() - t_start) / 60)
+            results[spec["index"]] = run_cell(spec)
+    ordered = [results[k] for k in sorted(results)]
+    n_done = sum(r["status"] == "done" for r in ordered)
+    n_failed = sum(r["status"] == "failed" for r in ordered)
     log.info("grid: %d done, %d failed, %.1f min", n_done, n_failed, (time.perf_counter() - t_start) / 60)
-    return results
+    return ordered
 
 
-def run_cell(data: str, grid_dir: str, model: str, w: str, seed: int, base: dict, split: str, *,
-             progress: bool = True, label: str = "") -> dict:
-    """One grid cell: skip if done, resume if partial, else train; a failure is recorded, not raised.
+def run_cell(spec: dict) -> dict:
+    """Train one grid cell (``spec["config"]``: TrainConfig values with ``out`` = its run directory).
 
-    Plain arguments and a plain dict result, so any executor (threads, processes, Ray) can run it.
+    The cell's status is read here, where it runs, so a retried Ray task (after its worker died)
+    resumes from the last checkpoint just like a restarted grid. Failures are recorded, not raised.
     """
-    run_dir = Path(grid_dir) / "runs" / run_name(model, w, seed, base.get("strategy", "full"))
-    status = run_status(run_dir, base.get("epochs"))
-    head = f"{label} {model} weights={w} seed={seed}".strip()
+    cfg_values, head = spec["config"], spec["head"]
+    run_dir = Path(cfg_values["out"])
+    status = run_status(run_dir, cfg_values.get("epochs"))
     if status == "done":
-        log.info("%s: done already, skipped", head)
         return {"run": run_dir.name, "status": "done"}
     log.info("%s: %s", head, "resuming" if status == "partial" else "starting")
     (run_dir / "error.txt").unlink(missing_ok=True)
     try:
-        cfg = TrainConfig(**{**base, "data": str(data), "model": model, "weights": w, "seed": seed,
-                             "out": str(run_dir), "split_file": str(split)})
-        run = fit(cfg, progress=progress, resume=status == "partial")
+        run = fit(TrainConfig(**cfg_values), progress=spec.get("progress", True), resume=status == "partial")
         acc = run.metrics["test"]["accuracy"]
         log.info("%s: test accuracy %.4f, %.0f s training", head, acc, run.metrics["train_seconds"])
         return {"run": run_dir.name, "status": "done", "test_accuracy": acc}
@@ -133,12 +167,7 @@ def run_cell(data: str, grid_dir: str, model: str, w: str, seed: int, base: dict
         raise
     except Exception as exc:  # record and go on: one bad cell must not stop the grid
         msg = str(exc) if isinstance(exc, CTTransferError) else f"{type(exc).__name__}: {exc}"
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _io.write_text(run_dir / "error.txt", msg + "\n")
-            _io.write_text(run_dir / "error.log", traceback.format_exc())
-        except (OSError, CTTransferError):
-            pass
+        record_failure(run_dir, msg, traceback.format_exc())
         log.info("%s: FAILED: %s", head, msg)
         return {"run": run_dir.name, "status": "failed", "error": msg}
 
@@ -153,22 +182,31 @@ def _worker_init(threads: int, jobs: int, level: int) -> None:
         torch.cuda.set_per_process_memory_fraction(0.95 / jobs)
 
 
-def _run_parallel(data: str, grid_dir: Path, cells, base: dict, split: str, progress: bool, jobs: int) -> list[dict]:
+def _run_parallel(specs: list[dict], base: dict, jobs: int) -> list[dict]:
     import multiprocessing as mp
     import os
     from concurrent.futures import ProcessPoolExecutor
 
+    jobs = min(jobs, len(specs))
     threads = base.get("threads") or max(1, (os.cpu_count() or 1) // jobs)
-    cell_base = {**base, "threads": base.get("threads")}  # fit() sets torch threads only when given
-    log.info("grid: %d cells, %d at a time, %d thread(s) each", len(cells), jobs, threads)
+    log.info("grid: %d runs to do, %d at a time, %d thread(s) each", len(specs), jobs, threads)
     level = logging.getLogger("ct_transfer").getEffectiveLevel()
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_worker_init,
                              initargs=(threads, jobs, level)) as pool:
-        futures = [pool.submit(run_cell, data, str(grid_dir), model, w, seed, cell_base, split, progress=False,
-                               label=f"[{k}/{len(cells)}]") for k, (model, w, seed) in enumerate(cells, 1)]
+        futures = [pool.submit(run_cell, {**spec, "progress": False}) for spec in specs]
         try:
             return [f.result() for f in futures]
         except KeyboardInterrupt:
             for f in futures:
                 f.cancel()
             raise
+
+
+def record_failure(run_dir: Path, msg: str, details: str = "") -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _io.write_text(run_dir / "error.txt", msg + "\n")
+        if details:
+            _io.write_text(run_dir / "error.log", details)
+    except (OSError, CTTransferError):
+        pass

@@ -54,10 +54,13 @@ def check_memory(n_images: int, image_size: int) -> None:
                           f"{avail / 2**30:.1f} GB available; choose a smaller size or a --limit")
 
 
-def load_subsets(cfg, rows, classes, preprocess, device, progress=False) -> tuple[dict[str, Subset], list[str]]:
+def load_subsets(cfg, rows, classes, preprocess, device, progress=False, *,
+                 names=D.SUBSETS) -> tuple[dict[str, Subset], list[str]]:
+    """The ``names`` subsets decoded (``tune`` leaves out test); each must hold images."""
+    rows = [r for r in rows if r["subset"] in names]
     check_memory(len(rows), preprocess.image_size)
     subsets, skipped = {}, []
-    for subset in D.SUBSETS:
+    for subset in names:
         x, y, kept, bad = load_subset(rows, subset, classes, cfg.data, preprocess, cache_dir=cfg.cache_dir,
                                       on_bad=cfg.on_bad, progress=progress)
         if len(kept) == 0:

@@ -146,11 +146,13 @@ def _resumed_config(cfg: TrainConfig, rundir: RunDir) -> TrainConfig:
         raise CTTransferError(f"{rundir / 'config.json'}: not a valid run config ({exc})") from None
 
 
-def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bool = False) -> Run:
+def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bool = False,
+        test: bool = True) -> Run:
     """Train ``config.model`` on ``config.data``; returns the trained ``Run`` (best-on-val weights).
 
     With ``config.out`` the run directory gets config, split, history, checkpoints, metrics,
-    predictions and plots; with ``out=None`` nothing is written.
+    predictions and plots; with ``out=None`` nothing is written. ``test=False`` (hyper-parameter
+    search) neither decodes nor evaluates the test images: only train and val are touched.
     """
     rundir = _check_out(config, resume)
     if resume and rundir is not None and rundir.is_run():
@@ -165,11 +167,12 @@ def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: boo
     # Data and model first: bad input fails before anything is written.
     rows = split_rows(cfg)
     classes = D.resolve_classes(rows, cfg.positive)
-    subsets, skipped = load_subsets(cfg, rows, classes, preprocess, device, progress)
+    names = D.SUBSETS if test else ("train", "val")
+    subsets, skipped = load_subsets(cfg, rows, classes, preprocess, device, progress, names=names)
     torch.manual_seed(cfg.seed)  # the head's init depends on the seed alone, not on what ran before
     model = M.create_model(cfg.model, weights=cfg.weights, num_classes=len(classes), dropout=cfg.dropout)
     frozen_info = apply_strategy(model, cfg.strategy, cfg.freeze_until)
-    used_rows = [r for s in D.SUBSETS for r in subsets[s].rows]
+    used_rows = [r for s in names for r in subsets[s].rows]
     saved_cfg = {**cfg.to_dict(), "timm_name": M.resolve(cfg.model).timm_name, "classes": classes,
                  "positive": classes[1] if len(classes) == 2 else None, "bf16": bf16,
                  "preprocess": preprocess.to_dict()}
@@ -211,7 +214,7 @@ def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: boo
     model.load_state_dict(state.best_state)  # final evaluation with the best-on-val weights
     run = Run(model=model.eval(), config=saved_cfg, classes=classes, preprocess=preprocess, history=state.history,
               split=used_rows, directory=rundir.path if rundir else None, device=device)
-    metrics = run.evaluate_subsets({s: subsets[s] for s in ("val", "test")}, write=rundir is not None)
+    metrics = run.evaluate_subsets({s: subsets[s] for s in ("val", "test") if s in subsets}, write=rundir is not None)
     metrics.update({
         "train_seconds": round(state.train_seconds, 3), "epochs": state.history[-1]["epoch"],
         "best_epoch": state.best["epoch"], "model": M.resolve(cfg.model).name, "timm_name": saved_cfg["timm_name"],

@@ -1,0 +1,152 @@
+"""``tune``: a real 4-trial search on the dataset, its recipe accepted by ``train``, resume of a
+killed search, one-line errors, and proof that the search never looks at the test set."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import pytest
+
+from ct_transfer import data as D
+from ct_transfer.cli import main
+
+SPACE = """\
+lr: {type: loguniform, low: 1e-4, high: 3.0e-3}
+dropout: {type: uniform, low: 0.0, high: 0.8}
+strategy: {type: choice, values: [full, frozen]}
+epochs: 2
+"""
+FLAGS = ["--model", "EfficientNetLite0", "--trials", "4", "--threads", "1", "--quiet"]
+
+
+def test_ray_executor_without_ray_is_one_line(monkeypatch, data_dir, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    code = main(["experiment", "--data", str(data_dir), "--out", str(tmp_path / "g"), "--models", "EfficientNetLite0",
+                 "--epochs", "1", "--executor", "ray"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("ct-transfer: error: --executor ray: Ray is not installed; install it with "
+                                 "pip install 'ct-transfer[ray]'\n")
+    assert not (tmp_path / "g").exists()  # nothing written
+
+
+optuna = pytest.importorskip("optuna", reason="Optuna is not installed (pip install 'ct-transfer[ray]')")
+
+
+def _space(tmp_path, text=SPACE):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def _tune(data, out, space, *extra):
+    return main(["tune", "--data", str(data), "--space", space, "--out", str(out), *FLAGS, *extra])
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory, data_dir):
+    tmp = tmp_path_factory.mktemp("tune")
+    out = tmp / "search"
+    assert _tune(data_dir, out, _space(tmp), "--limit", "12") == 0
+    return out
+
+
+def _trials(out):
+    with open(out / "trials.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_search_writes_recipe_table_and_plot(search, data_dir, tmp_path):
+    rows = _trials(search)
+    assert len(rows) == 4 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    assert {r["strategy"] for r in rows} <= {"full", "frozen"}
+    assert all(1e-4 <= float(r["lr"]) <= 3e-3 and 0 <= float(r["dropout"]) <= 0.8 for r in rows)
+    best = search / "best.yaml"
+    import yaml
+
+    values = yaml.safe_load(best.read_text())
+    assert set(values) == {"lr", "dropout", "strategy", "epochs"} and values["epochs"] == 2
+    complete = [r for r in rows if r["state"] == "COMPLETE"]
+    assert max(float(r["val_accuracy"]) for r in complete) == float(
+        next(r for r in complete if float(r["lr"]) == values["lr"])["val_accuracy"])
+    assert (search / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (search / "search.md").read_text()
+    assert "| trial | state | val_accuracy |" in md and "test set was not used" in md
+    # the search split holds no test rows; train and val only
+    assert {r["subset"] for r in D.read_split(search / "split.csv")} == {"train", "val"}
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data_dir), "--model", "EfficientNetLite0", "--recipe-file", str(best),
+                 "--limit", "12", "--out", str(run), "--quiet"]) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["lr"] == values["lr"] and cfg["strategy"] == values["strategy"] and cfg["recipe"] == str(best)
+
+
+def test_search_is_independent_of_the_test_set(search, data_dir, tmp_path):
+    """The same search with every test label flipped and every test image unreadable gives the
+    identical trials: the test images are neither decoded nor scored."""
+    import shutil
+
+    from .conftest import small_dataset
+
+    def run_on(root, flip):
+        small_dataset(root, data_dir, per_class=12)
+        items, _ = D.scan_folder(root)
+        rows = D.make_split(items, "stratified", 0)
+        test = [r for r in rows if r["subset"] == "test"]
+        assert test
+        if flip:
+            for r in test:
+                (root / r["path"]).write_bytes(b"not an image")
+                r["class"] = "COVID" if r["class"] == "non-COVID" else "non-COVID"
+        D.write_split(rows, root / "split.csv")
+        out = root / "search"
+        assert _tune(root, out, _space(root), "--split-file", str(root / "split.csv")) == 0
+        return out
+
+    a, b = run_on(tmp_path / "a", False), run_on(tmp_path / "b", True)
+    assert _trials(a) == _trials(b)
+    assert (a / "best.yaml").read_text() == (b / "best.yaml").read_text()
+    shutil.rmtree(tmp_path / "a")
+
+
+def test_killed_search_resumes_to_the_asked_number(search, data_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "s"
+    shutil.copytree(search, out)
+    study = optuna.load_study(study_name="tune", storage=f"sqlite:///{out / 'study.db'}")
+    # as if killed during a fifth trial: one RUNNING trial left behind in the study
+    study.enqueue_trial({"lr": 1e-3, "dropout": 0.5, "strategy": "full"})
+    study.ask()
+    assert _tune(data_dir, out, _space(tmp_path), "--limit", "12", "--trials", "6") == 0
+    rows = _trials(out)
+    assert [r["state"] for r in rows[:4]] == [r["state"] for r in _trials(search)]  # kept, not rerun
+    assert rows[4]["state"] == "FAIL" and len(rows) == 7
+    assert sum(r["state"] in ("COMPLETE", "PRUNED") for r in rows) == 6
+
+
+@pytest.mark.parametrize("text, message", [
+    ("test_set: {type: uniform, low: 0, high: 1}\n", "test_set: not a searchable option"),
+    ("dropout: {type: uniform, low: 0.5, high: 1.0}\n", "dropout: 1.0: choose a number in [0, 1)"),
+    ("image_size: {type: uniform, low: 64, high: 128}\n", "image_size: an integer option; use type: int"),
+    ("lr: {type: gaussian}\n", "lr: type 'gaussian': choose loguniform, uniform, int, choice"),
+    ("- lr\n", "a search space is a mapping"),
+])
+def test_bad_space_is_one_line(text, message, data_dir, tmp_path, capsys):
+    assert _tune(data_dir, tmp_path / "s", _space(tmp_path, text)) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s").exists()
+
+
+def test_ray_tune_search_writes_the_same_outputs(data_dir, tmp_path):
+    """--executor ray: Ray Tune (OptunaSearch + ASHA) on a Ray instance started here for the search."""
+    pytest.importorskip("ray.tune", reason="Ray Tune is not installed (pip install 'ct-transfer[ray]')")
+    out = tmp_path / "s"
+    assert _tune(data_dir, out, _space(tmp_path), "--limit", "12", "--trials", "2", "--executor", "ray") == 0
+    rows = _trials(out)
+    assert len(rows) == 2 and all(r["state"] in ("COMPLETE", "PRUNED") for r in rows)
+    assert (out / "best.yaml").exists() and (out / "search.png").exists()
+    assert {r["subset"] for r in D.read_split(out / "split.csv")} == {"train", "val"}

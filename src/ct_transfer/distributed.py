@@ -103,7 +103,7 @@ def run_cells_on_ray(fn, specs: list[dict], *, address: str | None = None, cpus_
     if not specs:
         return
     ray = import_ray()
-    from .experiment import record_failure  # the grid's failure record, written by the driver here
+    from .rundir import record_failure  # the grid's failure record, written by the driver here
 
     started = init_ray(address, num_cpus=None)
     try:

@@ -18,6 +18,7 @@ from . import models as M
 from .config import TrainConfig
 from .engine import fit
 from .errors import ConfigError, CTTransferError
+from .rundir import record_failure
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +201,3 @@ def _run_parallel(specs: list[dict], base: dict, jobs: int) -> list[dict]:
             for f in futures:
                 f.cancel()
             raise
-
-
-def record_failure(run_dir: Path, msg: str, details: str = "") -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _io.write_text(run_dir / "error.txt", msg + "\n")
-        if details:
-            _io.write_text(run_dir / "error.log", details)
-    except (OSError, CTTransferError):
-        pass

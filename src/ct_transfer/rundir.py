@@ -105,3 +105,15 @@ class RunDir:
         if errors:
             raise CTTransferError(errors[0] + " (and no earlier checkpoint to fall back to)")
         return None
+
+
+def record_failure(run_dir, msg: str, details: str = "") -> None:
+    """A failed run's ``error.txt`` (one line) and ``error.log`` (the trace); never raises."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _io.write_text(run_dir / "error.txt", msg + "\n")
+        if details:
+            _io.write_text(run_dir / "error.log", details)
+    except (OSError, CTTransferError):
+        pass

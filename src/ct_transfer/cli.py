@@ -77,6 +77,8 @@ def add_config_flags(p: argparse.ArgumentParser, *, skip=(), required=()) -> Non
               "default": argparse.SUPPRESS}
         if meta.get("choices"):
             kw["choices"] = list(meta["choices"])
+        if meta.get("multiple"):
+            kw["action"] = "append"
         if f.default is MISSING or f.name in required:
             kw["required"] = True
         if f.default is not MISSING and f.default is not None:

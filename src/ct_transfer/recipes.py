@@ -14,6 +14,16 @@ from .errors import ConfigError, CTTransferError
 # Each recipe lists only what differs from TrainConfig's defaults (which are the paper's protocol).
 RECIPES: dict[str, dict] = {
     "paper": {},
+    # For models that must work on other hospitals' scans (docs/generalization.md): ImageNet weights,
+    # the lungs cropped and intensities standardised per image (framing and window differ between
+    # sites), augmentation for domain shift, a larger input, AdamW + cosine, label smoothing and a
+    # moderate dropout (0.8 starves the head), fewer epochs (overfitting one site is the failure).
+    "transfer": {
+        "weights": "imagenet", "image_size": 224, "epochs": 30, "batch_size": 32,
+        "optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.05, "schedule": "cosine",
+        "label_smoothing": 0.1, "dropout": 0.3,
+        "crop": "lung", "intensity": "percentile", "augmentation": "domain",
+    },
 }
 
 _NOT_IN_RECIPES = {"data", "model", "out", "recipe"}  # what a run is about, not how it is trained

@@ -148,6 +148,8 @@ def main():
     ap.add_argument("--gallery", default="transfer", help="settings whose external failures get Grad-CAM overlays")
     ap.add_argument("--cache-dir", default=str(Path("/tmp") / "ct-transfer-bench-cache"))
     ap.add_argument("--out", default=str(RESULTS / "generalization.json"))
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the settings already in --out (same budget) and run only the others")
     args = ap.parse_args()
     args.gallery = [s.strip() for s in args.gallery.split(",") if s.strip()]
     logging.basicConfig(level=logging.WARNING)
@@ -157,12 +159,22 @@ def main():
                                                   "epochs", "seed", "limit")},
            "grouped_split": "not available on this branch (issue #10): internal accuracy is on the paper split only",
            "results": []}
+    if args.keep and Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text())
+        if old["budget"] != out["budget"]:
+            raise SystemExit(f"{args.out}: made with another budget {old['budget']}")
+        out["results"] = [r for r in old["results"] if r["setting"] in names]
+        out["machine"]["earlier_commands"] = old["machine"].get("earlier_commands", []) + [old["machine"]["command"]]
+    done = {r["setting"] for r in out["results"]}
     print(f"{'setting':34} {'internal test acc':>24} {'external acc':>22} {'sensitivity':>22} "
           f"{'specificity':>22} {'ext set':>14} {'s':>6}")
     for name in names:
-        recipe, changes = SETTINGS[name]
-        r = run_setting(name, recipe, changes, args)
-        out["results"].append(r)
+        if name in done:
+            r = next(x for x in out["results"] if x["setting"] == name)
+        else:
+            recipe, changes = SETTINGS[name]
+            r = run_setting(name, recipe, changes, args)
+            out["results"].append(r)
         e = r["external"]
         print(f"{name:34} {fmt(r['internal_test'], 'accuracy'):>24} {fmt(e, 'accuracy'):>22} "
               f"{fmt(e, 'sensitivity'):>22} {fmt(e, 'specificity'):>22} {r['external_set'][9:]:>14} "

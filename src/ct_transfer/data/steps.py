@@ -113,13 +113,18 @@ class CropForeground:
         from skimage.filters import threshold_otsu
 
         thr = threshold_otsu(inside) if inside.max() > inside.min() else inside.max()
-        dark = ndi.binary_opening(body & (g <= thr), iterations=2)
+        # the body's convex hull, not its filled mask: a lung cut by the picture's edge is not a
+        # hole of the body ring, but it is inside the hull
+        from skimage.morphology import convex_hull_image
+
+        hull = convex_hull_image(body)
+        dark = ndi.binary_opening(hull & (g <= thr), iterations=2)
         labels, n = ndi.label(dark)
         if n == 0:
             return None
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
-        keep = np.flatnonzero(sizes >= 0.02 * body.sum())
+        keep = np.flatnonzero(sizes >= 0.01 * body.sum())
         if len(keep) == 0:
             return None
         box = _bbox(np.isin(labels, keep))

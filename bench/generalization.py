@@ -144,16 +144,21 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated setting names")
-    ap.add_argument("--gallery", default="transfer", help="settings whose external failures get Grad-CAM overlays")
+    ap.add_argument("--settings", default=";".join(SETTINGS), help="semicolon-separated setting names "
+                                                                  "(names contain commas)")
+    ap.add_argument("--gallery", default="transfer", help="semicolon-separated settings whose external failures "
+                                                          "get Grad-CAM overlays")
     ap.add_argument("--cache-dir", default=str(Path("/tmp") / "ct-transfer-bench-cache"))
     ap.add_argument("--out", default=str(RESULTS / "generalization.json"))
     ap.add_argument("--keep", action="store_true",
                     help="keep the settings already in --out (same budget) and run only the others")
     args = ap.parse_args()
-    args.gallery = [s.strip() for s in args.gallery.split(",") if s.strip()]
+    args.gallery = [s.strip() for s in args.gallery.split(";") if s.strip()]
     logging.basicConfig(level=logging.WARNING)
-    names = [s.strip() for s in args.settings.split(",") if s.strip()]
+    names = [s.strip() for s in args.settings.split(";") if s.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown} (choose from {list(SETTINGS)})")
     out = {"machine": machine_info(), "budget": {k: getattr(args, k) for k in
                                                  ("model", "strategy", "freeze_until", "frozen_views", "image_size",
                                                   "epochs", "seed", "limit")},

@@ -183,6 +183,8 @@ def cmd_experiment(args):
     weights = _csv_list(args.weights, flag="--weights") if args.weights else list(preset["weights"])
     seeds = _csv_list(args.seeds, int, "--seeds")
     cfg = config_from_args(args, model=models[0], out=None)
+    if len(cfg.datasets) > 1:
+        raise CTTransferError("--data: experiment takes one dataset (train accepts several --data)")
     base = asdict(cfg)
     for k in ("data", "model", "out", "weights", "seed", "split_file", "split_preset", "split_seed"):
         base.pop(k, None)

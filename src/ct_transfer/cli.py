@@ -96,6 +96,8 @@ def add_config_flags(p: argparse.ArgumentParser, *, skip=(), required=()) -> Non
               "default": argparse.SUPPRESS}
         if meta.get("choices"):
             kw["choices"] = list(meta["choices"])
+        if meta.get("multiple"):
+            kw["action"] = "append"
         if f.default is MISSING or f.name in required:
             kw["required"] = True
         if f.default is not MISSING and f.default is not None:
@@ -200,6 +202,8 @@ def cmd_experiment(args):
     weights = _csv_list(args.weights, flag="--weights") if args.weights else list(preset["weights"])
     seeds = _csv_list(args.seeds, int, "--seeds")
     cfg = config_from_args(args, model=models[0], out=None)
+    if len(cfg.datasets) > 1:
+        raise CTTransferError("--data: experiment takes one dataset (train accepts several --data)")
     base = asdict(cfg)
     for k in ("data", "model", "out", "weights", "seed", "split_file", "split_preset", "split_seed"):
         base.pop(k, None)

@@ -18,6 +18,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 SPLIT_PRESETS = ("stratified", "paper")
+CROPS = ("none", "body", "lung")  # data/steps.py (kept here too: config sits below data)
+INTENSITIES = ("none", "percentile", "clahe")
+AUGMENTATIONS = ("paper", "domain")
 ON_BAD = ("error", "skip")
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch
 
@@ -30,11 +33,16 @@ def _opt(default, help: str, **meta):
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    data: str = _opt(MISSING, "dataset folder, one sub-folder per class", required=True)
+    data: str | list[str] = _opt(MISSING, "dataset folder, one sub-folder per class; repeat --data to train on "
+                                          "several datasets together (each split on its own)", required=True,
+                                 multiple=True)
     model: str = _opt(MISSING, "paper name (see `ct-transfer models`) or any timm name", required=True)
     out: str | None = _opt(None, "run directory (Python API: None writes nothing)")
     weights: str = _opt("none", "none | imagenet | PATH to a timm state dict")
-    split_file: str | None = _opt(None, "split CSV (path,class,subset) to reuse")
+    split_file: str | list[str] | None = _opt(None, "split CSV (path,class,subset) to reuse; with several --data "
+                                                    "one per dataset in the same order ('-' = preset split), or "
+                                                    "one file with a source column", multiple=True)
+    class_map: str | None = _opt(None, "rename classes of the datasets, e.g. 'CT_COVID=COVID,CT_NonCOVID=non-COVID'")
     split_preset: str = _opt("stratified", "split made when no --split-file is given", choices=SPLIT_PRESETS)
     split_seed: int = _opt(0, "seed of the split")
     epochs: int = _opt(100, "training epochs")
@@ -49,7 +57,13 @@ class TrainConfig:
     dropout: float = _opt(0.8, "dropout before the linear head")
     seed: int = _opt(0, "seed of initialisation, augmentation and batch order")
     limit: int | None = _opt(None, "at most N images per class (quick trials)")
-    augment: bool = _opt(True, "the paper's augmentation", flag="--no-augment")
+    augment: bool = _opt(True, "train-time augmentation (--no-augment: none)", flag="--no-augment")
+    augmentation: str = _opt("paper", "augmentation preset: paper = the paper's (rotation, shift, flips, "
+                                      "brightness); domain = for domain shift (zoom/crop, contrast, gamma, blur, "
+                                      "noise, JPEG)", choices=AUGMENTATIONS)
+    crop: str = _opt("none", "crop before resizing: body = the patient's body, lung = the lungs inside it",
+                     choices=CROPS)
+    intensity: str = _opt("none", "per-image intensity standardisation", choices=INTENSITIES)
     strategy: str = _opt("full", "fine-tuning strategy (linear: a convex linear probe on fixed features, "
                                  "seconds; epochs are ignored)", choices=STRATEGIES)
     head_init: str = _opt("random", "full/partial: start the head from a linear probe (probe) or at random",
@@ -72,7 +86,25 @@ class TrainConfig:
     recipe: str | None = _opt(None, "the recipe these values came from (a name or a file; see recipes.py)", cli=False)
 
     def __post_init__(self):
+        # one dataset stays a plain string (as before); several become a list
+        for name in ("data", "split_file"):
+            v = getattr(self, name)
+            if isinstance(v, (list, tuple)):
+                object.__setattr__(self, name, str(v[0]) if len(v) == 1 else [str(x) for x in v])
         _validate(self)
+
+    @property
+    def datasets(self) -> list[str]:
+        """The dataset folders (one or more)."""
+        return [self.data] if isinstance(self.data, (str, os.PathLike)) else list(self.data)
+
+    @property
+    def split_files(self) -> list[str | None]:
+        """One split file (or None) per dataset; a single file for several datasets has a source column."""
+        if self.split_file is None:
+            return [None] * len(self.datasets)
+        files = [self.split_file] if isinstance(self.split_file, str) else list(self.split_file)
+        return [None if f in ("", "-") else f for f in files]
 
     # -- conversions -----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -105,10 +137,18 @@ def _is_int(v) -> bool:
 
 
 def _validate(c: TrainConfig) -> None:
-    for name in ("data", "model"):
-        v = getattr(c, name)
+    v = c.model
+    if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
+        raise ConfigError("model", v, "required")
+    for v in c.datasets:
         if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
-            raise ConfigError(name, v, "required")
+            raise ConfigError("data", v, "required")
+    n_split = len([c.split_file] if isinstance(c.split_file, str) else c.split_file or [])
+    if n_split > 1 and n_split != len(c.datasets):
+        raise ConfigError("split_file", c.split_file, f"give one per --data ({len(c.datasets)}) or one file "
+                                                      "with a source column")
+    if c.class_map is not None:
+        parse_class_map(c.class_map)
     ints = {"epochs": (1, 100_000), "batch_size": (1, 65_536), "seed": (0, 2**31 - 1), "split_seed": (0, 2**31 - 1),
             "frozen_views": (1, 64), "checkpoint_every": (1, 100_000)}
     optional_ints = {"limit": (1, 10**9), "freeze_until": (0, 1000), "image_size": (1, MAX_IMAGE_SIZE),
@@ -132,7 +172,8 @@ def _validate(c: TrainConfig) -> None:
             raise ConfigError(name, v, f"choose a number in [{lo}, {hi}]")
     for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD),
                           ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("head_init", HEAD_INITS),
-                          ("compile_mode", COMPILE_MODES)):
+                          ("compile_mode", COMPILE_MODES), ("crop", CROPS), ("intensity", INTENSITIES),
+                          ("augmentation", AUGMENTATIONS)):
         if getattr(c, name) not in allowed:
             raise ConfigError(name, getattr(c, name), f"choose {', '.join(allowed)}")
     for name in ("augment", "channels_last", "bf16", "compile"):
@@ -147,6 +188,24 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("head_init", c.head_init, "only with strategy full or partial")
     if c.strategy != "partial" and c.freeze_until is not None:
         raise ConfigError("freeze_until", c.freeze_until, "only with strategy=partial")
+
+
+def parse_class_map(text) -> dict[str, str]:
+    """'A=B,C=D' -> {'A': 'B', 'C': 'D'} (a dataset's class folder name -> the run's class name)."""
+    if isinstance(text, dict):
+        return {str(k): str(v) for k, v in text.items()}
+    out = {}
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        src, sep, dst = part.partition("=")
+        if not sep or not src.strip() or not dst.strip():
+            raise ConfigError("class_map", text, "write FOLDER=CLASS pairs separated by commas, "
+                                                 "e.g. CT_COVID=COVID,CT_NonCOVID=non-COVID")
+        out[src.strip()] = dst.strip()
+    if not out:
+        raise ConfigError("class_map", text, "empty")
+    return out
 
 
 def _validate_device(device) -> None:

@@ -66,7 +66,9 @@ def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_lay
         cls = GradCAM if method == "gradcam" else GradCAMPlusPlus
         with cls(model=model, target_layers=[layer]) as cam:
             try:
-                maps = cam(input_tensor=x, targets=[ContrastiveTarget(t) for t in targets])
+                # the input carries a gradient so frozen backbones (strategy frozen) still give one
+                maps = cam(input_tensor=x.detach().clone().requires_grad_(True),
+                           targets=[ContrastiveTarget(t) for t in targets])
             except (ValueError, IndexError, RuntimeError) as exc:  # e.g. a layer without a spatial map
                 raise CTTransferError(f"target_layer: {METHODS[method]} needs a layer with a spatial (N x C x H x W) "
                                       f"output ({' '.join(str(exc).split())[:80]})") from None
@@ -128,6 +130,16 @@ def resize_map(heat: np.ndarray, shape) -> np.ndarray:
     return F.interpolate(t, size=tuple(shape[:2]), mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
+def place_map(heat: np.ndarray, shape, box) -> np.ndarray:
+    """The model's heat map back on the full image: inside the crop box, zero outside it."""
+    y0, y1, x0, x1 = box
+    if (y0, x0) == (0, 0) and (y1, x1) == tuple(shape[:2]):
+        return resize_map(heat, shape)
+    full = np.zeros(shape[:2], np.float32)
+    full[y0:y1, x0:x1] = resize_map(heat, (y1 - y0, x1 - x0))
+    return full
+
+
 class Explanation(NamedTuple):
     label: str
     probability: float
@@ -158,7 +170,7 @@ def explain_images(run, images: list[np.ndarray], *, method: str = "gradcam", ta
         preds = proba.argmax(1).tolist()
         maps = heatmaps(model, x, method, preds, layer)
         for image, pred, p, heat in zip(chunk, preds, proba, maps):
-            full = resize_map(heat, image.shape)
+            full = place_map(heat, image.shape, run.preprocess.crop_box(image))
             out.append(Explanation(run.classes[pred], float(p[pred]), full, overlay_array(image, full), method))
     return out
 

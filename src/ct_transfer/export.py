@@ -37,9 +37,11 @@ def sample_images(run, n: int = 32) -> tuple[torch.Tensor, str]:
     """Up to ``n`` of the run's own test images (uint8) for the parity check, else seeded noise."""
     rows = [r for r in run.split if r["subset"] == "test"][:n]
     data = run.config.get("data")
-    if rows and data and Path(data).is_dir():
+    folders = [data] if isinstance(data, str) else list(data or [])
+    if rows and folders and all(Path(d).is_dir() for d in folders):
+
         cache = D.ImageCache(run.preprocess)
-        arr, kept, _ = cache.load_many([Path(data) / r["path"] for r in rows], on_bad="skip")
+        arr, kept, _ = cache.load_many([D.row_path(r, D.data_root(data)) for r in rows], on_bad="skip")
         if kept:
             return torch.from_numpy(arr), "test images"
     g = torch.Generator().manual_seed(0)
@@ -83,6 +85,7 @@ def export(run, out, *, format: str | None = None, n_check: int = 32) -> dict:
                                           "dtype": "float32", "range": "[0, 1] RGB (pixel / 255)"},
         "inside_the_graph": {"mean": list(run.mean), "std": list(run.std), "output": "softmax probabilities"},
         "preprocess": run.preprocess.to_dict(), "preprocess_text": run.preprocess.describe(),
+        "preprocess_steps": [repr(step) for step in run.preprocess.steps()],  # done before the graph
         "parity": {"images": int(len(x)), "on": source, "max_abs_diff_probabilities": float(np.abs(got - reference).max())},
     }
     if fmt == "onnx":  # the same description travels inside the file (metadata_props)

@@ -24,6 +24,16 @@ RECIPES: dict[str, dict] = {
     "cpu-fast": {"weights": "imagenet", "strategy": "partial", "head_init": "probe", "image_size": 224,
                  "resize_from": 128, "epochs": 16, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.01,
                  "schedule": "onecycle", "dropout": 0.2, "label_smoothing": 0.1},
+    # For models that must work on other hospitals' scans (docs/generalization.md): ImageNet weights,
+    # the lungs cropped and intensities standardised per image (framing and window differ between
+    # sites), augmentation for domain shift, a larger input, AdamW + cosine, label smoothing and a
+    # moderate dropout (0.8 starves the head), fewer epochs (overfitting one site is the failure).
+    "transfer": {
+        "weights": "imagenet", "image_size": 224, "epochs": 30, "batch_size": 32,
+        "optimizer": "adamw", "lr": 3e-4, "weight_decay": 0.05, "schedule": "cosine",
+        "label_smoothing": 0.1, "dropout": 0.3,
+        "crop": "lung", "intensity": "percentile", "augmentation": "domain",
+    },
 }
 
 _NOT_IN_RECIPES = {"data", "model", "out", "recipe"}  # what a run is about, not how it is trained

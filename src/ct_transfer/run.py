@@ -106,13 +106,20 @@ class Run:
             proba = predict_proba(self.model, sub.x.to(self.device), self.transform, device=self.device,
                                   bf16=self.config.get("bf16", False),
                                   channels_last=self.config.get("channels_last", True))
-            result[name] = compute_metrics(sub.y.cpu().numpy(), proba, self.classes)
-            self._predictions[name] = ([r["path"] for r in sub.rows], sub.y.cpu().tolist(), proba)
+            y = sub.y.cpu().numpy()
+            result[name] = compute_metrics(y, proba, self.classes)
+            sources = [r.get("source") or "" for r in sub.rows]
+            if len(set(sources)) > 1:  # several datasets: each one's metrics beside the pooled ones
+                result[name]["per_source"] = {
+                    s: compute_metrics(y[mask], proba[mask], self.classes)
+                    for s in sorted(set(sources)) for mask in [np.array([x == s for x in sources])]}
+            paths = [f"{src}/{r['path']}" if len(set(sources)) > 1 else r["path"] for src, r in zip(sources, sub.rows)]
+            self._predictions[name] = (paths, sub.y.cpu().tolist(), proba)
         return result
 
     def evaluate(self, *, data=None, split_file=None, subsets=("val", "test")) -> dict:
         """Re-evaluate on the run's split (or another split file / data folder)."""
-        data = data or self.config["data"]
+        data = D.data_root(data or self.config["data"])
         rows = D.read_split(split_file, data) if split_file else self.split
         if not rows:
             raise CTTransferError("split_file: this run has no split; give one")

@@ -15,6 +15,7 @@ import torch
 from ..errors import CTTransferError
 from .decode import decode_any, read_bytes
 from .preprocess import Preprocess
+from .split import row_path
 
 DEFAULT_MEMORY_MB = int(os.environ.get("CT_TRANSFER_MEMORY_CACHE_MB", "2048"))
 
@@ -146,7 +147,7 @@ def load_subset(rows, subset, classes, data_dir, preprocess, *, cache_dir=None, 
     """(uint8 tensor N x 3 x S x S, labels tensor, kept rows, bad-file messages) of one subset."""
     sub = [r for r in rows if r["subset"] == subset]
     cache = ImageCache(preprocess, cache_dir)
-    arr, kept, bad = cache.load_many([Path(data_dir) / r["path"] for r in sub], on_bad, progress,
+    arr, kept, bad = cache.load_many([row_path(r, data_dir) for r in sub], on_bad, progress,
                                      desc=f"decode {subset}")
     kept_rows = [sub[i] for i in kept]
     labels = torch.tensor([classes.index(r["class"]) for r in kept_rows], dtype=torch.long)

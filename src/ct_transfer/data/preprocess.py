@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from ..errors import ConfigError
 from .decode import DEFAULT_WINDOW, as_rgb_array
+from .steps import CROPS, INTENSITIES, make_steps
 
 
 def resize_array(arr: np.ndarray, size: int) -> np.ndarray:
@@ -24,14 +26,35 @@ def resize_array(arr: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Decoded RGB -> (steps) -> ``image_size`` square uint8. ``window``: DICOM width/level in HU."""
+    """Decoded RGB -> (steps) -> ``image_size`` square uint8. ``window``: DICOM width/level in HU.
+
+    ``crop`` (none | body | lung) and ``intensity`` (none | percentile | clahe): see ``steps.py``;
+    both ``none`` is the paper's protocol.
+    """
 
     image_size: int
     window: tuple[float, float] = DEFAULT_WINDOW
+    crop: str = "none"
+    intensity: str = "none"
+
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise ConfigError("crop", self.crop, f"choose {', '.join(CROPS)}")
+        if self.intensity not in INTENSITIES:
+            raise ConfigError("intensity", self.intensity, f"choose {', '.join(INTENSITIES)}")
 
     def steps(self) -> list:
-        """The array -> array steps before the resize (none yet in the paper's protocol)."""
-        return []
+        """The array -> array steps before the resize (none in the paper's protocol): crop, then intensity."""
+        return make_steps(self.crop, self.intensity)
+
+    def crop_box(self, arr: np.ndarray):
+        """``(y0, y1, x0, x1)`` of ``arr`` (decoded, full resolution) that the model sees."""
+        for step in self.steps():
+            if hasattr(step, "box"):
+                box = step.box(arr)
+                if box is not None:
+                    return box
+        return 0, arr.shape[0], 0, arr.shape[1]
 
     def __call__(self, arr: np.ndarray) -> np.ndarray:
         for step in self.steps():
@@ -44,8 +67,10 @@ class Preprocess:
 
     @property
     def key(self) -> str:
-        """Identifies the output for caching: every field that changes the pixels."""
-        return "|".join(f"{k}={v}" for k, v in sorted(asdict(self).items()))
+        """Identifies the output for caching: every field that changes the pixels (steps left at
+        ``none`` are omitted, so caches made before the steps existed stay valid)."""
+        items = {k: v for k, v in asdict(self).items() if not (k in ("crop", "intensity") and v == "none")}
+        return "|".join(f"{k}={v}" for k, v in sorted(items.items()))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -60,6 +85,7 @@ class Preprocess:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def describe(self) -> str:
+        steps = "".join(f"{s.describe()}; " for s in self.steps())
         return (f"decode to 8-bit RGB (alpha, palette and metadata dropped; DICOM: HU, window "
-                f"{self.window[0]:g}/{self.window[1]:g}); squash to {self.image_size}x{self.image_size}, "
-                "bilinear (PIL), no crop")
+                f"{self.window[0]:g}/{self.window[1]:g}); {steps}squash to {self.image_size}x{self.image_size}, "
+                "bilinear (PIL)" + ("" if self.crop != "none" else ", no crop"))

@@ -102,7 +102,10 @@ def make_split(items: list[Item], preset: str = "stratified", seed: int = 0,
 
 
 def limit_rows(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:
-    """At most ``limit`` images per class, keeping each class's subset proportions (>= 1 each)."""
+    """At most ``limit`` images per class (and per source), keeping each class's subset proportions."""
+    sources = sorted({r.get("source", "") for r in rows})
+    if len(sources) > 1:
+        return [r for s in sources for r in limit_rows([r for r in rows if r.get("source", "") == s], limit, seed)]
     rng = np.random.RandomState(seed)
     out = []
     for label in sorted({r["class"] for r in rows}):
@@ -117,6 +120,63 @@ def limit_rows(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def source_names(data_dirs) -> dict[str, str]:
+    """``{source name: folder}`` for several datasets: each folder's name (numbered when names repeat)."""
+    names: dict[str, str] = {}
+    for d in data_dirs:
+        base = Path(d).resolve().name or "data"
+        name, k = base, 2
+        while name in names:
+            name, k = f"{base}-{k}", k + 1
+        names[name] = str(d)
+    return names
+
+
+def data_root(cfg_data):
+    """What ``load_subset`` reads rows from: one folder, or ``{source: folder}`` for several."""
+    if isinstance(cfg_data, (list, tuple)):
+        return source_names(cfg_data) if len(cfg_data) > 1 else cfg_data[0]
+    return cfg_data
+
+
+def row_path(row: dict, data_dir) -> Path:
+    """A split row's file: under ``data_dir``, or, for ``{source: folder}``, under its source's folder."""
+    if isinstance(data_dir, dict):
+        src = row.get("source") or ""
+        if src not in data_dir:
+            raise CTTransferError(f"{row['path']}: unknown source '{src}' (sources: {', '.join(data_dir)})")
+        return Path(data_dir[src]) / row["path"]
+    return Path(data_dir) / row["path"]
+
+
+def apply_class_map(rows: list[dict], class_map: dict[str, str]) -> list[dict]:
+    return [{**r, "class": class_map.get(r["class"], r["class"])} for r in rows]
+
+
+def carve_test(rows: list[dict], seed: int = 0, val_fraction: float = 0.125) -> list[dict]:
+    """A split file without test rows (e.g. UCSD's official train/val): its val becomes the test
+    (untouched: never used to pick an epoch) and a new val is carved from its train, by patient
+    (``group``) when the file names them, so no patient crosses subsets."""
+    if any(r["subset"] == "test" for r in rows):
+        return rows
+    rng = np.random.RandomState(seed)
+    out = [{**r, "subset": "test"} for r in rows if r["subset"] == "val"]
+    train = [r for r in rows if r["subset"] == "train"]
+    for label in sorted({r["class"] for r in train}):
+        cls = [r for r in train if r["class"] == label]
+        groups = sorted({r.get("group") or r["path"] for r in cls})
+        order = rng.permutation(len(groups))
+        chosen, n = set(), 0
+        for j in order:  # whole patients until about val_fraction of the class's slices
+            if n >= val_fraction * len(cls):
+                break
+            chosen.add(groups[j])
+            n += sum(1 for r in cls if (r.get("group") or r["path"]) == groups[j])
+        out += [{**r, "subset": "val" if (r.get("group") or r["path"]) in chosen else "train"} for r in cls]
+    out.sort(key=lambda r: (SUBSETS.index(r["subset"]), r["class"], r["path"]))
+    return out
+
+
 def write_split(rows: list[dict], path: str | os.PathLike) -> None:
     fields = ["path", "class", "subset"] + [k for k in ("group", "source") if any(k in r for r in rows)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -127,6 +187,10 @@ def read_split(path: str | os.PathLike, data_dir: str | os.PathLike | None = Non
     """Read a split CSV; with ``data_dir`` every listed file must exist there."""
     path = Path(path)
     rows = _io.read_csv(path, required=("path", "class", "subset"), what="split file")
+    for r in rows:  # a patient column (UCSD's SPLIT.csv) is the grouping
+        if not r.get("group") and r.get("patient"):
+            r["group"] = r["patient"]
+        r.pop("patient", None)
     if not rows:
         raise CTTransferError(f"{path}: split file lists no images")
     bad = [r["subset"] for r in rows if r["subset"] not in SUBSETS]
@@ -136,7 +200,7 @@ def read_split(path: str | os.PathLike, data_dir: str | os.PathLike | None = Non
     if unsafe:
         raise CTTransferError(f"{path}: paths must be relative to the dataset folder, e.g. not {unsafe[0][:80]}")
     if data_dir is not None:
-        missing = [r["path"] for r in rows if not (Path(data_dir) / r["path"]).is_file()]
+        missing = [r["path"] for r in rows if not row_path(r, data_dir).is_file()]
         if missing:
             raise CTTransferError(f"{path}: {len(missing)} listed file(s) missing under {data_dir}, e.g. {missing[0]}")
     return rows

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import data as D
-from ..data import load_subset
+from ..data import data_root, load_subset  # noqa: F401  (re-exported for callers of the engine)
 from ..errors import ConfigError, CTTransferError
 
 log = logging.getLogger("ct_transfer.engine")
@@ -22,13 +22,39 @@ class Subset:
     rows: list[dict]  # the rows that decoded
 
 
+def _one_split(data_dir, split_file, cfg) -> list[dict]:
+    if split_file:
+        rows = D.read_split(split_file, data_dir)
+        if not any(r["subset"] == "test" for r in rows):
+            log.info("%s: no test rows; its val becomes the test and a val is carved from its train "
+                     "(by patient where the file names them)", split_file)
+            rows = D.carve_test(rows, cfg.split_seed)
+        return rows
+    items, _ = D.scan_folder(data_dir)
+    return D.make_split(items, cfg.split_preset, cfg.split_seed)
+
+
 def split_rows(cfg) -> list[dict]:
-    """The config's split: its split file, else a fresh preset split; ``limit`` applied."""
-    if cfg.split_file:
-        rows = D.read_split(cfg.split_file, cfg.data)
+    """The config's split: its split file, else a fresh preset split; ``limit`` applied.
+
+    Several datasets: each is split on its own (its own split file, else the preset) and its rows
+    get a ``source`` column; one split file with a ``source`` column (a run's split.csv) also works.
+    """
+    datasets, files = cfg.datasets, cfg.split_files
+    if len(datasets) == 1:
+        rows = _one_split(datasets[0], files[0], cfg)
     else:
-        items, _ = D.scan_folder(cfg.data)
-        rows = D.make_split(items, cfg.split_preset, cfg.split_seed)
+        sources = D.source_names(datasets)
+        if len(files) == 1 and files[0]:
+            rows = D.read_split(files[0], sources)
+        else:
+            rows = []
+            for (name, folder), split_file in zip(sources.items(), files):
+                rows += [{**r, "source": name} for r in _one_split(folder, split_file, cfg)]
+    if cfg.class_map:
+        from ..config import parse_class_map
+
+        rows = D.apply_class_map(rows, parse_class_map(cfg.class_map))
     if cfg.limit:
         rows = D.limit_rows(rows, int(cfg.limit), cfg.split_seed)
     return rows
@@ -61,10 +87,10 @@ def load_subsets(cfg, rows, classes, preprocess, device, progress=False, *,
     check_memory(len(rows), preprocess.image_size)
     subsets, skipped = {}, []
     for subset in names:
-        x, y, kept, bad = load_subset(rows, subset, classes, cfg.data, preprocess, cache_dir=cfg.cache_dir,
+        x, y, kept, bad = load_subset(rows, subset, classes, data_root(cfg.data), preprocess, cache_dir=cfg.cache_dir,
                                       on_bad=cfg.on_bad, progress=progress)
         if len(kept) == 0:
-            raise CTTransferError(f"{cfg.data}: the {subset} subset is empty (too few images or --limit too small)")
+            raise CTTransferError(f"{', '.join(cfg.datasets)}: the {subset} subset is empty (too few images or --limit too small)")
         subsets[subset] = Subset(x.to(device), y.to(device), kept)
         skipped += bad
     if skipped:

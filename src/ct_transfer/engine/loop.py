@@ -162,7 +162,7 @@ def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: boo
     bf16 = cfg.bf16 or device.startswith("cuda")  # on a GPU mixed precision is the default
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    preprocess = D.Preprocess(cfg.image_size)
+    preprocess = D.Preprocess(cfg.image_size, crop=cfg.crop, intensity=cfg.intensity)
 
     # Data and model first: bad input fails before anything is written.
     rows = split_rows(cfg)
@@ -277,7 +277,7 @@ def _val_loss_acc(proba, y):
 def _full_epochs(state: TrainState, subsets, mean, std, bf16):
     """Every trainable parameter learns; batches are augmented on the device."""
     cfg, model, opt, device = state.config, state.model, state.optimizer, state.device
-    train_tf = D.batch_transform(mean, std, augment=cfg.augment)
+    train_tf = D.batch_transform(mean, std, augment=cfg.augment, preset=cfg.augmentation)
     eval_tf = D.batch_transform(mean, std, augment=False)
     x_tr, y_tr = subsets["train"].x, subsets["train"].y
     fwd = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) if cfg.compile \
@@ -377,7 +377,7 @@ def _linear_epochs(state: TrainState, subsets, mean, std, bf16):
 def _frozen_epochs(state: TrainState, subsets, mean, std, bf16):
     """Only the head trains, on pooled features cached once (``frozen_views`` augmented views)."""
     cfg, model, opt, device = state.config, state.model, state.optimizer, state.device
-    train_tf = D.batch_transform(mean, std, augment=cfg.augment)
+    train_tf = D.batch_transform(mean, std, augment=cfg.augment, preset=cfg.augmentation)
     eval_tf = D.batch_transform(mean, std, augment=False)
     x_tr, y_tr, y_va = subsets["train"].x, subsets["train"].y, subsets["val"].y
     feats, val_feats = None, None

@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from .errors import ConfigError
 
 STRATEGIES = ("full", "partial", "frozen")
-SPLIT_PRESETS = ("stratified", "paper")
+SPLIT_PRESETS = ("stratified", "paper", "grouped")
 ON_BAD = ("error", "skip")
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch
 
@@ -33,6 +33,8 @@ class TrainConfig:
     split_file: str | None = _opt(None, "split CSV (path,class,subset) to reuse")
     split_preset: str = _opt("stratified", "split made when no --split-file is given", choices=SPLIT_PRESETS)
     split_seed: int = _opt(0, "seed of the split")
+    split_groups: str | None = _opt(None, "grouped split: CSV path,group (or path,...,patient) keeping each "
+                                          "group in one subset, besides near-duplicates")
     epochs: int = _opt(100, "training epochs")
     image_size: int | None = _opt(None, "input size in px (default: the model table's: 64; Xception 71; "
                                         "InceptionResNetV2 75)")
@@ -53,6 +55,9 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model")
     threads: int | None = _opt(None, "torch threads (default: all cores)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    calibrate: bool = _opt(False, "fit temperature scaling and a decision threshold on val after training")
+    sensitivity: float | None = _opt(None, "with --calibrate: threshold reaching this val sensitivity "
+                                           "(default: Youden's J)")
 
     def __post_init__(self):
         _validate(self)
@@ -109,7 +114,12 @@ def _validate(c: TrainConfig) -> None:
     for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD)):
         if getattr(c, name) not in allowed:
             raise ConfigError(name, getattr(c, name), f"choose {', '.join(allowed)}")
-    for name in ("augment", "channels_last", "bf16", "compile"):
+    if c.sensitivity is not None and (not isinstance(c.sensitivity, (int, float)) or isinstance(c.sensitivity, bool)
+                                      or not math.isfinite(c.sensitivity) or not 0 < c.sensitivity <= 1):
+        raise ConfigError("sensitivity", c.sensitivity, "choose a number in (0, 1]")
+    if c.split_groups is not None and c.split_preset != "grouped" and not c.split_file:
+        raise ConfigError("split_groups", c.split_groups, "only with split_preset=grouped")
+    for name in ("augment", "channels_last", "bf16", "compile", "calibrate"):
         if not isinstance(getattr(c, name), bool):
             raise ConfigError(name, getattr(c, name), "choose true or false")
     _validate_device(c.device)

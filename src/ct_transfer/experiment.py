@@ -17,6 +17,8 @@ from . import models as M
 from .config import TrainConfig
 from .engine import fit
 from .errors import CTTransferError
+from .external import default_name, external_rows
+from .run import load_run
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ def grid_cells(models, weights, seeds):
     return [(m, w, s) for s in seeds for m in models for w in weights]
 
 
-def ensure_split(grid_dir: Path, data: str, split_file: str | None, split_preset: str, split_seed: int) -> Path:
+def ensure_split(grid_dir: Path, data: str, split_file: str | None, split_preset: str, split_seed: int,
+                 split_groups: str | None = None) -> Path:
     """One split for every run of the grid (kept in GRID_DIR/split.csv)."""
     target = grid_dir / "split.csv"
     if split_file:
@@ -61,15 +64,24 @@ def ensure_split(grid_dir: Path, data: str, split_file: str | None, split_preset
         if not target.exists() or Path(split_file).resolve() != target.resolve():
             D.write_split(rows, target)
     elif not target.exists():
-        items, _ = D.scan_folder(data)
-        D.write_split(D.make_split(items, split_preset, split_seed), target)
+        D.write_split(D.split_folder(data, split_preset, split_seed, groups_file=split_groups), target)
     return target
+
+
+def _external(run_dir: Path, external: str, run=None) -> None:
+    """Evaluate a finished run on the external folder once (kept in RUN/external/<folder name>/)."""
+    name = default_name(external)
+    if (run_dir / "external" / name / "metrics.json").exists():
+        return
+    (run or load_run(run_dir)).evaluate_external(external, name=name)
 
 
 def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: list[int], *,
              base: dict | None = None, split_file: str | None = None, split_preset: str = "paper",
-             split_seed: int = 0, progress: bool = True) -> list[dict]:
-    """Train every (model, weights, seed); returns one status dict per cell."""
+             split_seed: int = 0, split_groups: str | None = None, external: str | None = None,
+             progress: bool = True) -> list[dict]:
+    """Train every (model, weights, seed); returns one status dict per cell. With ``external`` (a
+    folder per class) every finished run is also evaluated there (``RUN/external/<folder name>/``)."""
     base = dict(base or {})
     grid_dir = Path(out)
     if not Path(data).is_dir():
@@ -79,12 +91,16 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
     # every cell's options are checked before the first run starts
     TrainConfig(**{**base, "data": str(data), "model": models[0] if models else "-", "out": None})
     _io.ensure_writable_dir(grid_dir)
-    split = ensure_split(grid_dir, data, split_file, split_preset, split_seed)
+    if external is not None:  # a wrong external folder fails before any training
+        external_rows(D.resolve_classes([{"class": c} for c in D.scan_folder(data)[1]], base.get("positive")),
+                      external)
+    split = ensure_split(grid_dir, data, split_file, split_preset, split_seed, split_groups)
     strategy = base.get("strategy", "full")
     cells = grid_cells(models, weights, seeds)
     _io.write_json(grid_dir / "grid.json", {
         "data": str(data), "models": models, "weights": weights, "seeds": seeds, "split": str(split),
         "split_preset": None if split_file else split_preset, "split_file": split_file, "settings": base,
+        "split_groups": split_groups, "external": external,
     })
     results, t_start = [], time.perf_counter()
     for k, (model, w, seed) in enumerate(cells, 1):
@@ -96,6 +112,8 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
         if status == "done":
             log.info("%s: done already, skipped", head)
             results.append({"run": run_dir.name, "status": "done"})
+            if external is not None:
+                _external(run_dir, external)
             continue
         log.info("%s: %s (%d done, %d left, %.1f min so far)", head, "resuming" if status == "partial" else "starting",
                  done_before, len(cells) - k + 1, elapsed / 60)
@@ -107,6 +125,8 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
             acc = run.metrics["test"]["accuracy"]
             results.append({"run": run_dir.name, "status": "done", "test_accuracy": acc})
             log.info("%s: test accuracy %.4f, %.0f s training", head, acc, run.metrics["train_seconds"])
+            if external is not None:
+                _external(run_dir, external, run)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # record and go on: one bad cell must not stop the grid

@@ -7,7 +7,7 @@ from .decode import (DEFAULT_WINDOW, DICOM_EXTENSIONS, IMAGE_EXTENSIONS, as_rgb_
 from .preprocess import Preprocess, resize_array
 from .split import (DEFAULT_POSITIVE, PAPER_PER_CLASS, SUBSETS, Item, class_order, limit_rows, make_split,
                     pixel_duplicates_across_subsets, read_split, resolve_classes, scan_folder, split_counts,
-                    write_split)
+                    split_folder, write_split)
 from .transforms import (Compose, Normalize, RandomAffine, RandomBrightness, ToFloat, batch_transform,
                          paper_augmentation)
 
@@ -16,6 +16,6 @@ __all__ = [
     "as_rgb_array", "decode_any", "decode_bytes", "is_dicom", "read_dicom", "read_image", "read_input",
     "to_rgb_array", "Preprocess", "resize_array", "DEFAULT_POSITIVE", "PAPER_PER_CLASS", "SUBSETS", "Item",
     "class_order", "limit_rows", "make_split", "pixel_duplicates_across_subsets", "read_split",
-    "resolve_classes", "scan_folder", "split_counts", "write_split", "Compose", "Normalize", "RandomAffine",
+    "resolve_classes", "scan_folder", "split_counts", "split_folder", "write_split", "Compose", "Normalize", "RandomAffine",
     "RandomBrightness", "ToFloat", "batch_transform", "paper_augmentation",
 ]

@@ -26,8 +26,7 @@ def split_rows(cfg) -> list[dict]:
     if cfg.split_file:
         rows = D.read_split(cfg.split_file, cfg.data)
     else:
-        items, _ = D.scan_folder(cfg.data)
-        rows = D.make_split(items, cfg.split_preset, cfg.split_seed)
+        rows = D.split_folder(cfg.data, cfg.split_preset, cfg.split_seed, groups_file=cfg.split_groups)
     if cfg.limit:
         rows = D.limit_rows(rows, int(cfg.limit), cfg.split_seed)
     return rows

@@ -145,8 +145,12 @@ def test_external_results_appear_beside_internal(external_report):
     rows = md_table(section.replace("### EfficientNetLite0 — ImageNet weights", "## t"), "t")
     internal, external = rows
     test = json.loads((grid / "runs" / RUN / "metrics.json").read_text())["test"]
-    assert internal[0] == "internal test" and internal[3] == f"{test['accuracy']:.3f}"
-    assert internal[4] == f"{test['recall']:.3f}" and internal[5] == f"{test['specificity']:.3f}"
+    def with_ci(key):  # one seed: the 95% interval the evaluation wrote (over images)
+        lo, hi = test["ci95"][key]
+        return f"{test[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    assert internal[0] == "internal test" and internal[3] == with_ci("accuracy")
+    assert internal[4] == with_ci("recall") and internal[5] == with_ci("specificity")
     assert external[0] == "ucsd-dev (`/elsewhere/ucsd`)" and external[1:3] == ["1", "541"]
     assert external[3:] == ["0.543 [0.501, 0.585]", "0.612 [0.550, 0.670]", "0.483 [0.425, 0.541]",
                             "0.550 [0.500, 0.600]", "0.571 [0.522, 0.620]"]
@@ -191,6 +195,10 @@ def test_split_is_stated_at_the_top(report, tiny_grid, tmp_path):
     info["settings"]["split_preset"] = "stratified"
     (grid / "grid.json").write_text(json.dumps(info))
     assert R.describe_split(grid, R.read_grid_info(grid))["name"] == "stratified"
+    info["split_preset"] = "grouped"  # near-duplicate groups only: not patient-level, and the report says so
+    (grid / "grid.json").write_text(json.dumps(info))
+    split = R.describe_split(grid, R.read_grid_info(grid))
+    assert split["name"] == "grouped" and not split["patient_level"]
     info["split_file"] = "/somewhere/ucsd_SPLIT.csv"
     (grid / "grid.json").write_text(json.dumps(info))
     assert R.describe_split(grid, R.read_grid_info(grid))["name"] == "ucsd_SPLIT.csv"

@@ -141,8 +141,10 @@ def cmd_models(args):
 def cmd_split(args):
     from . import data as D
 
-    items, classes = D.scan_folder(args.data)
-    rows = D.make_split(items, args.preset, args.seed)
+    _, classes = D.scan_folder(args.data)
+    if args.groups and args.preset != "grouped":
+        raise CTTransferError(f"--groups {args.groups}: only with --preset grouped")
+    rows = D.split_folder(args.data, args.preset, args.seed, groups_file=args.groups, threshold=args.threshold)
     D.write_split(rows, args.out)
     counts = D.split_counts(rows)
     for subset in D.SUBSETS:
@@ -155,12 +157,30 @@ def cmd_split(args):
     print(f"wrote {args.out}")
 
 
+def _ci(m: dict, key: str) -> str:
+    """``0.9500 [0.9100, 0.9700]`` (value and its 95% interval when the metrics carry one)."""
+    v = m.get(key)
+    if v is None:
+        return "n/a"
+    ci = (m.get("ci95") or {}).get(key)
+    return f"{v:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def _metric_line(name: str, m: dict) -> str:
+    line = (f"{name:<5} acc {_ci(m, 'accuracy')}  sens {_ci(m, 'recall')}  spec {_ci(m, 'specificity')}  "
+            f"f1 {_ci(m, 'f1')}  auc {_ci(m, 'roc_auc')}  ece {m.get('ece', float('nan')):.3f}  "
+            f"cm {m['confusion_matrix']}  (n={m['n']})")
+    op = m.get("operating_point")
+    if op:
+        line += (f"\n{'':<5} at threshold {op['threshold']:.4f} (chosen on val): sens {_ci(op, 'sensitivity')}  "
+                 f"spec {_ci(op, 'specificity')}  acc {_ci(op, 'accuracy')}")
+    return line
+
+
 def _print_metrics(metrics, where):
+    print("95% intervals: Wilson (acc, sens, spec), bootstrap (f1, auc)")
     for subset in ("val", "test"):
-        m = metrics[subset]
-        auc = "n/a" if m.get("roc_auc") is None else f"{m['roc_auc']:.4f}"
-        print(f"{subset:<5} acc {m['accuracy']:.4f}  prec {m['precision']:.4f}  rec {m['recall']:.4f}  "
-              f"f1 {m['f1']:.4f}  auc {auc}  cm {m['confusion_matrix']}  (n={m['n']})")
+        print(_metric_line(subset, metrics[subset]))
     if "train_seconds" in metrics:
         print(f"train_seconds {metrics['train_seconds']:.1f}")
     print(f"wrote {Path(where) / 'metrics.json'}")
@@ -177,9 +197,38 @@ def cmd_evaluate(args):
     from .run import load_run
 
     run = load_run(args.run)
+    if args.data and not args.split_file or args.class_map or args.name or args.subset:
+        # another dataset: external validation (the run's own files stay as they are)
+        rec = run.evaluate_external(args.data, name=args.name, class_map=args.class_map,
+                                    split_file=args.split_file, subset=args.subset)
+        print("95% intervals: Wilson (acc, sens, spec), bootstrap (f1, auc)")
+        print(_metric_line("ext", rec["metrics"]))
+        print(f"wrote {rec['path']} and predictions.csv")
+        return
     run.evaluate(data=args.data, split_file=args.split_file)
     run.write_outputs()
     _print_metrics(run.metrics, args.run)
+
+
+def cmd_calibrate(args):
+    from .run import load_run
+
+    run = load_run(args.run)
+    cal = run.calibrate(sensitivity=args.sensitivity)
+    print(f"temperature {cal['temperature']:.4f}  threshold {cal['threshold']:.4f} ({cal['criterion']})  "
+          f"val ECE {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f}")
+    run.evaluate()
+    run.write_outputs()
+    _print_metrics(run.metrics, args.run)
+    print(f"wrote the calibration into {Path(args.run) / 'config.json'} (predict uses it)")
+
+
+def cmd_audit(args):
+    from .audit import audit
+
+    summary = audit(args.data, args.out, split_file=args.split_file, against=args.against, threshold=args.threshold)
+    print(summary["text"])
+    print(f"wrote {Path(args.out) / 'audit.json'}, audit.md and {summary['contact_sheet'] or 'no contact sheet'}")
 
 
 def _csv_list(text: str, kind=str, flag=""):
@@ -201,16 +250,17 @@ def cmd_experiment(args):
     models = _csv_list(args.models, flag="--models") if args.models else list(preset["models"])
     weights = _csv_list(args.weights, flag="--weights") if args.weights else list(preset["weights"])
     seeds = _csv_list(args.seeds, int, "--seeds")
-    cfg = config_from_args(args, model=models[0], out=None)
+    preset_name = args.grid_split_preset or "paper"
+    cfg = config_from_args(args, model=models[0], out=None, split_preset=preset_name)
     if len(cfg.datasets) > 1:
         raise CTTransferError("--data: experiment takes one dataset (train accepts several --data)")
     base = asdict(cfg)
-    for k in ("data", "model", "out", "weights", "seed", "split_file", "split_preset", "split_seed"):
+    for k in ("data", "model", "out", "weights", "seed", "split_file", "split_preset", "split_seed", "split_groups"):
         base.pop(k, None)
     results = run_grid(cfg.data, args.out, models, weights, seeds, base=base, split_file=cfg.split_file,
-                       split_preset=args.grid_split_preset or "paper", split_seed=cfg.split_seed,
-                       progress=not args.quiet, jobs=args.jobs, executor=args.executor, address=args.address,
-                       cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
+                       split_preset=preset_name, split_seed=cfg.split_seed, split_groups=cfg.split_groups,
+                       external=args.external, progress=not args.quiet, jobs=args.jobs, executor=args.executor,
+                       address=args.address, cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run)
     failed = [r for r in results if r["status"] == "failed"]
     if failed:  # the others finished; the exit code must not say all is well
         raise CTTransferError(f"{args.out}: {len(failed)} of {len(results)} runs failed: "
@@ -343,6 +393,7 @@ def _add_executor_flags(p) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import SPLIT_PRESETS
+    from .data.groups import DEFAULT_THRESHOLD as THRESHOLD
     from .explain import METHODS
     from .experiment import PRESETS
 
@@ -359,7 +410,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(SPLIT_PRESETS), default="stratified")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-duplicates", action="store_true", help="skip the cross-subset duplicate check")
+    p.add_argument("--groups", help="grouped: CSV path,group (or path,...,patient) kept inside one subset")
+    p.add_argument("--threshold", type=int, help=f"grouped: pHash distance of near-duplicates (default {THRESHOLD})")
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser("audit", help="leakage audit: exact and near-duplicate images within and across subsets")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split-file", help="split CSV: count duplicates within and across its subsets")
+    p.add_argument("--against", help="a second dataset folder: the same images in both")
+    p.add_argument("--out", required=True, help="folder for audit.json, audit.md and the contact sheet")
+    p.add_argument("--threshold", type=int, default=THRESHOLD,
+                   help=f"near-duplicate: 256-bit pHash Hamming distance <= N (default {THRESHOLD})")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("calibrate", help="fit temperature scaling and a decision threshold on a run's val subset")
+    p.add_argument("--run", required=True)
+    p.add_argument("--sensitivity", type=_finite_float, help="threshold reaching this val sensitivity "
+                   "(default: Youden's J)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("train", help="train and evaluate one model")
     add_config_flags(p, required=("out",))
@@ -367,10 +435,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a run's best checkpoint on val and test")
+    p = sub.add_parser("evaluate", help="evaluate a run on its val and test, or on an external dataset")
     p.add_argument("--run", required=True)
-    p.add_argument("--data")
-    p.add_argument("--split-file")
+    p.add_argument("--data", help="another dataset folder (folder per class): external validation, "
+                                  "written to RUN/external/NAME/")
+    p.add_argument("--split-file", help="split CSV of --data (with --subset: only that subset)")
+    p.add_argument("--subset", help="external: only this subset of --split-file")
+    p.add_argument("--class-map", help="external folder names to the run's classes, e.g. "
+                                       "CT_COVID=COVID,CT_NonCOVID=non-COVID")
+    p.add_argument("--name", help="external: result folder name (default: the data folder's name)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("experiment", help="run the paper's grid of models x weights x seeds")
@@ -378,6 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-preset", dest="grid_split_preset", choices=list(SPLIT_PRESETS),
                    help="split made when no --split-file is given (default: paper)")
     p.add_argument("--out", required=True, help="grid directory")
+    p.add_argument("--external", help="a second dataset folder: every run is also evaluated there")
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                    help="paper: the 12 archs; offline: EfficientNetLite0/1/2 (weights install here)")
     p.add_argument("--models", help="comma-separated model names (default: the preset's)")

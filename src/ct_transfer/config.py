@@ -17,7 +17,7 @@ HEAD_INITS = ("random", "probe")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
-SPLIT_PRESETS = ("stratified", "paper")
+SPLIT_PRESETS = ("stratified", "paper", "grouped")
 CROPS = ("none", "body", "lung")  # data/steps.py (kept here too: config sits below data)
 INTENSITIES = ("none", "percentile", "clahe")
 AUGMENTATIONS = ("paper", "domain")
@@ -45,6 +45,8 @@ class TrainConfig:
     class_map: str | None = _opt(None, "rename classes of the datasets, e.g. 'CT_COVID=COVID,CT_NonCOVID=non-COVID'")
     split_preset: str = _opt("stratified", "split made when no --split-file is given", choices=SPLIT_PRESETS)
     split_seed: int = _opt(0, "seed of the split")
+    split_groups: str | None = _opt(None, "grouped split: CSV path,group (or path,...,patient) keeping each "
+                                          "group in one subset, besides near-duplicates")
     epochs: int = _opt(100, "training epochs")
     image_size: int | None = _opt(None, "input size in px (default: the model table's: 64; Xception 71; "
                                         "InceptionResNetV2 75)")
@@ -83,6 +85,9 @@ class TrainConfig:
                                     "only on improvement; both written by a background thread")
     threads: int | None = _opt(None, "torch threads (default: all cores)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    calibrate: bool = _opt(False, "fit temperature scaling and a decision threshold on val after training")
+    sensitivity: float | None = _opt(None, "with --calibrate: threshold reaching this val sensitivity "
+                                           "(default: Youden's J)")
     recipe: str | None = _opt(None, "the recipe these values came from (a name or a file; see recipes.py)", cli=False)
 
     def __post_init__(self):
@@ -176,7 +181,12 @@ def _validate(c: TrainConfig) -> None:
                           ("augmentation", AUGMENTATIONS)):
         if getattr(c, name) not in allowed:
             raise ConfigError(name, getattr(c, name), f"choose {', '.join(allowed)}")
-    for name in ("augment", "channels_last", "bf16", "compile"):
+    if c.sensitivity is not None and (not isinstance(c.sensitivity, (int, float)) or isinstance(c.sensitivity, bool)
+                                      or not math.isfinite(c.sensitivity) or not 0 < c.sensitivity <= 1):
+        raise ConfigError("sensitivity", c.sensitivity, "choose a number in (0, 1]")
+    if c.split_groups is not None and c.split_preset != "grouped" and not c.split_file:
+        raise ConfigError("split_groups", c.split_groups, "only with split_preset=grouped")
+    for name in ("augment", "channels_last", "bf16", "compile", "calibrate"):
         if not isinstance(getattr(c, name), bool):
             raise ConfigError(name, getattr(c, name), "choose true or false")
     _validate_device(c.device)

@@ -18,9 +18,9 @@ def autocast(enabled: bool, device: str = "cpu"):
 
 
 @torch.inference_mode()
-def predict_proba(model, images_u8: torch.Tensor, transform, *, batch_size: int = 256, bf16: bool = False,
-                  device: str = "cpu", channels_last: bool = True, temperature: float = 1.0) -> np.ndarray:
-    """Class probabilities (softmax of logits / ``temperature``) for ``N x 3 x S x S`` uint8 images."""
+def predict_logits(model, images_u8: torch.Tensor, transform, *, batch_size: int = 256, bf16: bool = False,
+                   device: str = "cpu", channels_last: bool = True) -> torch.Tensor:
+    """Logits (float32, on the CPU) for ``N x 3 x S x S`` uint8 images."""
     model.eval()
     out = []
     for start in range(0, len(images_u8), batch_size):
@@ -29,19 +29,32 @@ def predict_proba(model, images_u8: torch.Tensor, transform, *, batch_size: int 
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(bf16, device):
             logits = model(x)
-        out.append(torch.softmax(logits.float() / temperature, dim=1).cpu())
-    if not out:
+        out.append(logits.float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, 0))
+
+
+def predict_proba(model, images_u8: torch.Tensor, transform, *, batch_size: int = 256, bf16: bool = False,
+                  device: str = "cpu", channels_last: bool = True, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities (softmax of logits / ``temperature``) for ``N x 3 x S x S`` uint8 images."""
+    logits = predict_logits(model, images_u8, transform, batch_size=batch_size, bf16=bf16, device=device,
+                            channels_last=channels_last)
+    if logits.numel() == 0:
         return np.zeros((0, 0), np.float32)
-    return torch.cat(out).numpy()
+    return torch.softmax(logits / temperature, dim=1).numpy()
 
 
-def compute_metrics(y_true, proba, classes: list[str]) -> dict:
-    """Accuracy, precision, recall, F1, specificity, ROC-AUC and the confusion matrix.
+def compute_metrics(y_true, proba, classes: list[str], *, threshold: float | None = None,
+                    intervals: bool = True) -> dict:
+    """Accuracy, precision, recall, F1, specificity, ROC-AUC and the confusion matrix (argmax decisions),
+    ``ece`` (expected calibration error), ``ci95`` (95% intervals: Wilson for accuracy, precision,
+    recall, specificity; seeded bootstrap for F1 and AUC) and, given a decision ``threshold`` on the
+    positive class's probability, ``operating_point`` (sensitivity/specificity at that threshold).
 
     Binary: the positive class is ``classes[1]``; ``confusion_matrix`` is [[tn, fp], [fn, tp]].
     More classes: macro averages, one-vs-rest AUC, the full matrix, no specificity.
     """
     from sklearn import metrics as skm  # lazy: it pulls scipy.stats + pandas (seconds); predict/serve skip it
+    from . import calibration as cal
 
     y_true = np.asarray(y_true)
     proba = np.asarray(proba)
@@ -70,6 +83,12 @@ def compute_metrics(y_true, proba, classes: list[str]) -> dict:
         out["roc_auc"] = None
     out["confusion_matrix"] = cm.tolist()
     out["positive_class"] = classes[1] if binary else None
+    out["ece"] = cal.expected_calibration_error(y_true, proba)
+    if intervals:
+        out["ci95"] = (cal.binary_intervals(y_true, y_pred, proba[:, 1]) if binary
+                       else {"accuracy": cal.wilson(int((y_pred == y_true).sum()), len(y_true))})
+    if binary and threshold is not None:
+        out["operating_point"] = cal.operating_point(y_true, proba[:, 1], threshold)
     return out
 
 

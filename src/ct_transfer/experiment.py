@@ -18,6 +18,7 @@ from . import models as M
 from .config import TrainConfig
 from .engine import fit
 from .errors import ConfigError, CTTransferError
+from .external import default_name, external_rows
 from .rundir import record_failure
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def grid_cells(models, weights, seeds):
     return [(m, w, s) for s in seeds for m in models for w in weights]
 
 
-def ensure_split(grid_dir: Path, data: str, split_file: str | None, split_preset: str, split_seed: int) -> Path:
+def ensure_split(grid_dir: Path, data: str, split_file: str | None, split_preset: str, split_seed: int,
+                 split_groups: str | None = None) -> Path:
     """One split for every run of the grid (kept in GRID_DIR/split.csv)."""
     target = grid_dir / "split.csv"
     if split_file:
@@ -65,9 +67,16 @@ def ensure_split(grid_dir: Path, data: str, split_file: str | None, split_preset
         if not target.exists() or Path(split_file).resolve() != target.resolve():
             D.write_split(rows, target)
     elif not target.exists():
-        items, _ = D.scan_folder(data)
-        D.write_split(D.make_split(items, split_preset, split_seed), target)
+        D.write_split(D.split_folder(data, split_preset, split_seed, groups_file=split_groups), target)
     return target
+
+
+def _external(run_dir: Path, external: str, run=None) -> None:
+    """Evaluate a finished run on the external folder once (kept in RUN/external/<folder name>/)."""
+    name = default_name(external)
+    if (run_dir / "external" / name / "metrics.json").exists():
+        return
+    (run or load_run(run_dir)).evaluate_external(external, name=name)
 
 
 EXECUTORS = ("local", "ray")
@@ -75,15 +84,18 @@ EXECUTORS = ("local", "ray")
 
 def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: list[int], *,
              base: dict | None = None, split_file: str | None = None, split_preset: str = "paper",
-             split_seed: int = 0, progress: bool = True, jobs: int = 1, executor: str = "local",
-             address: str | None = None, cpus_per_run: float = 1, gpus_per_run: float = 0) -> list[dict]:
+             split_seed: int = 0, split_groups: str | None = None, external: str | None = None,
+             progress: bool = True, jobs: int = 1, executor: str = "local", address: str | None = None,
+             cpus_per_run: float = 1, gpus_per_run: float = 0) -> list[dict]:
     """Train every (model, weights, seed); returns one status dict per cell, in grid order.
 
     ``jobs`` > 1 runs that many cells at once in spawned worker processes (each with
     ``threads = cores // jobs`` unless ``base`` sets threads; on CUDA they share the device).
     ``executor="ray"`` runs each cell as a Ray task (``ct_transfer.distributed``) on the cluster at
     ``address`` (or a local one); the cells write into ``out`` directly, so every node must see it.
-    The same ``run_cell`` runs either way, so results, files and resume are the same.
+    The same ``run_cell`` runs either way, so results, files and resume are the same. With
+    ``external`` (a folder per class) every finished run is also evaluated there
+    (``RUN/external/<folder name>/``).
     """
     base = dict(base or {})
     grid_dir = Path(out)
@@ -104,11 +116,15 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
 
         check_ray(cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run)  # before anything is written
     _io.ensure_writable_dir(grid_dir)
-    split = ensure_split(grid_dir, data, split_file, split_preset, split_seed)
+    if external is not None:  # a wrong external folder fails before any training
+        external_rows(D.resolve_classes([{"class": c} for c in D.scan_folder(data)[1]], base.get("positive")),
+                      external)
+    split = ensure_split(grid_dir, data, split_file, split_preset, split_seed, split_groups)
     cells = grid_cells(models, weights, seeds)
     _io.write_json(grid_dir / "grid.json", {
         "data": str(data), "models": models, "weights": weights, "seeds": seeds, "split": str(split),
         "split_preset": None if split_file else split_preset, "split_file": split_file, "settings": base,
+        "split_groups": split_groups, "external": external,
     })
     strategy = base.get("strategy", "full")
     results: dict[int, dict] = {}
@@ -119,8 +135,10 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
         if run_status(run_dir, base.get("epochs")) == "done":
             log.info("%s: done already, skipped", head)
             results[k] = {"run": run_dir.name, "status": "done"}
+            if external is not None:
+                _external(run_dir, external)
             continue
-        specs.append({"index": k, "head": head, "progress": progress,
+        specs.append({"index": k, "head": head, "progress": progress, "external": external,
                       "config": {**base, "data": str(data), "model": model, "weights": w, "seed": seed,
                                  "out": str(run_dir), "split_file": str(split)}})
     t_start = time.perf_counter()
@@ -163,6 +181,8 @@ def run_cell(spec: dict) -> dict:
         run = fit(TrainConfig(**cfg_values), progress=spec.get("progress", True), resume=status == "partial")
         acc = run.metrics["test"]["accuracy"]
         log.info("%s: test accuracy %.4f, %.0f s training", head, acc, run.metrics["train_seconds"])
+        if spec.get("external") is not None:
+            _external(run_dir, spec["external"], run)
         return {"run": run_dir.name, "status": "done", "test_accuracy": acc}
     except KeyboardInterrupt:
         raise

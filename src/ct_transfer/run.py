@@ -17,8 +17,8 @@ import torch
 from . import data as D
 from . import models as M
 from .errors import CTTransferError
-from .evaluate import (compute_metrics, confusion_matrix_figure, curves_figure, predict_proba, save_figure,
-                       write_predictions)
+from .evaluate import (compute_metrics, confusion_matrix_figure, curves_figure, predict_logits, predict_proba,
+                       save_figure, write_predictions)
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -99,23 +99,32 @@ class Run:
         return result[0] if single else result
 
     # -- evaluation ------------------------------------------------------------------------
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return predict_logits(self.model, x.to(self.device), self.transform, device=self.device,
+                              bf16=self.config.get("bf16", False), channels_last=self.config.get("channels_last", True))
+
     def evaluate_subsets(self, subsets: dict, *, write: bool = False) -> dict:
-        """Metrics for already-decoded subsets (``.x``, ``.y``, ``.rows``); keeps the predictions."""
+        """Metrics for already-decoded subsets (``.x``, ``.y``, ``.rows``); keeps the predictions.
+        Uses the run's temperature; with a decision threshold, adds its operating point."""
         result = {}
         for name, sub in subsets.items():
-            proba = predict_proba(self.model, sub.x.to(self.device), self.transform, device=self.device,
-                                  bf16=self.config.get("bf16", False),
-                                  channels_last=self.config.get("channels_last", True))
+            proba = torch.softmax(self._logits(sub.x) / self.temperature, dim=1).numpy()
             y = sub.y.cpu().numpy()
-            result[name] = compute_metrics(y, proba, self.classes)
+            result[name] = compute_metrics(y, proba, self.classes, threshold=self.threshold)
             sources = [r.get("source") or "" for r in sub.rows]
             if len(set(sources)) > 1:  # several datasets: each one's metrics beside the pooled ones
                 result[name]["per_source"] = {
-                    s: compute_metrics(y[mask], proba[mask], self.classes)
+                    s: compute_metrics(y[mask], proba[mask], self.classes, threshold=self.threshold)
                     for s in sorted(set(sources)) for mask in [np.array([x == s for x in sources])]}
             paths = [f"{src}/{r['path']}" if len(set(sources)) > 1 else r["path"] for src, r in zip(sources, sub.rows)]
             self._predictions[name] = (paths, sub.y.cpu().tolist(), proba)
         return result
+
+    def _load(self, rows, name: str, data, where: str) -> "_Loaded":
+        x, y, kept, _ = D.load_subset(rows, name, self.classes, data, self.preprocess, on_bad="skip")
+        if len(kept) == 0:
+            raise CTTransferError(f"{where}: the {name} subset is empty")
+        return _Loaded(x, y, kept)
 
     def evaluate(self, *, data=None, split_file=None, subsets=("val", "test")) -> dict:
         """Re-evaluate on the run's split (or another split file / data folder)."""
@@ -123,15 +132,47 @@ class Run:
         rows = D.read_split(split_file, data) if split_file else self.split
         if not rows:
             raise CTTransferError("split_file: this run has no split; give one")
-        loaded = {}
-        for name in subsets:
-            x, y, kept, _ = D.load_subset(rows, name, self.classes, data, self.preprocess, on_bad="skip")
-            if len(kept) == 0:
-                raise CTTransferError(f"{split_file or 'split'}: the {name} subset is empty")
-            loaded[name] = _Loaded(x, y, kept)
+        loaded = {name: self._load(rows, name, data, split_file or "split") for name in subsets}
         result = self.evaluate_subsets(loaded)
         self.metrics = {**self.metrics, **result}
         return self.metrics
+
+    def calibrate(self, val=None, *, sensitivity: float | None = None, save: bool = True) -> dict:
+        """Fit temperature scaling and a decision threshold on val (Youden's J, or the most specific
+        threshold reaching ``sensitivity``); stored in ``config["calibration"]`` (and config.json)."""
+        from . import calibration as cal
+
+        if val is None:
+            if not self.split:
+                raise CTTransferError(f"{self.directory}: this run has no split.csv; cannot find its val subset")
+            val = self._load(self.split, "val", self.config["data"], "split")
+        y = val.y.cpu().numpy()
+        logits = self._logits(val.x).numpy().astype(np.float64)
+        before = torch.softmax(torch.from_numpy(logits), 1).numpy()
+        temperature = cal.fit_temperature(logits, y)
+        after = torch.softmax(torch.from_numpy(logits / temperature), 1).numpy()
+        threshold = cal.choose_threshold(y, after[:, 1], sensitivity=sensitivity) if len(self.classes) == 2 else None
+        calibration = {"temperature": temperature, "threshold": threshold,
+                       "criterion": "youden" if sensitivity is None else f"sensitivity>={sensitivity}",
+                       "fitted_on": "val", "n_val": int(len(y)),
+                       "val_ece_before": cal.expected_calibration_error(y, before),
+                       "val_ece_after": cal.expected_calibration_error(y, after)}
+        self.config["calibration"] = calibration
+        self.temperature, self.threshold = temperature, threshold
+        if save and self.directory is not None:
+            RunDir(self.directory).write_config(self.config)
+        log.info("calibration on val: temperature %.3f, threshold %s, ECE %.4f -> %.4f", temperature,
+                 "argmax" if threshold is None else f"{threshold:.4f}", calibration["val_ece_before"],
+                 calibration["val_ece_after"])
+        return calibration
+
+    def evaluate_external(self, data, *, name: str | None = None, class_map=None, split_file=None,
+                          subset: str | None = None, write: bool = True) -> dict:
+        """Metrics on another folder-per-class dataset; written to ``RUN/external/NAME/``."""
+        from .external import evaluate_external
+
+        return evaluate_external(self, data, name=name, class_map=class_map, split_file=split_file,
+                                 subset=subset, write=write)
 
     # -- files -----------------------------------------------------------------------------
     def write_outputs(self, directory=None) -> None:
@@ -141,6 +182,13 @@ class Run:
             write_predictions(rd / f"predictions_{name}.csv", paths, y, proba, self.classes)
         if self.metrics:
             rd.write_metrics(self.metrics)
+        curves = {n: (np.asarray(y), p) for n, (_, y, p) in self._predictions.items() if n in ("val", "test")}
+        if curves:
+            from .calibration import reliability_figure
+
+            t = "" if self.temperature == 1.0 else f" · T={self.temperature:.2f}"
+            save_figure(reliability_figure(curves, f"{self.config.get('model')} · reliability{t}"),
+                        rd / "reliability.png")
         if "test" in self.metrics:
             save_figure(confusion_matrix_figure(self.metrics["test"]["confusion_matrix"], self.classes,
                                                 f"{self.config.get('model')} · test"), rd / "confusion_matrix.png")

@@ -18,7 +18,7 @@ from .decode import IMAGE_EXTENSIONS, read_image
 SUBSETS = ("train", "val", "test")
 DEFAULT_POSITIVE = "COVID"
 PAPER_PER_CLASS = {"train": 976, "val": 122, "test": 122}  # Table 1 of the paper
-PRESETS = ("stratified", "paper")
+PRESETS = ("stratified", "paper", "grouped")
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,15 @@ def resolve_classes(rows: list[dict], positive: str | None) -> list[str]:
 
 
 def make_split(items: list[Item], preset: str = "stratified", seed: int = 0,
-               ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> list[dict]:
-    """Per-class shuffled split. ``paper``: 976/122/122 per class (1220 sampled per class)."""
+               ratios: tuple[float, float, float] = (0.8, 0.1, 0.1), *, groups: list[str] | None = None) -> list[dict]:
+    """Per-class shuffled split. ``paper``: 976/122/122 per class (1220 sampled per class).
+    ``grouped``: stratified 80:10:10 keeping every group (``groups[i]`` for ``items[i]``) in one subset."""
     if preset not in PRESETS:
         raise ConfigError("preset", preset, f"choose {', '.join(PRESETS)}")
+    if preset == "grouped":
+        if groups is None or len(groups) != len(items):
+            raise ConfigError("preset", preset, "needs one group per image (use split_folder or image_groups)")
+        return _grouped_split(items, groups, seed)
     by_class: dict[str, list[Item]] = defaultdict(list)
     for it in items:
         by_class[it.label].append(it)
@@ -99,6 +104,40 @@ def make_split(items: list[Item], preset: str = "stratified", seed: int = 0,
             start += count
     rows.sort(key=lambda r: (SUBSETS.index(r["subset"]), r["class"], r["path"]))
     return rows
+
+
+def _grouped_split(items: list[Item], groups: list[str], seed: int) -> list[dict]:
+    """Ten stratified group folds (scikit-learn): fold 0 is test, fold 1 val, the rest train."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    order = sorted(range(len(items)), key=lambda i: items[i].path)  # independent of the listing order
+    labels = [items[i].label for i in order]
+    group_ids = [groups[i] for i in order]
+    folds = StratifiedGroupKFold(n_splits=10, shuffle=True, random_state=seed)
+    subset = ["train"] * len(order)
+    for fold, (_, held) in enumerate(folds.split(np.zeros(len(order)), labels, group_ids)):
+        if fold < 2:
+            for k in held:
+                subset[k] = ("test", "val")[fold]
+    rows = [{"path": items[i].path, "class": items[i].label, "subset": subset[k], "group": group_ids[k]}
+            for k, i in enumerate(order)]
+    rows.sort(key=lambda r: (SUBSETS.index(r["subset"]), r["class"], r["path"]))
+    return rows
+
+
+def split_folder(data_dir, preset: str = "stratified", seed: int = 0, *, groups_file=None,
+                 threshold: int | None = None) -> list[dict]:
+    """Scan ``data_dir`` and split it; ``grouped`` first finds near-duplicate (and patient) groups."""
+    items, _ = scan_folder(data_dir)
+    groups = None
+    if preset == "grouped":
+        from .groups import DEFAULT_THRESHOLD, image_groups
+
+        groups = image_groups(data_dir, [it.path for it in items], groups_file=groups_file,
+                              threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
+    elif groups_file is not None:
+        raise ConfigError("groups", groups_file, "only with the grouped preset")
+    return make_split(items, preset, seed, groups=groups)
 
 
 def limit_rows(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:

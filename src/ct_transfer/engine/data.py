@@ -30,8 +30,7 @@ def _one_split(data_dir, split_file, cfg) -> list[dict]:
                      "(by patient where the file names them)", split_file)
             rows = D.carve_test(rows, cfg.split_seed)
         return rows
-    items, _ = D.scan_folder(data_dir)
-    return D.make_split(items, cfg.split_preset, cfg.split_seed)
+    return D.split_folder(data_dir, cfg.split_preset, cfg.split_seed, groups_file=cfg.split_groups)
 
 
 def split_rows(cfg) -> list[dict]:

@@ -214,6 +214,8 @@ def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: boo
     model.load_state_dict(state.best_state)  # final evaluation with the best-on-val weights
     run = Run(model=model.eval(), config=saved_cfg, classes=classes, preprocess=preprocess, history=state.history,
               split=used_rows, directory=rundir.path if rundir else None, device=device)
+    if cfg.calibrate:  # on val only; test sees the fitted temperature and threshold unchanged
+        run.calibrate(subsets["val"], sensitivity=cfg.sensitivity)
     metrics = run.evaluate_subsets({s: subsets[s] for s in ("val", "test") if s in subsets}, write=rundir is not None)
     metrics.update({
         "train_seconds": round(state.train_seconds, 3), "epochs": state.history[-1]["epoch"],

@@ -141,7 +141,7 @@ def _split_counts(path: Path) -> dict | None:
     for r in rows if group_col else ():
         subsets_per_group.setdefault(r[group_col], set()).add(r["subset"])
     disjoint = bool(subsets_per_group) and all(len(s) == 1 for s in subsets_per_group.values())
-    return {"counts": by_subset, "groups_disjoint": disjoint}
+    return {"counts": by_subset, "groups_disjoint": disjoint, "group_col": group_col}
 
 
 def describe_split(grid_dir, grid_info: dict) -> dict:
@@ -170,6 +170,8 @@ def describe_split(grid_dir, grid_info: dict) -> dict:
         name, how = "paper", "inferred: 976/122/122 images per class, the paper's Table 1"
     else:
         name, how = "unknown", "grid.json names no preset or split file"
-    patient_level = name == "grouped" or bool(info and info["groups_disjoint"])
+    # patient-level only when patients were given: a grouped split of near-duplicates alone is not
+    patient_level = bool(info and info["groups_disjoint"]) and (
+        info["group_col"] == "patient" or name != "grouped" or bool(grid_info.get("split_groups")))
     return {"name": name, "how": how, "file": str(split_path) if split_path.exists() else None,
             "counts": counts, "patient_level": patient_level}

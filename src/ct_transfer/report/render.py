@@ -80,6 +80,23 @@ def value_ci(s: dict) -> str:
     return text + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
+def metric_ci(m: dict, key: str) -> str:
+    """One run's metric with the 95% interval its evaluation wrote: ``0.951 [0.915, 0.972]``."""
+    v = m.get(key)
+    if v is None:
+        return "—"
+    ci = (m.get("ci95") or {}).get(key)
+    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def operating(m: dict) -> str:
+    """Sensitivity / specificity at the val-chosen threshold (with intervals); '—' for uncalibrated runs."""
+    op = m.get("operating_point")
+    if not op:
+        return "—"
+    return f"{metric_ci(op, 'sensitivity')} / {metric_ci(op, 'specificity')} (t={op['threshold']:.3f})"
+
+
 def ratio(value, digits: int | None = 3) -> str:
     """1.163× ; ``digits=None`` writes the number as given (the abstract's 1.1 stays 1.1)."""
     if value is None:
@@ -111,6 +128,7 @@ def _env() -> Environment:
                       autoescape=select_autoescape(["html"], default_for_string=False),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters.update(cell=cell, code=code, num=num, signed=signed, stat=stat, value_ci=value_ci, ratio=ratio,
+                       metric_ci=metric_ci, operating=operating,
                        pvalue=pvalue, hours=hours, hms=format_hms,
                        settings_text=settings_text)
     return env

@@ -1,0 +1,112 @@
+"""External validation: a trained run on another folder-per-class dataset (another hospital).
+
+Writes ``RUN/external/NAME/metrics.json`` (``{"name", "data", "metrics", ...}``, the metrics of
+``compute_metrics`` with 95% intervals and, for a calibrated run, the val-chosen operating point)
+and ``RUN/external/NAME/predictions.csv`` (one row per image). Nothing is tuned on the external set.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from . import _io
+from . import data as D
+from .errors import ConfigError, CTTransferError
+from .evaluate import write_predictions
+
+log = logging.getLogger(__name__)
+
+
+def parse_class_map(text: str | dict | None) -> dict[str, str]:
+    """``"CT_COVID=COVID,CT_NonCOVID=non-COVID"`` -> {external folder: run class}."""
+    if text is None or isinstance(text, dict):
+        return dict(text or {})
+    out = {}
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        src, sep, dst = part.partition("=")
+        if not sep or not src.strip() or not dst.strip():
+            raise ConfigError("class_map", text, f"'{part}' is not FOLDER=CLASS")
+        out[src.strip()] = dst.strip()
+    if not out:
+        raise ConfigError("class_map", text, "empty; give FOLDER=CLASS pairs separated by commas")
+    return out
+
+
+def external_rows(run_classes: list[str], data, *, class_map=None, split_file=None, subset=None) -> list[dict]:
+    """The external images as split rows (subset ``external``) labelled with the run's classes."""
+    data = Path(data)
+    if not data.is_dir():
+        raise CTTransferError(f"{data}: external dataset folder not found")
+    if split_file:
+        rows = D.read_split(split_file, data)
+        if subset:
+            rows = [r for r in rows if r["subset"] == subset]
+            if not rows:
+                raise CTTransferError(f"{split_file}: no images in subset '{subset}'")
+    else:
+        if subset:
+            raise ConfigError("subset", subset, "only with a split file")
+        items, _ = D.scan_folder(data)
+        rows = [{"path": it.path, "class": it.label} for it in items]
+    mapping = parse_class_map(class_map)
+    found = sorted({r["class"] for r in rows})
+    unknown = [dst for dst in mapping.values() if dst not in run_classes]
+    if unknown:
+        raise ConfigError("class_map", _map_text(mapping), f"unknown class '{unknown[0]}' "
+                          f"(the run's classes: {', '.join(run_classes)})")
+    absent = [src for src in mapping if src not in found]
+    if absent:
+        raise ConfigError("class_map", _map_text(mapping), f"{data} has no class folder '{absent[0]}' "
+                          f"(found: {', '.join(found)})")
+    labelled = [{**r, "class": mapping.get(r["class"], r["class"]), "subset": "external"} for r in rows]
+    extra = sorted({r["class"] for r in labelled} - set(run_classes))
+    if extra:
+        raise CTTransferError(f"{data}: class '{extra[0]}' is not one of the run's classes "
+                              f"({', '.join(run_classes)}); map it with --class-map {extra[0]}=CLASS")
+    missing = [c for c in run_classes if c not in {r["class"] for r in labelled}]
+    if missing:
+        raise CTTransferError(f"{data}: no images of the run's class '{missing[0]}' (found: {', '.join(found)}); "
+                              "give --class-map FOLDER=CLASS")
+    return labelled
+
+
+def _map_text(mapping: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in mapping.items())
+
+
+def default_name(data, subset: str | None = None) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(data).resolve().name).strip("-") or "external"
+    return f"{name}-{subset}" if subset else name
+
+
+def evaluate_external(run, data, *, name: str | None = None, class_map=None, split_file=None,
+                      subset: str | None = None, write: bool = True) -> dict:
+    """Evaluate ``run`` on ``data``; returns (and writes) ``{"name", "data", "metrics", ...}``."""
+    name = name or default_name(data, subset)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
+        raise ConfigError("name", name, "use letters, digits, '.', '_' or '-' (it names a folder)")
+    rows = external_rows(run.classes, data, class_map=class_map, split_file=split_file, subset=subset)
+    x, y, kept, bad = D.load_subset(rows, "external", run.classes, data, run.preprocess, on_bad="skip")
+    if len(kept) == 0:
+        raise CTTransferError(f"{data}: no readable images")
+    result = run.evaluate_subsets({"external": _Subset(x, y, kept)})["external"]
+    paths, labels, proba = run._predictions.pop("external")
+    record = {"name": name, "data": str(data), "split_file": str(split_file) if split_file else None,
+              "subset": subset, "class_map": parse_class_map(class_map) or None, "skipped": bad,
+              "temperature": run.temperature, "threshold": run.threshold, "metrics": result}
+    if write:
+        if run.directory is None:
+            raise CTTransferError("this run has no directory; save it first (Run.save) or pass write=False")
+        folder = _io.ensure_writable_dir(Path(run.directory) / "external" / name)
+        write_predictions(folder / "predictions.csv", paths, labels, proba, run.classes)
+        _io.write_json(folder / "metrics.json", record)
+        record["path"] = str(folder / "metrics.json")
+    log.info("external %s: %d images, accuracy %.4f", name, result["n"], result["accuracy"])
+    return record
+
+
+class _Subset:
+    def __init__(self, x, y, rows):
+        self.x, self.y, self.rows = x, y, rows

@@ -246,3 +246,34 @@ def proba_paths(run_dir):
     paths, _, _, _ = read_predictions(run_dir / "predictions_test.csv")
     data = json.loads((run_dir / "config.json").read_text())["data"]
     return [str(Path(data) / p) for p in paths]
+
+
+def test_grid_with_calibration_and_external_set_through_the_cli(tmp_path, data_dir, capsys):
+    """`experiment --calibrate --external`: every run calibrated on val, evaluated on the external
+    folder, and the report puts internal and external side by side."""
+    ext = tmp_path / "ext"  # a small real external set: 6 UCSD slices per class
+    for cls in ("COVID", "non-COVID"):
+        (ext / cls).mkdir(parents=True)
+        for f in sorted((UCSD / cls).iterdir())[:6]:
+            (ext / cls / f.name).write_bytes(f.read_bytes())
+    grid = tmp_path / "grid"
+    args = ["experiment", "--data", str(data_dir), "--out", str(grid), "--models", "EfficientNetLite0",
+            "--weights", "imagenet", "--seeds", "0", "--epochs", "1", "--limit", "12", "--calibrate",
+            "--external", str(ext), "--quiet"]
+    assert main(args) == 0
+    run_dir = grid / "runs" / "EfficientNetLite0__imagenet__seed0"
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["calibration"]["temperature"] > 0 and 0 < cfg["calibration"]["threshold"] < 1
+    ext_metrics = json.loads((run_dir / "external" / "ext" / "metrics.json").read_text())
+    assert ext_metrics["metrics"]["n"] == 12 and set(ext_metrics["metrics"]["ci95"]) >= {"accuracy", "roc_auc"}
+    # the external probabilities are the calibrated model's: equal to Run.predict_proba on the files
+    paths, _, proba, _ = read_predictions(run_dir / "external" / "ext" / "predictions.csv")
+    files = [p if Path(p).is_absolute() else str(ext / p) for p in paths]
+    np.testing.assert_allclose(load_run(run_dir).predict_proba(files), proba, atol=1e-5)
+    stamp = (run_dir / "external" / "ext" / "metrics.json").stat().st_mtime_ns
+    assert main(args) == 0  # a restart skips the run and does not evaluate it again
+    assert (run_dir / "external" / "ext" / "metrics.json").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert main(["report", str(grid), "--out", str(tmp_path / "report"), "--no-gallery"]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Internal vs external" in md and "ext" in md

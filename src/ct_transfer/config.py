@@ -16,6 +16,11 @@ STRATEGIES = ("full", "partial", "frozen")
 SPLIT_PRESETS = ("stratified", "paper")
 ON_BAD = ("error", "skip")
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch
+MIN_IMAGE_SIZE = 32  # the networks downsample 32x; some archs need more (models.ModelSpec.min_size)
+RANGE_WHY = {
+    "image_size": " (the networks downsample 32x; larger sizes are also checked against free memory)",
+    "threads": " (the cores this machine has)",
+}
 
 
 def _opt(default, help: str, **meta):
@@ -92,16 +97,14 @@ def _validate(c: TrainConfig) -> None:
             raise ConfigError(name, v, "required")
     ints = {"epochs": (1, 100_000), "batch_size": (1, 65_536), "seed": (0, 2**31 - 1), "split_seed": (0, 2**31 - 1),
             "frozen_views": (1, 64)}
-    optional_ints = {"limit": (1, 10**9), "freeze_until": (0, 1000), "image_size": (1, MAX_IMAGE_SIZE),
+    optional_ints = {"limit": (1, 10**9), "freeze_until": (0, 1000), "image_size": (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
                      "threads": (1, os.cpu_count() or 1)}
     for name, (lo, hi) in {**ints, **optional_ints}.items():
         v = getattr(c, name)
         if v is None and name in optional_ints:
             continue
         if not _is_int(v) or not lo <= v <= hi:
-            raise ConfigError(name, v, f"choose an integer in {lo}..{hi}")
-    if c.image_size is not None and c.image_size < 32:
-        raise ConfigError("image_size", c.image_size, f"choose 32..{MAX_IMAGE_SIZE} (the networks downsample 32x)")
+            raise ConfigError(name, v, f"choose an integer in {lo}..{hi}" + RANGE_WHY.get(name, ""))
     if not isinstance(c.lr, (int, float)) or isinstance(c.lr, bool) or not math.isfinite(c.lr) or not 0 < c.lr <= 10:
         raise ConfigError("lr", c.lr, "choose a finite number in (0, 10]")
     if not isinstance(c.dropout, (int, float)) or not math.isfinite(c.dropout) or not 0 <= c.dropout < 1:
@@ -109,6 +112,11 @@ def _validate(c: TrainConfig) -> None:
     for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD)):
         if getattr(c, name) not in allowed:
             raise ConfigError(name, getattr(c, name), f"choose {', '.join(allowed)}")
+    for name in ("out", "split_file", "positive", "cache_dir"):
+        v = getattr(c, name)
+        if v is not None and (not isinstance(v, (str, os.PathLike)) or not str(v).strip() or "\x00" in str(v)):
+            raise ConfigError(name, v, "give a non-empty text value (or leave it out)")
+    _validate_weights(c.weights)
     for name in ("augment", "channels_last", "bf16", "compile"):
         if not isinstance(getattr(c, name), bool):
             raise ConfigError(name, getattr(c, name), "choose true or false")
@@ -119,6 +127,15 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("out", c.out, "exists and is not a folder")
     if c.strategy != "partial" and c.freeze_until is not None:
         raise ConfigError("freeze_until", c.freeze_until, "only with strategy=partial")
+
+
+def _validate_weights(weights) -> None:
+    if not isinstance(weights, (str, os.PathLike)) or not str(weights).strip():
+        raise ConfigError("weights", weights, "choose none, imagenet or a weights file path")
+    if str(weights) in ("none", "imagenet"):
+        return
+    if not os.path.isfile(weights):
+        raise ConfigError("weights", weights, "no such file (choose none, imagenet or a weights file path)")
 
 
 def _validate_device(device) -> None:

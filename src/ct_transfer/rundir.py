@@ -35,6 +35,12 @@ class RunDir:
             raise CTTransferError(f"{self.path}: not a run directory (no {CONFIG})")
         return self
 
+    def refuse_output(self, target) -> None:
+        """One-line error when ``target`` would overwrite (or could be) one of this run's files."""
+        if self.owns(target):
+            raise CTTransferError(f"{target}: is one of the run's own files (its checkpoints, CSV and JSON "
+                                  f"files are never outputs of another command); choose another output")
+
     def owns(self, target) -> bool:
         """Is ``target`` one of this run's own files (never an output of another command)?"""
         try:
@@ -77,9 +83,12 @@ class RunDir:
         """New ``last.pt``; the previous one becomes ``last.prev.pt`` (a fallback for resume)."""
         tmp = self.path / f".{LAST}.new"
         _io.save_checkpoint(state, tmp)
-        if (self.path / LAST).exists():
-            os.replace(self.path / LAST, self.path / LAST_PREV)
-        os.replace(tmp, self.path / LAST)
+        try:
+            if (self.path / LAST).exists():
+                os.replace(self.path / LAST, self.path / LAST_PREV)
+            os.replace(tmp, self.path / LAST)
+        except OSError as exc:
+            raise CTTransferError(f"{self.path / LAST}: cannot write ({_io.why(exc)})") from None
 
     def load_best(self, map_location="cpu") -> dict:
         for name in (BEST, LAST):

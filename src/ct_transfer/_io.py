@@ -34,6 +34,8 @@ def atomic_open(path, mode: str = "w", **kwargs):
     path = Path(path)
     if path.is_dir():
         raise CTTransferError(f"{path}: is a folder, not a file")
+    if path.exists() and not path.is_file():  # /dev/null, a FIFO: never replaced by a rename
+        raise CTTransferError(f"{path}: is not a regular file")
     if not path.parent.is_dir():
         raise CTTransferError(f"{path}: folder {path.parent} does not exist")
     try:
@@ -127,8 +129,24 @@ def save_checkpoint(obj, path) -> None:
             torch.save(obj, fh)
     except CTTransferError:
         raise
-    except RuntimeError as exc:  # torch's zip writer reports a full disk as RuntimeError
-        raise CTTransferError(f"{path}: cannot write checkpoint ({first_line(exc, 100)})") from None
+    except RuntimeError as exc:  # torch's zip writer reports a full disk as an internal RuntimeError
+        raise CTTransferError(f"{path}: cannot write checkpoint ({_disk_why(Path(path).parent, exc)})") from None
+
+
+def _disk_why(folder: Path, exc: BaseException) -> str:
+    """Name the likely cause of a failed write that the library did not report as an OSError."""
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < 64 * 2**20:
+            return "no space left on device"
+    except OSError:
+        pass
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return f"file too large for this process's file size limit ({soft} bytes)"
+    return f"file write failed: {first_line(exc, 80)}"
 
 
 def read_text(path, *, what: str = "text file", max_bytes: int = 1 << 20) -> str:
@@ -149,6 +167,15 @@ def load_checkpoint(path, *, map_location="cpu", keys: tuple[str, ...] = ("model
     import torch
 
     path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        magic = b"PK\x03\x04"  # torch.load below says which
+    except OSError:
+        magic = b""
+    if magic[:4] != b"PK\x03\x04" and magic[:1] != b"\x80":  # zip (torch >= 1.6) or a legacy pickle
+        raise CTTransferError(f"{path}: not a PyTorch checkpoint file" + (" (empty)" if not magic else ""))
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -188,6 +215,8 @@ def check_writable(path, *, folder: bool = True) -> Path:
     else:
         if path.is_dir():
             raise CTTransferError(f"{path}: is a folder; give a file name")
+        if path.exists() and not path.is_file():
+            raise CTTransferError(f"{path}: is not a regular file (a device or pipe); give a file name")
         probe = path.parent
         if not probe.is_dir():
             raise CTTransferError(f"{path}: folder {probe} does not exist")

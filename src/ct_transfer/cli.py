@@ -78,6 +78,8 @@ def _check_output(out, run=None) -> Path:
     from . import _io
     from .rundir import RunDir
 
+    if str(out).endswith(("/", os.sep)):
+        raise CTTransferError(f"{out}: names a folder; give a file name")
     out = Path(out)
     dirs = [RunDir(out.parent)] + ([RunDir(run.directory)] if run is not None and run.directory else [])
     for rd in dirs:
@@ -158,11 +160,13 @@ def cmd_split(args):
 
 def _print_metrics(metrics, where):
     for subset in ("val", "test"):
-        m = metrics[subset]
+        m = metrics.get(subset)
+        if not isinstance(m, dict) or "accuracy" not in m:
+            continue
         auc = "n/a" if m.get("roc_auc") is None else f"{m['roc_auc']:.4f}"
         print(f"{subset:<5} acc {m['accuracy']:.4f}  prec {m['precision']:.4f}  rec {m['recall']:.4f}  "
               f"f1 {m['f1']:.4f}  auc {auc}  cm {m['confusion_matrix']}  (n={m['n']})")
-    if "train_seconds" in metrics:
+    if isinstance(metrics.get("train_seconds"), (int, float)):
         print(f"train_seconds {metrics['train_seconds']:.1f}")
     print(f"wrote {Path(where) / 'metrics.json'}")
 
@@ -204,8 +208,9 @@ def _grid_lists(args, preset):
     from .config import _validate_weights
     from .models import resolve
 
-    models = _csv_list(args.models, flag="--models") if args.models else list(preset["models"])
-    weights = _csv_list(args.weights, flag="--weights") if args.weights else list(preset["weights"])
+    # `is not None`: an empty --models '' is an error, not the preset's 12 models
+    models = _csv_list(args.models, flag="--models") if args.models is not None else list(preset["models"])
+    weights = _csv_list(args.weights, flag="--weights") if args.weights is not None else list(preset["weights"])
     seeds = _csv_list(args.seeds, int, "--seeds")
     for flag, values, check in (("--models", models, resolve), ("--weights", weights, _validate_weights)):
         for v in values:
@@ -432,7 +437,7 @@ def main(argv=None) -> int:
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"ct-transfer: error: {clean(message)}", file=sys.stderr)
+    print(f"ct-transfer: error: {first_line(message, 600)}", file=sys.stderr)  # huge paths cut at a word
     return code
 
 

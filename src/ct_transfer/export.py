@@ -54,6 +54,9 @@ def resolve_format(out: Path, fmt: str | None) -> str:
             raise CTTransferError(f"{out}: give a .onnx or .pt2 file name (or --format)")
     if fmt not in FORMATS.values():
         raise CTTransferError(f"format={fmt}: choose {', '.join(FORMATS.values())}")
+    named = FORMATS.get(out.suffix.lower())
+    if named is not None and named != fmt:
+        raise CTTransferError(f"{out}: the name says {named} but the format is {fmt}; use a {fmt} file name")
     return fmt
 
 

@@ -73,7 +73,11 @@ class RunDir:
         p = self.path / HISTORY
         if not p.exists():
             return []
-        return [{k: float(v) for k, v in r.items()} for r in _io.read_csv(p, what="history file")]
+        rows = _io.read_csv(p, what="history file")
+        try:
+            return [{k: float(v) for k, v in r.items()} for r in rows]
+        except (TypeError, ValueError):
+            raise CTTransferError(f"{p}: not a readable history file (non-numeric values)") from None
 
     # -- checkpoints -----------------------------------------------------------------------
     def save_best(self, state: dict) -> None:

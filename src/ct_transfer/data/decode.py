@@ -56,6 +56,8 @@ def decode_bytes(data: bytes, name: str) -> Image.Image:
         return image
     except CTTransferError:
         raise
+    except Image.DecompressionBombError:
+        raise CTTransferError(f"{name}: image is larger than the {MAX_PIXELS:,} px allowed (decompression bomb?)") from None
     except Image.UnidentifiedImageError:
         raise CTTransferError(f"{name}: not an image file (PNG, JPEG, BMP, TIFF or DICOM)") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)

@@ -174,10 +174,12 @@ def test_outputs_onto_a_runs_own_files_are_refused(tmp_path, rel_data, rel_run, 
                  ["export", "--run", rel_run, "--out", rel_run, "--format", "onnx"],
                  ["predict", "--run", rel_run, image, "--out", rel_run / "predictions_test.csv"],
                  ["predict", "--run", rel_run, image, "--out", rel_run / "metrics.json"],
-                 ["split", "--data", rel_data, "--out", rel_run / "split.csv"]):
+                 ["split", "--data", rel_data, "--out", rel_run / "split.csv"],
+                 ["split", "--data", rel_data, "--out", rel_run / "new.txt"],  # not its own, but inside it
+                 ["explain", "--run", rel_run, image, "--out", rel_run]):
         assert main([str(a) for a in argv]) == 2, argv
         err = one_line(capsys)
-        assert str(rel_run) in err and ("run's own files" in err or "is a folder" in err), err
+        assert str(rel_run) in err and ("run's own files" in err or "run directory" in err), err
     assert tree_hash(rel_run) == before  # byte-identical checkpoints, config and split
 
 

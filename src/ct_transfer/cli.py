@@ -73,19 +73,34 @@ def _int_in(lo: int, hi: int):
 
 
 def _check_output(out, run=None) -> Path:
-    """A file output: not a folder, its folder exists and is writable, never one of a run's own
-    files (the run being used, or any run whose directory the file would land in)."""
+    """A file output: not a folder, its folder exists and is writable, and it is not inside a run
+    directory (the run being used, or any other): a run's files are never another command's output."""
     from . import _io
-    from .rundir import RunDir
 
     if str(out).endswith(("/", os.sep)):
         raise CTTransferError(f"{out}: names a folder; give a file name")
     out = Path(out)
-    dirs = [RunDir(out.parent)] + ([RunDir(run.directory)] if run is not None and run.directory else [])
-    for rd in dirs:
-        if rd.is_run() or rd is not dirs[0]:
-            rd.refuse_output(out)
+    _refuse_run_dir(out.parent, out, run)
+    if out.is_dir():  # --out RUN itself
+        _refuse_run_dir(out, out, run)
     return _io.check_writable(out, folder=False)
+
+
+def _refuse_run_dir(folder: Path, out: Path, run=None) -> None:
+    from .rundir import RunDir
+
+    rd = RunDir(folder)
+    same = run is not None and run.directory is not None and _same(folder, run.directory)
+    if rd.is_run() or same:
+        rd.refuse_output(out)  # the run's own files: the long message
+        raise CTTransferError(f"{out}: is inside the run directory {folder}; choose another folder")
+
+
+def _same(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def add_config_flags(p: argparse.ArgumentParser, *, skip=()) -> None:
@@ -300,6 +315,7 @@ def cmd_explain(args):
     run = load_run(args.run)
     if window:
         run.preprocess = run.preprocess.__class__(**{**run.preprocess.__dict__, "window": window})
+    _refuse_run_dir(Path(args.out), Path(args.out), run)
     _io.check_writable(args.out)
     try:
         results = explain_files(run, collect_inputs(args.inputs), method=args.method, out_dir=args.out,

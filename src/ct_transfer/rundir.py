@@ -37,6 +37,8 @@ class RunDir:
 
     def refuse_output(self, target) -> None:
         """One-line error when ``target`` would overwrite (or could be) one of this run's files."""
+        if self.owns(target) and Path(target).resolve() == self.path.resolve():
+            raise CTTransferError(f"{target}: is the run directory itself; choose another output")
         if self.owns(target):
             raise CTTransferError(f"{target}: is one of the run's own files (its checkpoints, CSV and JSON "
                                   f"files are never outputs of another command); choose another output")

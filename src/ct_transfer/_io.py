@@ -175,7 +175,8 @@ def load_checkpoint(path, *, map_location="cpu", keys: tuple[str, ...] = ("model
     except OSError:
         magic = b""
     if magic[:4] != b"PK\x03\x04" and magic[:1] != b"\x80":  # zip (torch >= 1.6) or a legacy pickle
-        raise CTTransferError(f"{path}: not a PyTorch checkpoint file" + (" (empty)" if not magic else ""))
+        raise CTTransferError(f"{path}: cannot load checkpoint (not a PyTorch checkpoint file"
+                              + (", empty)" if not magic else ")"))
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

@@ -349,7 +349,13 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (``ct-transfer: error: ...``) and exit 2, like library errors."""
 
     def error(self, message):
-        self.exit(2, f"ct-transfer: error: {self.prog.removeprefix('ct-transfer ')}: {message}\n")
+        import re
+
+        # "argument --batch-size: 0: choose ..." -> "--batch-size 0: choose ...", like a ConfigError
+        m = re.fullmatch(r"argument (--[\w-]+): (\S+): (.*)", message, flags=re.S)
+        if m:
+            message = f"{m[1]} {m[2]}: {m[3]}"
+        self.exit(2, f"ct-transfer: error: {self.prog.removeprefix('ct-transfer ')}: {clean(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -431,7 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (already printed) and --help: a code, also in-process
+        return exc.code if isinstance(exc.code, int) else 2
     _setup_logging(quiet=getattr(args, "quiet", False))
     try:
         args.func(args)

@@ -74,10 +74,10 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
     grid_dir = Path(out)
     if not Path(data).is_dir():
         raise CTTransferError(f"{data}: dataset folder not found")
-    # every cell's options (names, weights, sizes per architecture) are checked before the first run
+    # every cell's options (names, sizes per architecture) are checked before the first run; a weights
+    # file that is missing or damaged fails its own cells, recorded, while the others run
     for m in models:
-        for w in weights:
-            TrainConfig(**{**base, "data": str(data), "model": m, "weights": w, "out": None}).resolved()
+        TrainConfig(**{**base, "data": str(data), "model": m, "weights": "none", "out": None}).resolved()
     _io.ensure_writable_dir(grid_dir)
     split = ensure_split(grid_dir, data, split_file, split_preset, split_seed)
     strategy = base.get("strategy", "full")

@@ -66,7 +66,7 @@ def test_grid_resumes_an_interrupted_run(tmp_path, data_dir):
 def test_experiment_cli_bad_model_fails_before_training(tmp_path, data_dir, capsys):
     code = main(["experiment", "--data", str(data_dir), "--out", str(tmp_path / "g"), "--models", "NoSuchNet",
                  "--seeds", "0", "--epochs", "1"])
-    assert code == 2 and "--model NoSuchNet" in capsys.readouterr().err
+    assert code == 2 and "--models NoSuchNet" in capsys.readouterr().err
     assert not (tmp_path / "g" / "runs").exists()
 
 

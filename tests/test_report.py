@@ -211,7 +211,7 @@ def test_bad_input_is_one_line_naming_the_file(tiny_grid, tmp_path, capsys):
     shutil.copytree(tiny_grid, grid)
     bad = grid / "runs" / RUN / "metrics.json"
     bad.write_text("{not json")
-    with pytest.raises(CTTransferError, match=f"^{re.escape(str(bad))}: not valid JSON"):
+    with pytest.raises(CTTransferError, match=f"^{re.escape(str(bad))}: not a readable JSON file"):
         R.collect_runs(grid)
     assert main(["report", str(grid), "--no-gallery"]) == 2
     err = capsys.readouterr().err

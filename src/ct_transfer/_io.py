@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import math
@@ -22,14 +23,23 @@ def _why(exc: BaseException) -> str:
     return first_line(exc)
 
 
+def why(exc: BaseException) -> str:
+    """The short reason of an OS or library error ("no space left on device")."""
+    return _why(exc)
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "w", **kwargs):
     """Write ``path`` through a temporary file; on any error the temporary file is removed."""
     path = Path(path)
     if path.is_dir():
         raise CTTransferError(f"{path}: is a folder, not a file")
+    if path.exists() and not path.is_file():  # /dev/null, a FIFO: never replaced by a rename
+        raise CTTransferError(f"{path}: is not a regular file")
+    if not path.parent.is_dir():
+        raise CTTransferError(f"{path}: folder {path.parent} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise CTTransferError(f"{path.parent}: cannot write here ({_why(exc)})") from None
     try:
@@ -114,8 +124,42 @@ def read_csv(path, *, required: tuple[str, ...] = (), what: str = "CSV file") ->
 def save_checkpoint(obj, path) -> None:
     import torch
 
-    with atomic_open(path, "wb") as fh:
-        torch.save(obj, fh)
+    try:
+        with atomic_open(path, "wb") as fh:
+            torch.save(obj, fh)
+    except CTTransferError:
+        raise
+    except RuntimeError as exc:  # torch's zip writer reports a full disk as an internal RuntimeError
+        raise CTTransferError(f"{path}: cannot write checkpoint ({_disk_why(Path(path).parent, exc)})") from None
+
+
+def _disk_why(folder: Path, exc: BaseException) -> str:
+    """Name the likely cause of a failed write that the library did not report as an OSError."""
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < 64 * 2**20:
+            return "no space left on device"
+    except OSError:
+        pass
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return f"file too large for this process's file size limit ({soft} bytes)"
+    return f"file write failed: {first_line(exc, 80)}"
+
+
+def read_text(path, *, what: str = "text file", max_bytes: int = 1 << 20) -> str:
+    """A small text file (undecodable bytes replaced); a missing or unreadable one is a one-line error."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(max_bytes)
+    except FileNotFoundError:
+        raise CTTransferError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise CTTransferError(f"{path}: cannot read {what} ({_why(exc)})") from None
+    return data.decode("utf-8", errors="replace")
 
 
 def load_checkpoint(path, *, map_location="cpu", keys: tuple[str, ...] = ("model",)) -> dict:
@@ -124,14 +168,65 @@ def load_checkpoint(path, *, map_location="cpu", keys: tuple[str, ...] = ("model
 
     path = Path(path)
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        magic = b"PK\x03\x04"  # torch.load below says which
+    except OSError:
+        magic = b""
+    if magic[:4] != b"PK\x03\x04" and magic[:1] != b"\x80":  # zip (torch >= 1.6) or a legacy pickle
+        raise CTTransferError(f"{path}: cannot load checkpoint (not a PyTorch checkpoint file"
+                              + (", empty)" if not magic else ")"))
+    try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CTTransferError(f"{path}: checkpoint not found") from None
+    except IsADirectoryError:
+        raise CTTransferError(f"{path}: is a folder, not a checkpoint") from None
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:  # torch's zip reader on a truncated file
+            raise CTTransferError(f"{path}: cannot load checkpoint (the file is damaged or truncated)") from None
+        raise CTTransferError(f"{path}: cannot read checkpoint ({_why(exc)})") from None
     except Exception as exc:  # torch raises many types for damaged files
-        raise CTTransferError(f"{path}: cannot load checkpoint ({first_line(exc, 100)})") from None
+        text = first_line(exc, 100)
+        if any(k in text for k in ("zip archive", "central directory", "pickle data was truncated", "Ran out of input")):
+            text = "the file is damaged or truncated"
+        elif "weights_only" in text or "Unsupported global" in text:
+            text = "holds objects other than tensors (not a ct-transfer checkpoint)"
+        raise CTTransferError(f"{path}: cannot load checkpoint ({text})") from None
     if not isinstance(obj, dict) or any(k not in obj for k in keys):
         raise CTTransferError(f"{path}: not a ct-transfer checkpoint (missing {', '.join(keys)})")
     return obj
+
+
+def check_writable(path, *, folder: bool = True) -> Path:
+    """Prove, before any work and without creating anything, that ``path`` can be written:
+    a folder (made later, parents included) or a file whose folder must exist."""
+    path = Path(path)
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise CTTransferError(f"{path}: exists and is not a folder")
+        probe = path
+        while not probe.exists():
+            if probe.parent == probe:
+                break
+            probe = probe.parent
+        if not probe.is_dir():
+            raise CTTransferError(f"{path}: {probe} is a file, not a folder")
+    else:
+        if path.is_dir():
+            raise CTTransferError(f"{path}: is a folder; give a file name")
+        if path.exists() and not path.is_file():
+            raise CTTransferError(f"{path}: is not a regular file (a device or pipe); give a file name")
+        probe = path.parent
+        if not probe.is_dir():
+            raise CTTransferError(f"{path}: folder {probe} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise CTTransferError(f"{path}: cannot write here ({_why(exc)} at {probe})") from None
+    return path
 
 
 def ensure_writable_dir(path) -> Path:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .errors import ConfigError, CTTransferError
+from .errors import ConfigError, CTTransferError, clean, first_line
 
 GRID_FIELDS = ("model", "weights", "seed", "out")  # set per cell by `experiment`
 
@@ -61,9 +62,54 @@ def _base_type(annotation):
 
 def _finite_float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"not a number: {clean(text)[:40]!r}") from None
+    return value  # NaN/inf reach TrainConfig, whose message gives the allowed range
+
+
+def _int_in(lo: int, hi: int):
+    """argparse type: an integer in lo..hi, the range said in the message."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{clean(text)[:40]}: choose an integer in {lo}..{hi}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value}: choose an integer in {lo}..{hi}")
+        return value
+    return parse
+
+
+def _check_output(out, run=None) -> Path:
+    """A file output: not a folder, its folder exists and is writable, and it is not inside a run
+    directory (the run being used, or any other): a run's files are never another command's output."""
+    from . import _io
+
+    if str(out).endswith(("/", os.sep)):
+        raise CTTransferError(f"{out}: names a folder; give a file name")
+    out = Path(out)
+    _refuse_run_dir(out.parent, out, run)
+    if out.is_dir():  # --out RUN itself
+        _refuse_run_dir(out, out, run)
+    return _io.check_writable(out, folder=False)
+
+
+def _refuse_run_dir(folder: Path, out: Path, run=None) -> None:
+    from .rundir import RunDir
+
+    rd = RunDir(folder)
+    same = run is not None and run.directory is not None and _same(folder, run.directory)
+    if rd.is_run() or same:
+        rd.refuse_output(out)  # the run's own files: the long message
+        raise CTTransferError(f"{out}: is inside the run directory {folder}; choose another folder")
+
+
+def _same(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 def _positive_int(text: str) -> int:
@@ -141,6 +187,7 @@ def cmd_models(args):
 def cmd_split(args):
     from . import data as D
 
+    _check_output(args.out)
     _, classes = D.scan_folder(args.data)
     if args.groups and args.preset != "grouped":
         raise CTTransferError(f"--groups {args.groups}: only with --preset grouped")
@@ -180,8 +227,11 @@ def _metric_line(name: str, m: dict) -> str:
 def _print_metrics(metrics, where):
     print("95% intervals: Wilson (acc, sens, spec), bootstrap (f1, auc)")
     for subset in ("val", "test"):
-        print(_metric_line(subset, metrics[subset]))
-    if "train_seconds" in metrics:
+        m = metrics.get(subset)
+        if not isinstance(m, dict) or "accuracy" not in m:
+            continue
+        print(_metric_line(subset, m))
+    if isinstance(metrics.get("train_seconds"), (int, float)):
         print(f"train_seconds {metrics['train_seconds']:.1f}")
     print(f"wrote {Path(where) / 'metrics.json'}")
 
@@ -194,9 +244,11 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
+    from . import _io
     from .run import load_run
 
     run = load_run(args.run)
+    _io.check_writable(args.run)  # metrics and predictions are rewritten: fail before the work
     if args.data and not args.split_file or args.class_map or args.name or args.subset:
         # another dataset: external validation (the run's own files stay as they are)
         rec = run.evaluate_external(args.data, name=args.name, class_map=args.class_map,
@@ -232,13 +284,42 @@ def cmd_audit(args):
 
 
 def _csv_list(text: str, kind=str, flag=""):
+    shown = clean(text)[:80] or "''"
     try:
         items = [kind(x.strip()) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise CTTransferError(f"{flag} {text}: give a comma-separated list, e.g. 0,1,2") from None
+        raise CTTransferError(f"{flag} {shown}: give a comma-separated list, e.g. 0,1,2") from None
     if not items:
-        raise CTTransferError(f"{flag} {text!r}: empty list")
+        raise CTTransferError(f"{flag} {shown}: empty list")
+    repeated = sorted({str(x) for x in items if items.count(x) > 1})
+    if repeated:
+        raise CTTransferError(f"{flag} {shown}: {', '.join(repeated)} given more than once")
     return items
+
+
+def _grid_lists(args, preset):
+    """--models, --weights, --seeds checked one by one, the message naming the list flag."""
+    from .config import _validate_weights
+    from .models import resolve
+
+    # `is not None`: an empty --models '' is an error, not the preset's 12 models
+    models = _csv_list(args.models, flag="--models") if args.models is not None else list(preset["models"])
+    weights = _csv_list(args.weights, flag="--weights") if args.weights is not None else list(preset["weights"])
+    seeds = _csv_list(args.seeds, int, "--seeds")
+    for flag, values, check in (("--models", models, resolve), ("--weights", weights, _validate_weights)):
+        for v in values:
+            try:
+                check(v)
+            except ConfigError as exc:
+                raise CTTransferError(f"{flag} {show_list(values)}: {v}: {exc.why}") from None
+    bad = [s for s in seeds if not 0 <= s <= 2**31 - 1]
+    if bad:
+        raise CTTransferError(f"--seeds {show_list(seeds)}: {bad[0]}: choose integers in 0..{2**31 - 1}")
+    return models, weights, seeds
+
+
+def show_list(values) -> str:
+    return clean(",".join(str(v) for v in values))[:80]
 
 
 def cmd_experiment(args):
@@ -246,10 +327,10 @@ def cmd_experiment(args):
 
     from .experiment import PRESETS, run_grid
 
-    preset = PRESETS[args.preset]
-    models = _csv_list(args.models, flag="--models") if args.models else list(preset["models"])
-    weights = _csv_list(args.weights, flag="--weights") if args.weights else list(preset["weights"])
-    seeds = _csv_list(args.seeds, int, "--seeds")
+    from . import _io
+
+    models, weights, seeds = _grid_lists(args, PRESETS[args.preset])
+    _io.check_writable(args.out)
     preset_name = args.grid_split_preset or "paper"
     cfg = config_from_args(args, model=models[0], out=None, split_preset=preset_name)
     if len(cfg.datasets) > 1:
@@ -289,9 +370,11 @@ def cmd_tune(args):
 
 
 def cmd_report(args):
+    from . import _io
     from .report import gallery_section, write_report
 
     out = args.out or args.grid_dir
+    _io.check_writable(out)
     extra = []
     if not args.no_gallery:
         section = gallery_section(args.grid_dir, out, args.method)
@@ -309,11 +392,12 @@ def cmd_predict(args):
     from .predict import parse_window, predict, write_rows
     from .run import load_run
 
+    window = parse_window(args.window) if args.window else None
     run = load_run(args.run)
-    if args.window:
-        run.preprocess = run.preprocess.__class__(**{**run.preprocess.__dict__, "window": parse_window(args.window)})
+    if window:
+        run.preprocess = run.preprocess.__class__(**{**run.preprocess.__dict__, "window": window})
     if args.out:
-        _check_output(run, args.out)
+        _check_output(args.out, run)
     rows = predict(run, args.inputs, batch_size=args.batch_size, progress=True)
     if not args.out or len(rows) <= 50:
         width = min(70, max(len(r["path"]) for r in rows))
@@ -325,25 +409,18 @@ def cmd_predict(args):
         print(f"wrote {args.out} ({len(rows)} images)")
 
 
-def _check_output(run, out) -> None:
-    from .rundir import RunDir
-
-    if run.directory is not None and RunDir(run.directory).owns(out):
-        raise CTTransferError(f"{out}: is one of the run's own files; choose another output")
-    if Path(out).is_dir():
-        raise CTTransferError(f"{out}: is a folder; give a file name")
-    if not Path(out).resolve().parent.is_dir():
-        raise CTTransferError(f"{out}: folder {Path(out).parent} does not exist")
-
-
 def cmd_explain(args):
     from .explain import explain_files
     from .predict import collect_inputs, parse_window
+    from . import _io
     from .run import load_run
 
+    window = parse_window(args.window) if args.window else None
     run = load_run(args.run)
-    if args.window:
-        run.preprocess = run.preprocess.__class__(**{**run.preprocess.__dict__, "window": parse_window(args.window)})
+    if window:
+        run.preprocess = run.preprocess.__class__(**{**run.preprocess.__dict__, "window": window})
+    _refuse_run_dir(Path(args.out), Path(args.out), run)
+    _io.check_writable(args.out)
     try:
         results = explain_files(run, collect_inputs(args.inputs), method=args.method, out_dir=args.out,
                                 target_layer=args.target_layer)
@@ -359,6 +436,8 @@ def cmd_export(args):
     from .run import load_run
 
     run = load_run(args.run)
+    for target in (args.out, args.out + ".json"):  # the export and its description beside it
+        _check_output(target, run)
     info = run.export(args.out, format=args.format)
     print(f"wrote {args.out} (+ {Path(args.out).name}.json)")
     print(f"parity on {info['parity']['images']} {info['parity']['on']}: max |p_export - p_torch| = "
@@ -382,7 +461,13 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (``ct-transfer: error: ...``) and exit 2, like library errors."""
 
     def error(self, message):
-        self.exit(2, f"ct-transfer: error: {self.prog.removeprefix('ct-transfer ')}: {message}\n")
+        import re
+
+        # "argument --batch-size: 0: choose ..." -> "--batch-size 0: choose ...", like a ConfigError
+        m = re.fullmatch(r"argument (--[\w-]+): (\S+): (.*)", message, flags=re.S)
+        if m:
+            message = f"{m[1]} {m[2]}: {m[3]}"
+        self.exit(2, f"ct-transfer: error: {self.prog.removeprefix('ct-transfer ')}: {clean(message)}\n")
 
 
 def _add_executor_flags(p) -> None:
@@ -408,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--preset", choices=list(SPLIT_PRESETS), default="stratified")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_int_in(0, 2**31 - 1), default=0)
     p.add_argument("--no-duplicates", action="store_true", help="skip the cross-subset duplicate check")
     p.add_argument("--groups", help="grouped: CSV path,group (or path,...,patient) kept inside one subset")
     p.add_argument("--threshold", type=int, help=f"grouped: pHash distance of near-duplicates (default {THRESHOLD})")
@@ -492,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or DICOM files")
     p.add_argument("--out", help="predictions file (.csv or .json)")
     p.add_argument("--window", help="DICOM window WIDTH,LEVEL in HU (default 1500,-600: lung)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_int_in(1, 4096), default=64, help="images per forward pass (1..4096)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="heat-map overlays (Grad-CAM, Grad-CAM++, CAM, LRP) for images")
@@ -522,22 +607,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (already printed) and --help: a code, also in-process
+        return exc.code if isinstance(exc.code, int) else 2
     restore_logging = _setup_logging(quiet=getattr(args, "quiet", False))
     try:
         args.func(args)
     except ConfigError as exc:
-        print(f"ct-transfer: error: {exc.as_flag()}", file=sys.stderr)
-        return 2
+        return _fail(exc.as_flag())
     except CTTransferError as exc:
-        print(f"ct-transfer: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return _fail(str(exc))
     except KeyboardInterrupt:
         print("ct-transfer: interrupted (a run continues with --resume)", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `ct-transfer ... | head`: the reader left; nothing to say
+        sys.stderr.close()
+        return 141
+    except Exception as exc:
+        if os.environ.get("CT_TRANSFER_DEBUG"):
+            raise
+        return _unexpected(exc)
     finally:
         restore_logging()
     return 0
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"ct-transfer: error: {first_line(message, 600)}", file=sys.stderr)  # huge paths cut at a word
+    return code
+
+
+def _unexpected(exc: Exception) -> int:
+    """Safety net (each case a bug to fix where the input enters): still one line, no traceback."""
+    import torch
+
+    if isinstance(exc, OSError):  # a file the code did not expect to fail: name it
+        where = exc.filename or "a file"
+        return _fail(f"{where}: {(exc.strerror or first_line(exc)).lower()}")
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return _fail("out of memory: choose a smaller --image-size, --batch-size or --limit")
+    return _fail(f"internal error ({type(exc).__name__}: {first_line(exc, 120)}); please report it with "
+                 "the command (CT_TRANSFER_DEBUG=1 shows the traceback)", code=1)
 
 
 if __name__ == "__main__":

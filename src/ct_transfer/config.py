@@ -23,6 +23,11 @@ INTENSITIES = ("none", "percentile", "clahe")
 AUGMENTATIONS = ("paper", "domain")
 ON_BAD = ("error", "skip")
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch
+MIN_IMAGE_SIZE = 32  # the networks downsample 32x; some archs need more (models.ModelSpec.min_size)
+RANGE_WHY = {
+    "image_size": " (the networks downsample 32x; larger sizes are also checked against free memory)",
+    "threads": " (the cores this machine has)",
+}
 
 
 def _opt(default, help: str, **meta):
@@ -156,7 +161,7 @@ def _validate(c: TrainConfig) -> None:
         parse_class_map(c.class_map)
     ints = {"epochs": (1, 100_000), "batch_size": (1, 65_536), "seed": (0, 2**31 - 1), "split_seed": (0, 2**31 - 1),
             "frozen_views": (1, 64), "checkpoint_every": (1, 100_000)}
-    optional_ints = {"limit": (1, 10**9), "freeze_until": (0, 1000), "image_size": (1, MAX_IMAGE_SIZE),
+    optional_ints = {"limit": (1, 10**9), "freeze_until": (0, 1000), "image_size": (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
                      "resize_from": (32, MAX_IMAGE_SIZE),
                      "threads": (1, os.cpu_count() or 1)}
     for name, (lo, hi) in {**ints, **optional_ints}.items():
@@ -164,9 +169,7 @@ def _validate(c: TrainConfig) -> None:
         if v is None and name in optional_ints:
             continue
         if not _is_int(v) or not lo <= v <= hi:
-            raise ConfigError(name, v, f"choose an integer in {lo}..{hi}")
-    if c.image_size is not None and c.image_size < 32:
-        raise ConfigError("image_size", c.image_size, f"choose 32..{MAX_IMAGE_SIZE} (the networks downsample 32x)")
+            raise ConfigError(name, v, f"choose an integer in {lo}..{hi}" + RANGE_WHY.get(name, ""))
     if not isinstance(c.lr, (int, float)) or isinstance(c.lr, bool) or not math.isfinite(c.lr) or not 0 < c.lr <= 10:
         raise ConfigError("lr", c.lr, "choose a finite number in (0, 10]")
     if not isinstance(c.dropout, (int, float)) or not math.isfinite(c.dropout) or not 0 <= c.dropout < 1:
@@ -186,6 +189,15 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("sensitivity", c.sensitivity, "choose a number in (0, 1]")
     if c.split_groups is not None and c.split_preset != "grouped" and not c.split_file:
         raise ConfigError("split_groups", c.split_groups, "only with split_preset=grouped")
+    for name in ("out", "positive", "cache_dir"):
+        v = getattr(c, name)
+        if v is not None and not _text(v):
+            raise ConfigError(name, v, "give a non-empty text value (or leave it out)")
+    split_files = c.split_file if isinstance(c.split_file, (list, tuple)) else [c.split_file]
+    for v in split_files:  # one per dataset ("-": that dataset's preset split)
+        if v is not None and not _text(v):
+            raise ConfigError("split_file", v, "give a non-empty text value (or leave it out)")
+    _validate_weights(c.weights)
     for name in ("augment", "channels_last", "bf16", "compile", "calibrate"):
         if not isinstance(getattr(c, name), bool):
             raise ConfigError(name, getattr(c, name), "choose true or false")
@@ -216,6 +228,19 @@ def parse_class_map(text) -> dict[str, str]:
     if not out:
         raise ConfigError("class_map", text, "empty")
     return out
+
+
+def _text(v) -> bool:
+    return isinstance(v, (str, os.PathLike)) and bool(str(v).strip()) and "\x00" not in str(v)
+
+
+def _validate_weights(weights) -> None:
+    if not isinstance(weights, (str, os.PathLike)) or not str(weights).strip():
+        raise ConfigError("weights", weights, "choose none, imagenet or a weights file path")
+    if str(weights) in ("none", "imagenet"):
+        return
+    if not os.path.isfile(weights):
+        raise ConfigError("weights", weights, "no such file (choose none, imagenet or a weights file path)")
 
 
 def _validate_device(device) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-_OBJECT_REPR = re.compile(r"\s*<[^<>]* (?:at|object at) 0x[0-9a-fA-F]+>")
+# "<_io.BytesIO object at 0x7f...>" and similar: internals a user cannot act on
+_REPR = re.compile(r"<[^<>]*? (?:object )?at 0x[0-9a-fA-F]+>")
 
 
 class CTTransferError(Exception):
@@ -16,16 +17,26 @@ class ConfigError(CTTransferError, ValueError):
 
     def __init__(self, param: str, value, why: str):
         self.param, self.value, self.why = param, value, why
-        super().__init__(f"{param}={value}: {why}")
+        super().__init__(f"{param}={show(value)}: {why}")
 
     def as_flag(self) -> str:
-        return f"--{self.param.replace('_', '-')} {self.value}: {self.why}"
+        return f"--{self.param.replace('_', '-')} {show(self.value)}: {self.why}"
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """A short, single-line reason from any exception (never cut mid-word, no object reprs)."""
-    # PIL says "cannot identify image file <_io.BytesIO object at 0x7f...>": drop the repr
-    text = _OBJECT_REPR.sub("", " ".join(str(exc).split())).strip() or type(exc).__name__
+    text = clean(str(exc)) or type(exc).__name__
     if len(text) > limit:
         text = text[:limit].rsplit(" ", 1)[0] + " …"
     return text
+
+
+def clean(text: str) -> str:
+    """One line, object reprs (``<_io.BytesIO object at 0x...>``) replaced by ``input``."""
+    return " ".join(_REPR.sub("input", str(text)).split())
+
+
+def show(value, limit: int = 80) -> str:
+    """A user's value in a message: one line, at most ``limit`` characters (then "…")."""
+    text = clean(value) if value != "" else "''"
+    return text if len(text) <= limit else text[:limit] + "…"

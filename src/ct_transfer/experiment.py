@@ -107,10 +107,10 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
         raise ConfigError("jobs", jobs, "choose an integer >= 1")
     if jobs > 1 and executor == "ray":
         raise ConfigError("jobs", jobs, "with --executor ray set --cpus-per-run/--gpus-per-run instead")
+    # every cell's options (names, sizes per architecture) are checked before the first run; a weights
+    # file that is missing or damaged fails its own cells, recorded, while the others run
     for m in models:
-        M.resolve(m)  # unknown names fail before any training
-    # every cell's options are checked before the first run starts
-    TrainConfig(**{**base, "data": str(data), "model": models[0] if models else "-", "out": None})
+        TrainConfig(**{**base, "data": str(data), "model": m, "weights": "none", "out": None}).resolved()
     if executor == "ray":
         from .distributed import check_ray
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
-from .errors import CTTransferError
+from .errors import ConfigError, CTTransferError, first_line
 
 METHODS = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "cam": "CAM", "lrp": "LRP"}
 
@@ -25,7 +25,29 @@ def find_layer(model, name: str | None):
     for candidate in (name, f"backbone.{name}"):
         if candidate in modules:
             return modules[candidate]
-    raise CTTransferError(f"target_layer={name}: no such module (e.g. backbone.blocks.5, feature_map)")
+    raise ConfigError("target_layer", name, "no such module (e.g. backbone.blocks.5, feature_map)")
+
+
+def check_layer(run, layer, name: str | None, method: str) -> None:
+    """Grad-CAM needs an N x C x H x W map with H x W > 1: say so before decoding any image."""
+    if name is None or method not in ("gradcam", "gradcampp"):
+        return  # the default layer is the pooled feature map; CAM and LRP do not use a layer
+    seen = {}
+
+    def hook(module, inputs, output):  # returns None: a hook's return value would replace the output
+        seen.setdefault("shape", getattr(output, "shape", None))
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            run.model.eval()(torch.zeros(1, 3, run.image_size, run.image_size, device=run.device))
+    finally:
+        handle.remove()
+    shape = tuple(seen.get("shape") or ())
+    if len(shape) != 4 or shape[2] * shape[3] < 2:
+        got = "x".join(str(v) for v in shape) if shape else "no tensor"
+        raise ConfigError("target_layer", name, f"output is {got}, not a spatial N x C x H x W map; choose a "
+                          "convolutional layer, e.g. feature_map")
 
 
 def _normalise(maps: np.ndarray, positive: bool = False) -> np.ndarray:
@@ -71,7 +93,7 @@ def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_lay
                            targets=[ContrastiveTarget(t) for t in targets])
             except (ValueError, IndexError, RuntimeError) as exc:  # e.g. a layer without a spatial map
                 raise CTTransferError(f"target_layer: {METHODS[method]} needs a layer with a spatial (N x C x H x W) "
-                                      f"output ({' '.join(str(exc).split())[:80]})") from None
+                                      f"output ({first_line(exc, 80)})") from None
         return _normalise(maps)
     if method == "cam":
         # Zhou et al. 2016: the head is GAP -> linear, so CAM = sum_k w[c, k] * A_k exactly. Weights
@@ -95,7 +117,7 @@ def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_lay
             _, relevance = attributor(x.clone().requires_grad_(True), onehot)
     except Exception as exc:
         raise CTTransferError(f"--method lrp: not supported for this architecture ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:100]})") from None
+                              f"{first_line(exc, 100)})") from None
     return _normalise(relevance.sum(1).detach().numpy(), positive=True)
 
 
@@ -159,6 +181,7 @@ def explain_images(run, images: list[np.ndarray], *, method: str = "gradcam", ta
     if method not in METHODS:
         raise CTTransferError(f"method={method}: choose {', '.join(METHODS)}")
     layer = find_layer(run.model, target_layer)
+    check_layer(run, layer, target_layer, method)
     # hooks and zennit run on the CPU (inference per image is cheap); a GPU run keeps its model there
     model = run.model if str(run.device) == "cpu" else copy.deepcopy(run.model).cpu()
     out = []
@@ -181,8 +204,10 @@ def explain_files(run, paths: list[Path], *, method: str, out_dir, target_layer:
     from ._io import ensure_writable_dir
     from .evaluate import save_figure
 
+    if method not in METHODS:
+        raise ConfigError("method", method, f"choose {', '.join(METHODS)}")
+    check_layer(run, find_layer(run.model, target_layer), target_layer, method)  # before any decoding
     out_dir = ensure_writable_dir(out_dir)
-    find_layer(run.model, target_layer)  # a bad layer fails before any decoding
     results = []
     for i, p in enumerate(paths):
         image = D.read_input(p, run.preprocess.window)

@@ -56,6 +56,9 @@ def resolve_format(out: Path, fmt: str | None) -> str:
             raise CTTransferError(f"{out}: give a .onnx or .pt2 file name (or --format)")
     if fmt not in FORMATS.values():
         raise CTTransferError(f"format={fmt}: choose {', '.join(FORMATS.values())}")
+    named = FORMATS.get(out.suffix.lower())
+    if named is not None and named != fmt:
+        raise CTTransferError(f"{out}: the name says {named} but the format is {fmt}; use a {fmt} file name")
     return fmt
 
 
@@ -64,9 +67,9 @@ def export(run, out, *, format: str | None = None, n_check: int = 32) -> dict:
     out = Path(out)
     fmt = resolve_format(out, format)
     for target in (out, out.with_name(out.name + ".json")):
-        if run.directory is not None and RunDir(run.directory).owns(target):
-            raise CTTransferError(f"{target}: is one of the run's own files; choose another output")
-    _io.ensure_writable_dir(out.parent)
+        if run.directory is not None:
+            RunDir(run.directory).refuse_output(target)
+        _io.check_writable(target, folder=False)
     model = run.model.to("cpu").eval()
     wrapper = Exported(model, run.mean, run.std).eval()
     x_u8, source = sample_images(run, n_check)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError, CTTransferError
+from .errors import ConfigError, CTTransferError, first_line
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,9 @@ def lite_weights_file(timm_name: str) -> Path | None:
         return out
     import timm
 
-    source = torch.load(src, map_location="cpu", weights_only=True)
+    from . import _io
+
+    source = _io.load_checkpoint(src, keys=())
     with torch.device("meta"):  # names and shapes only; no random init (keeps the caller's RNG as is)
         target = timm.create_model(timm_name, pretrained=False).state_dict()
     skeys = [k for k in source if not k.endswith("num_batches_tracked")]
@@ -90,9 +92,7 @@ def lite_weights_file(timm_name: str) -> Path | None:
     if len(skeys) != len(tkeys) or any(source[s].shape != target[t].shape for s, t in zip(skeys, tkeys)):
         raise CTTransferError(f"{src}: tensors do not line up with timm {timm_name}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({t: source[s] for s, t in zip(skeys, tkeys)}, tmp)
-    os.replace(tmp, out)
+    _io.save_checkpoint({t: source[s] for s, t in zip(skeys, tkeys)}, out)
     return out
 
 
@@ -176,14 +176,16 @@ def _create_backbone(timm_name: str, weights: str):
         path = Path(weights)
         if not path.is_file():
             raise ConfigError("weights", weights, "file not found (use none, imagenet or a file path)")
+        from . import _io
+
+        _io.load_checkpoint(path, keys=())  # a damaged or foreign file: "<path>: why", not timm's internals
         # timm's own file path; created with 1000 classes so the load is strict: a file for
         # another architecture fails here rather than loading half the tensors silently.
         try:
             model = timm.create_model(timm_name, pretrained=True,
                                       pretrained_cfg_overlay=dict(file=str(path), num_classes=1000))
         except Exception as exc:
-            msg = " ".join(str(exc).split())[:200]
-            raise ConfigError("weights", weights, f"not {timm_name} weights ({msg})") from None
+            raise ConfigError("weights", weights, f"not {timm_name} weights ({first_line(exc, 160)})") from None
     return model
 
 

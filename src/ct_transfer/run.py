@@ -49,10 +49,11 @@ class Run:
         self._predictions: dict[str, tuple] = {}
 
     def __repr__(self):
-        acc = self.metrics.get("test", {}).get("accuracy")
+        test = self.metrics.get("test")
+        acc = test.get("accuracy") if isinstance(test, dict) else None
         where = f" at {self.directory}" if self.directory else ""
         return (f"Run({self.config.get('model')}, weights={self.config.get('weights')}, "
-                f"test accuracy={acc if acc is None else round(acc, 4)}{where})")
+                f"test accuracy={round(acc, 4) if isinstance(acc, (int, float)) else None}{where})")
 
     @property
     def image_size(self) -> int:
@@ -128,10 +129,16 @@ class Run:
 
     def evaluate(self, *, data=None, split_file=None, subsets=("val", "test")) -> dict:
         """Re-evaluate on the run's split (or another split file / data folder)."""
-        data = D.data_root(data or self.config["data"])
+        data = D.data_root(data or self.config.get("data"))
+        roots = list(data.values()) if isinstance(data, dict) else [data]
+        if not data or any(not Path(r).is_dir() for r in roots):
+            raise CTTransferError(f"{data}: dataset folder not found (give --data)")
         rows = D.read_split(split_file, data) if split_file else self.split
         if not rows:
             raise CTTransferError("split_file: this run has no split; give one")
+        missing = [r["path"] for r in rows if r["subset"] in subsets and not D.row_path(r, data).is_file()]
+        if missing:
+            raise CTTransferError(f"{data}: {len(missing)} of the split's images are missing here, e.g. {missing[0]}")
         loaded = {name: self._load(rows, name, data, split_file or "split") for name in subsets}
         result = self.evaluate_subsets(loaded)
         self.metrics = {**self.metrics, **result}
@@ -231,31 +238,72 @@ def _as_list(inputs) -> list:
     return [inputs]
 
 
+def _number(v, lo, hi, *, lo_open=False) -> bool:
+    import math
+
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and (lo < v if lo_open else lo <= v) and v <= hi)
+
+
+def check_run_config(cfg: dict, path) -> dict:
+    """What ``load_run`` uses from config.json, checked: a damaged or edited file is one line naming it."""
+    from .config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+    from .errors import ConfigError
+
+    def bad(why):
+        return CTTransferError(f"{path}: not a valid run config ({why})")
+
+    model = cfg.get("model")
+    if not isinstance(model, str):
+        raise bad("no model name")
+    try:
+        M.resolve(model)
+    except ConfigError as exc:
+        raise bad(f"model {exc.value}: {exc.why}") from None
+    if not _number(cfg.get("dropout", 0.8), 0, 1) or cfg.get("dropout", 0.8) == 1:
+        raise bad("dropout must be a number in [0, 1)")
+    pre = cfg.get("preprocess") or {"image_size": cfg.get("image_size") or M.resolve(model).image_size}
+    if not isinstance(pre, dict):
+        raise bad("preprocess must be an object")
+    size, window = pre.get("image_size"), pre.get("window", D.DEFAULT_WINDOW)
+    if not isinstance(size, int) or isinstance(size, bool) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise bad(f"image_size must be an integer in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")
+    if (not isinstance(window, (list, tuple)) or len(window) != 2 or not _number(window[0], 0, 1e6, lo_open=True)
+            or not _number(window[1], -1e6, 1e6)):
+        raise bad("window must be [width > 0, level]")
+    cal = cfg.get("calibration") or {}
+    if not isinstance(cal, dict) or not _number(cal.get("temperature", 1.0), 0, 1e6, lo_open=True) or not (
+            cal.get("threshold") is None or _number(cal.get("threshold"), 0, 1)):
+        raise bad("calibration needs a temperature > 0 and a threshold in [0, 1] or null")
+    for key in ("channels_last", "bf16"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise bad(f"{key} must be true or false")
+    if cfg.get("data") is not None and not isinstance(cfg.get("data"), str):
+        raise bad("data must be a folder path")
+    return D.Preprocess(image_size=size, window=(float(window[0]), float(window[1])))
+
+
 def load_run(path, *, checkpoint: str = "best.pt", device: str = "cpu") -> Run:
     """Read a run directory written by ``fit`` or ``Run.save``."""
-    rd = RunDir(path).check()
-    cfg = rd.read_config()
-    ckpt_name = checkpoint if (rd / checkpoint).is_file() else "last.pt"
     from . import _io
 
+    rd = RunDir(path).check()
+    cfg = rd.read_config()
+    preprocess = check_run_config(cfg, rd / "config.json")
+    ckpt_name = checkpoint if (rd / checkpoint).is_file() else "last.pt"
     if not (rd / ckpt_name).is_file():
         raise CTTransferError(f"{rd.path}: no checkpoint (best.pt / last.pt)")
     ckpt = _io.load_checkpoint(rd / ckpt_name, map_location="cpu", keys=("model", "classes"))
     classes = ckpt["classes"]
-    if "model" not in cfg:
-        raise CTTransferError(f"{rd / 'config.json'}: not a valid run config (no model)")
+    if not isinstance(classes, (list, tuple)) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise CTTransferError(f"{rd / ckpt_name}: not a ct-transfer checkpoint (classes must be 2+ names)")
     model = M.create_model(cfg["model"], weights="none", num_classes=len(classes), dropout=cfg.get("dropout", 0.8))
     try:
         model.load_state_dict(ckpt["model"])
-    except RuntimeError:
+    except (RuntimeError, TypeError, AttributeError):
         raise CTTransferError(f"{rd / ckpt_name}: checkpoint does not fit {cfg['model']} (another architecture?)") from None
     model.eval().to(device)
-    pre = cfg.get("preprocess") or {"image_size": cfg.get("image_size") or M.resolve(cfg["model"]).image_size}
-    try:
-        preprocess = D.Preprocess.from_dict(pre)
-    except (TypeError, ValueError):
-        raise CTTransferError(f"{rd / 'config.json'}: invalid preprocess entry") from None
     split = D.read_split(rd / "split.csv") if (rd / "split.csv").is_file() else []
-    return Run(model=model, config=cfg, classes=classes, preprocess=preprocess, metrics=rd.read_metrics(),
+    return Run(model=model, config=cfg, classes=list(classes), preprocess=preprocess, metrics=rd.read_metrics(),
                history=rd.read_history(), split=split, directory=rd.path, device=device,
                checkpoint=str(rd / ckpt_name))

@@ -35,6 +35,14 @@ class RunDir:
             raise CTTransferError(f"{self.path}: not a run directory (no {CONFIG})")
         return self
 
+    def refuse_output(self, target) -> None:
+        """One-line error when ``target`` would overwrite (or could be) one of this run's files."""
+        if self.owns(target) and Path(target).resolve() == self.path.resolve():
+            raise CTTransferError(f"{target}: is the run directory itself; choose another output")
+        if self.owns(target):
+            raise CTTransferError(f"{target}: is one of the run's own files (its checkpoints, CSV and JSON "
+                                  f"files are never outputs of another command); choose another output")
+
     def owns(self, target) -> bool:
         """Is ``target`` one of this run's own files (never an output of another command)?"""
         try:
@@ -67,7 +75,11 @@ class RunDir:
         p = self.path / HISTORY
         if not p.exists():
             return []
-        return [{k: float(v) for k, v in r.items()} for r in _io.read_csv(p, what="history file")]
+        rows = _io.read_csv(p, what="history file")
+        try:
+            return [{k: float(v) for k, v in r.items()} for r in rows]
+        except (TypeError, ValueError):
+            raise CTTransferError(f"{p}: not a readable history file (non-numeric values)") from None
 
     # -- checkpoints -----------------------------------------------------------------------
     def save_best(self, state: dict) -> None:
@@ -77,9 +89,12 @@ class RunDir:
         """New ``last.pt``; the previous one becomes ``last.prev.pt`` (a fallback for resume)."""
         tmp = self.path / f".{LAST}.new"
         _io.save_checkpoint(state, tmp)
-        if (self.path / LAST).exists():
-            os.replace(self.path / LAST, self.path / LAST_PREV)
-        os.replace(tmp, self.path / LAST)
+        try:
+            if (self.path / LAST).exists():
+                os.replace(self.path / LAST, self.path / LAST_PREV)
+            os.replace(tmp, self.path / LAST)
+        except OSError as exc:
+            raise CTTransferError(f"{self.path / LAST}: cannot write ({_io.why(exc)})") from None
 
     def load_best(self, map_location="cpu") -> dict:
         for name in (BEST, LAST):

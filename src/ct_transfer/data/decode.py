@@ -56,8 +56,21 @@ def decode_bytes(data: bytes, name: str) -> Image.Image:
         return image
     except CTTransferError:
         raise
+    except Image.DecompressionBombError:
+        raise CTTransferError(f"{name}: image is larger than the {MAX_PIXELS:,} px allowed (decompression bomb?)") from None
+    except Image.UnidentifiedImageError:
+        raise CTTransferError(f"{name}: not an image file (PNG, JPEG, BMP, TIFF or DICOM)") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
         raise CTTransferError(f"{name}: cannot decode image ({first_line(exc, 100)})") from None
+
+
+def decode_image(data: bytes, name: str) -> np.ndarray:
+    """Image bytes -> ``H x W x 3`` uint8; odd modes PIL cannot convert are one-line errors too."""
+    image = decode_bytes(data, name)
+    try:
+        return to_rgb_array(image)
+    except Exception as exc:  # e.g. a mode without an RGB conversion
+        raise CTTransferError(f"{name}: cannot convert {image.mode} image to RGB ({first_line(exc, 80)})") from None
 
 
 def read_bytes(path: Path) -> bytes:
@@ -77,7 +90,7 @@ def read_bytes(path: Path) -> bytes:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode one image file at full resolution to ``H x W x 3`` uint8."""
     path = Path(path)
-    return to_rgb_array(decode_bytes(read_bytes(path), str(path)))
+    return decode_image(read_bytes(path), str(path))
 
 
 def is_dicom_bytes(data: bytes) -> bool:
@@ -97,6 +110,15 @@ def is_dicom(path: Path) -> bool:
 
 def dicom_to_array(data: bytes, name: str, window=DEFAULT_WINDOW) -> np.ndarray:
     """CT DICOM -> Hounsfield units (pydicom's modality LUT) -> window -> ``H x W x 3`` uint8."""
+    try:
+        return _dicom_to_array(data, name, window)
+    except CTTransferError:
+        raise
+    except Exception as exc:  # pydicom converts elements lazily: a damaged header fails anywhere
+        raise CTTransferError(f"{name}: not a readable DICOM file ({first_line(exc, 100)})") from None
+
+
+def _dicom_to_array(data: bytes, name: str, window) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
@@ -106,12 +128,17 @@ def dicom_to_array(data: bytes, name: str, window=DEFAULT_WINDOW) -> np.ndarray:
         raise CTTransferError(f"{name}: not a readable DICOM file ({first_line(exc, 100)})") from None
     modality = str(getattr(ds, "Modality", "")).upper()
     if modality and modality != "CT":
-        raise CTTransferError(f"{name}: DICOM modality is {modality}, not CT")
+        raise CTTransferError(f"{name}: DICOM modality is {modality[:16]}, not CT")
     if "PixelData" not in ds:
         raise CTTransferError(f"{name}: DICOM file has no pixel data")
     rows, cols = int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)
-    if rows * cols > MAX_PIXELS:
-        raise CTTransferError(f"{name}: DICOM image is {cols}x{rows} px, more than the {MAX_PIXELS:,} px allowed")
+    frames = max(1, int(getattr(ds, "NumberOfFrames", 1) or 1))
+    samples = max(1, int(getattr(ds, "SamplesPerPixel", 1) or 1))
+    if rows < 1 or cols < 1:
+        raise CTTransferError(f"{name}: DICOM image has no pixels (Rows {rows}, Columns {cols})")
+    if rows * cols > MAX_PIXELS or rows * cols * frames * samples > 4 * MAX_PIXELS:
+        raise CTTransferError(f"{name}: DICOM image is {cols}x{rows} px x {frames} frame(s), more than the "
+                              f"{MAX_PIXELS:,} px per slice ({4 * MAX_PIXELS:,} in all) allowed")
     try:
         pixels = ds.pixel_array
         hu = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
@@ -120,12 +147,13 @@ def dicom_to_array(data: bytes, name: str, window=DEFAULT_WINDOW) -> np.ndarray:
         label = getattr(syntax, "name", str(syntax))
         raise CTTransferError(f"{name}: cannot decode DICOM pixel data ({label}; a decoder plugin may be "
                               f"missing: {first_line(exc, 80)})") from None
-    if hu.ndim == 3:  # multi-frame: the middle slice
+    if hu.ndim == 3 and samples == 1:  # multi-frame: the middle slice
         hu = hu[hu.shape[0] // 2]
     if hu.ndim != 2 or hu.size == 0:
-        raise CTTransferError(f"{name}: DICOM pixel data is not a 2-D slice (shape {hu.shape})")
+        raise CTTransferError(f"{name}: DICOM pixel data is not a 2-D grey slice (shape {hu.shape})")
     width, level = window
     lo = level - width / 2
+    hu = np.nan_to_num(hu, nan=lo, posinf=lo + width, neginf=lo)
     gray = np.rint(np.clip((hu - lo) / width, 0.0, 1.0) * 255.0).astype(np.uint8)
     return np.repeat(gray[:, :, None], 3, axis=2)
 
@@ -139,7 +167,7 @@ def decode_any(data: bytes, name: str, window=DEFAULT_WINDOW) -> np.ndarray:
     """Bytes of an image or a DICOM file -> full-resolution ``H x W x 3`` uint8."""
     if is_dicom_bytes(data) or name.lower().endswith(DICOM_EXTENSIONS):
         return dicom_to_array(data, name, window)
-    return to_rgb_array(decode_bytes(data, name))
+    return decode_image(data, name)
 
 
 def read_input(path, window=DEFAULT_WINDOW) -> np.ndarray:

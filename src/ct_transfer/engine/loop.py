@@ -9,19 +9,18 @@ unbroken one. Everything besides the step (checkpoints, history, progress, stopp
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .. import data as D
 from .. import models as M
+from .. import _io
 from .._io import ensure_writable_dir
 from ..config import TrainConfig
-from ..errors import CTTransferError
+from ..errors import CTTransferError, first_line
 from ..evaluate import autocast, predict_proba
 from ..rundir import RunDir
 from ..run import Run
@@ -128,11 +127,7 @@ def _check_out(cfg: TrainConfig, resume: bool) -> RunDir | None:
     rundir = RunDir(cfg.out)
     if (rundir / "last.pt").exists() and not resume:
         raise CTTransferError(f"{cfg.out}: already holds a run; add --resume to continue it or choose another --out")
-    parent = Path(cfg.out).resolve()
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CTTransferError(f"{cfg.out}: cannot write here (permission denied at {parent})")
+    _io.check_writable(cfg.out)  # a real probe file: os.access says yes to root on a read-only mount
     return rundir
 
 
@@ -155,6 +150,8 @@ def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: boo
     search) neither decodes nor evaluates the test images: only train and val are touched.
     """
     rundir = _check_out(config, resume)
+    if config.cache_dir is not None:
+        _io.check_writable(config.cache_dir)
     if resume and rundir is not None and rundir.is_run():
         config = _resumed_config(config, rundir)
     cfg = config.resolved()
@@ -176,13 +173,6 @@ def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: boo
     saved_cfg = {**cfg.to_dict(), "timm_name": M.resolve(cfg.model).timm_name, "classes": classes,
                  "positive": classes[1] if len(classes) == 2 else None, "bf16": bf16,
                  "preprocess": preprocess.to_dict()}
-    if rundir is not None:
-        ensure_writable_dir(rundir.path)
-        D.write_split(used_rows, rundir / "split.csv")
-        if skipped:
-            (rundir / "skipped.txt").write_text("\n".join(skipped) + "\n")
-        rundir.write_config(saved_cfg)
-
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -193,7 +183,13 @@ def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: boo
     if cfg.strategy == "linear":
         state.end_epoch = 1  # one convex fit; --epochs does not apply
     if resume and rundir is not None:
-        _restore(state, rundir, device)
+        _restore(state, rundir, device)  # before any write: a bad checkpoint leaves the run as it was
+    if rundir is not None:
+        ensure_writable_dir(rundir.path)
+        D.write_split(used_rows, rundir / "split.csv")
+        if skipped:
+            _io.write_text(rundir / "skipped.txt", "\n".join(skipped) + "\n")
+        rundir.write_config(saved_cfg)
 
     mean, std = M.normalization(model)
     probe_info = {}
@@ -233,16 +229,25 @@ def _restore(state: TrainState, rundir: RunDir, device: str) -> None:
     saved = rundir.load_resume_state(map_location=device)
     if saved is None:
         return
-    state.model.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    if state.scheduler is not None and saved.get("scheduler"):
-        state.scheduler.load_state_dict(saved["scheduler"])
-    state.history, state.epoch = saved["history"][:saved["epoch"]], saved["epoch"]
-    state.best, state.train_seconds = saved["best"], saved["train_seconds"]
+    try:
+        state.model.load_state_dict(saved["model"])
+        state.optimizer.load_state_dict(saved["optimizer"])
+        if state.scheduler is not None and saved.get("scheduler"):
+            state.scheduler.load_state_dict(saved["scheduler"])
+        state.history, state.epoch = list(saved["history"])[:int(saved["epoch"])], int(saved["epoch"])
+        state.best, state.train_seconds = saved["best"], float(saved["train_seconds"])
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise CTTransferError(f"{rundir / 'last.pt'}: does not fit this run's model and options "
+                              f"({first_line(exc, 100)})") from None
     if state.best is not None:
         best = rundir.load_best(map_location=device)
-        state.best_state = best["model"]
-        state.best = {**state.best, "epoch": best.get("epoch", state.best["epoch"])}
+        try:
+            if set(best["model"]) != set(state.model.state_dict()):
+                raise ValueError("tensor names differ")
+            state.best_state = best["model"]
+            state.best = {**state.best, "epoch": best.get("epoch", state.best["epoch"])}
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise CTTransferError(f"{rundir / 'best.pt'}: does not fit this run's model ({first_line(exc, 100)})") from None
 
 
 def _run_epochs(state: TrainState, epoch_fn, callbacks) -> None:

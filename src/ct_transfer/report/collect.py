@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from collections import Counter
 from pathlib import Path
 
-from ..errors import CTTransferError
+from .. import _io
+from ..errors import CTTransferError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +18,7 @@ EXTERNAL_KEYS = ("accuracy", "recall", "specificity", "f1", "roc_auc")
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``; anything else is a one-line CTTransferError naming the file."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CTTransferError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CTTransferError(f"{path}: not valid JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise CTTransferError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
+    return _io.read_json(path)
 
 
 def _require(data: dict, keys, path: Path) -> None:
@@ -40,11 +31,11 @@ def read_history(path: Path) -> list[dict]:
     """history.csv as a list of {column: float}; [] when the run has none."""
     if not path.exists():
         return []
+    rows = _io.read_csv(path, what="history file")
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-    except (OSError, ValueError, TypeError) as exc:
-        raise CTTransferError(f"{path}: unreadable history ({str(exc).splitlines()[0]})") from None
+        return [{k: float(v) for k, v in row.items()} for row in rows]
+    except (ValueError, TypeError) as exc:
+        raise CTTransferError(f"{path}: unreadable history ({first_line(exc, 80)})") from None
 
 
 def read_external(run_dir: Path) -> list[dict]:
@@ -100,7 +91,7 @@ def collect_runs(grid_dir) -> tuple[list[dict], list[dict]]:
             continue
         error = run_dir / "error.txt"
         other.append({"name": run_dir.name,
-                      "error": error.read_text(encoding="utf-8").strip() if error.exists() else "unfinished"})
+                      "error": _io.read_text(error, what="error file").strip() if error.exists() else "unfinished"})
     return done, other
 
 
@@ -124,12 +115,10 @@ def read_grid_info(grid_dir) -> dict:
 def _split_counts(path: Path) -> dict | None:
     """{subset: {class: n}} and whether a patient/group column keeps every group in one subset."""
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            columns = set(reader.fieldnames or ())
-    except (OSError, UnicodeDecodeError):
+        rows = _io.read_csv(path, what="split file")
+    except CTTransferError:
         return None
+    columns = set(rows[0]) if rows else set()
     if not {"subset", "class"} <= columns:
         return None
     counts = Counter((r["subset"], r["class"]) for r in rows)

@@ -17,8 +17,11 @@ LABELS = {"none": "from scratch", "imagenet": "ImageNet"}
 
 
 def save(fig: Figure, path, *, dpi: int = 100) -> Path:
+    from .. import _io
+
     path = Path(path)
-    fig.savefig(path, dpi=dpi, format="png")
+    with _io.atomic_open(path, "wb") as fh:  # no half-written PNG on a full disk
+        fig.savefig(fh, dpi=dpi, format="png")
     return path
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from .. import _io
 from ..errors import CTTransferError
 from . import paper as P
 from .collect import CONDITIONS, collect_runs, describe_split, group_runs, read_grid_info
@@ -82,12 +83,12 @@ def write_report(grid_dir, out_dir=None, *, extra_sections: list[str] | None = N
     grid_dir = Path(grid_dir)
     out_dir = Path(out_dir) if out_dir else grid_dir
     summary, runs, groups = build_summary(grid_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _io.ensure_writable_dir(out_dir)
     paper_val = {k: {r["model"]: r for r in P.paper_rows(k)} for k in ("accuracy", "f1")}
     plots = write_plots(out_dir, tables=summary["tables"], groups=groups, runs=runs, paper_val=paper_val)
     md = render_markdown(summary, runs=runs, plots=plots, extra_sections=extra_sections or [])
-    (out_dir / "report.md").write_text(md, encoding="utf-8")
-    (out_dir / "report.html").write_text(render_html(md, image_dir=out_dir), encoding="utf-8")
-    (out_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    _io.write_text(out_dir / "report.md", md)
+    _io.write_text(out_dir / "report.html", render_html(md, image_dir=out_dir))
+    _io.write_text(out_dir / "report.json", json.dumps(summary, indent=2, default=str) + "\n")
     log.info("wrote %s, report.html and report.json (%d runs)", out_dir / "report.md", len(runs))
     return summary

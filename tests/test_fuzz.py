@@ -1,0 +1,298 @@
+"""Property-based tests (Hypothesis) over every surface that takes outside input.
+
+Invariant: a valid result, or a one-line ``CTTransferError`` / exit 2 naming the input; never an
+uncaught exception (``CT_TRANSFER_DEBUG=1`` makes the CLI re-raise, so one fails the test with its
+traceback), never a changed run directory. Each property is bounded (``max_examples``) so the
+file runs in about a minute; docs/reliability.md records the counts and times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import string
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from ct_transfer import data as D
+from ct_transfer.cli import main
+from ct_transfer.errors import CTTransferError
+from ct_transfer.run import load_run
+
+from .conftest import small_dataset
+
+# no example database (nothing written into the repo) and no shrinking (bounded time; the failing
+# example is still printed as drawn)
+FAST = settings(deadline=None, database=None, phases=(Phase.explicit, Phase.generate),
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+CT_SMALL = Path(__import__("pydicom.data", fromlist=["x"]).get_testdata_file("CT_small.dcm"))
+
+
+@pytest.fixture(autouse=True)
+def _debug(monkeypatch):
+    monkeypatch.setenv("CT_TRANSFER_DEBUG", "1")  # an unexpected exception propagates: the test fails
+
+
+@pytest.fixture(scope="module")
+def fuzz_data(tmp_path_factory, data_dir):
+    return small_dataset(tmp_path_factory.mktemp("fuzz-data"), data_dir, per_class=6)
+
+
+@pytest.fixture(scope="module")
+def fuzz_run(tmp_path_factory, fuzz_data):
+    out = tmp_path_factory.mktemp("fuzz-run") / "run"
+    rc, _, err = cli(["train", "--data", str(fuzz_data), "--model", "EfficientNetLite0", "--epochs", "1",
+                      "--limit", "4", "--out", str(out), "--quiet"])
+    assert rc == 0, err
+    return out
+
+
+def cli(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse usage errors
+            rc = exc.code
+    return rc, out.getvalue(), err.getvalue()
+
+
+def assert_contract(rc, err, names=()):
+    """Exit 0, or exit 2 with exactly one line ``ct-transfer: error: ...`` naming one of ``names``."""
+    assert rc in (0, 2), (rc, err)
+    if rc == 2:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ct-transfer: error: "), err
+        assert " at 0x" not in err and "Traceback" not in err
+        if names:
+            assert any(str(n) in lines[0] for n in names), (names, lines[0])
+
+
+def tree_hash(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def check_decoded(name, data):
+    try:
+        arr = D.decode_any(data, name)
+    except CTTransferError as exc:
+        msg = str(exc)
+        assert msg.startswith(name + ":") and "\n" not in msg and " at 0x" not in msg, msg
+        return
+    assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3 and min(arr.shape[:2]) >= 1
+
+
+# -- image and DICOM decoding ----------------------------------------------------------------------
+
+def _real_png(data_dir) -> bytes:
+    return sorted((data_dir / "COVID").iterdir())[0].read_bytes()
+
+
+@settings(FAST, max_examples=150)
+@given(data=st.binary(max_size=4096), ext=st.sampled_from([".png", ".jpg", ".dcm", ".tif", ""]))
+def test_random_bytes_decode_or_fail_in_one_line(data, ext):
+    check_decoded(f"scan{ext}", data)
+
+
+@settings(FAST, max_examples=60)
+@given(cut=st.floats(0, 1), which=st.sampled_from(["png", "dicom"]))
+def test_truncated_real_files(data_dir, cut, which):
+    data = _real_png(data_dir) if which == "png" else CT_SMALL.read_bytes()
+    check_decoded("scan.png" if which == "png" else "scan.dcm", data[:int(len(data) * cut)])
+
+
+@settings(FAST, max_examples=120)
+@given(which=st.sampled_from(["png", "dicom"]),
+       edits=st.lists(st.tuples(st.integers(0, 1023), st.integers(0, 255)), min_size=1, max_size=8))
+def test_mutated_headers_of_real_files(data_dir, which, edits):
+    """Random bytes written into the first KB: PNG IHDR/chunk lengths, DICOM Rows/Columns/VRs."""
+    data = bytearray(_real_png(data_dir) if which == "png" else CT_SMALL.read_bytes())
+    for pos, value in edits:
+        data[pos] = value
+    check_decoded("scan.png" if which == "png" else "scan.dcm", bytes(data))
+
+
+# -- split CSV ---------------------------------------------------------------------------------------
+
+CSV_ALPHABET = st.sampled_from(list(string.ascii_letters + string.digits + ",\"\n\r ./-_") + ["\x00", "é"])
+ROW = st.tuples(st.sampled_from(["COVID/Covid (1).png", "non-COVID/Non-Covid (1).png", "../etc/passwd",
+                                 "/abs.png", "COVID/missing.png", "", "COVID"]),
+                st.sampled_from(["COVID", "non-COVID", "", "Flu"]),
+                st.sampled_from(["train", "val", "test", "", "TEST", "holdout"]))
+
+
+@settings(FAST, max_examples=120)
+@given(header=st.sampled_from(["path,class,subset\n", "path,class,subset,group\n", "path;class;subset\n", ""]),
+       body=st.one_of(st.text(CSV_ALPHABET, max_size=300), st.binary(max_size=300),
+                      st.lists(ROW, max_size=6).map(lambda rows: "".join(f'"{p}",{c},{s}\n' for p, c, s in rows))))
+def test_split_csv_parsing(tmp_path, fuzz_data, header, body):
+    path = tmp_path / "split.csv"
+    path.write_bytes(header.encode() + (body if isinstance(body, bytes) else body.encode("utf-8")))
+    try:
+        rows = D.read_split(path, fuzz_data)
+    except CTTransferError as exc:
+        assert str(exc).startswith(str(path) + ":") and "\n" not in str(exc)
+        return
+    assert rows and all(r["subset"] in D.SUBSETS and (fuzz_data / r["path"]).is_file() for r in rows)
+
+
+# -- a run directory whose files are fuzzed ------------------------------------------------------------
+
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                       lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=4),
+                       max_leaves=12)
+
+
+def _mutated_json(original: dict, key, value):
+    d = dict(original)
+    if key is None:
+        return value
+    d[key] = value
+    return d
+
+
+@settings(FAST, max_examples=30)
+@given(target=st.sampled_from(["config.json", "metrics.json", "history.csv", "split.csv"]),
+       mode=st.sampled_from(["bytes", "json", "key", "truncate"]),
+       raw=st.binary(max_size=200), value=JSONISH,
+       key=st.sampled_from([None, "model", "classes", "preprocess", "image_size", "dropout", "calibration",
+                            "channels_last", "val", "data"]),
+       cut=st.floats(0, 1))
+def test_load_run_and_predict_on_fuzzed_run_files(tmp_path_factory, fuzz_run, fuzz_data, target, mode, raw, value,
+                                                  key, cut):
+    run = tmp_path_factory.getbasetemp() / "fuzzed-run"
+    if not run.exists():
+        shutil.copytree(fuzz_run, run)
+    original = (fuzz_run / target).read_bytes()
+    try:
+        if mode == "bytes":
+            new = raw
+        elif mode == "truncate":
+            new = original[:int(len(original) * cut)]
+        elif target.endswith(".json"):
+            new = json.dumps(_mutated_json(json.loads(original), key, value) if mode == "key" else value).encode()
+        else:
+            new = json.dumps(value).encode()
+        (run / target).write_bytes(new)
+        before = tree_hash(run)
+        try:
+            load_run(run)
+        except CTTransferError as exc:
+            assert str(exc).startswith(str(run)) and "\n" not in str(exc), str(exc)
+        image = sorted((fuzz_data / "COVID").iterdir())[0]
+        rc, _, err = cli(["predict", "--run", run, image])
+        assert_contract(rc, err, names=[run])
+        assert tree_hash(run) == before  # reading a run never changes it
+    finally:
+        (run / target).write_bytes(original)
+
+
+# -- CLI option values -------------------------------------------------------------------------------
+
+def _flag_values(good, bad):
+    return st.one_of(*[st.sampled_from(v) for v in (good, bad) if v])
+
+
+TRAIN_FLAGS = {
+    "--epochs": _flag_values(["1"], ["0", "-1", "1.5", "x", "nan", "1e9", "100001"]),
+    "--image-size": _flag_values(["32", "64"], ["0", "7", "31", "5000", "-64", "abc", "1025"]),
+    "--batch-size": _flag_values(["4", "32"], ["0", "-2", "65537", "2.5"]),
+    "--lr": _flag_values(["0.001", "1e-4"], ["nan", "inf", "-inf", "0", "-1", "11", "abc", "1e400"]),
+    "--dropout": _flag_values(["0", "0.5"], ["1", "-0.1", "nan", "inf", "2"]),
+    "--seed": _flag_values(["0", "7"], ["-1", "2147483648", "x"]),
+    "--split-seed": _flag_values(["0"], ["-5", "y"]),
+    "--limit": _flag_values(["4"], ["0", "-3", "x"]),
+    "--threads": _flag_values(["1"], ["0", "-1", "100000", "two"]),
+    "--device": _flag_values(["cpu", "auto"], ["tpu", "cuda:abc", "", "gpu", "cuda:99", "cpu:0"]),
+    "--strategy": _flag_values(["full", "frozen"], ["half", ""]),
+    "--freeze-until": _flag_values([], ["2", "-1", "1001"]),
+    "--frozen-views": _flag_values(["1"], ["0", "65", "x"]),
+    "--split-preset": _flag_values(["stratified"], ["paper", "random"]),
+    "--on-bad": _flag_values(["error", "skip"], ["ignore"]),
+    "--positive": _flag_values(["COVID", "non-COVID"], ["Flu", ""]),
+    "--weights": _flag_values(["none"], ["/nonexistent.pth", "", "imagenet-21k"]),
+    "--model": _flag_values(["EfficientNetLite0"], ["NoSuchNet", "", "resnet50_NOPE"]),
+    "--cache-dir": _flag_values(["@tmp/cache"], ["@file", "@run/best.pt"]),
+    "--split-file": _flag_values([], ["@file", "@missing", "@run/config.json"]),
+    "--out": _flag_values(["@tmp/new"], ["@run", "@file", "@file/sub"]),
+}
+
+
+@settings(FAST, max_examples=25)
+@given(flags=st.fixed_dictionaries({}, optional=TRAIN_FLAGS))
+def test_train_flags_good_and_bad(tmp_path_factory, fuzz_run, fuzz_data, flags):
+    work = Path(tmp_path_factory.mktemp("flags"))
+    afile = work / "afile.txt"
+    afile.write_text("not a folder, not a split\n")
+    subs = {"@tmp": str(work), "@file": str(afile), "@missing": str(work / "missing.csv"), "@run": str(fuzz_run)}
+
+    def expand(v):
+        for k, s in subs.items():
+            v = v.replace(k, s)
+        return v
+
+    flags = {k: expand(v) for k, v in flags.items()}
+    flags.setdefault("--model", "EfficientNetLite0")
+    flags.setdefault("--out", str(work / "run"))
+    flags.setdefault("--limit", "4")
+    flags["--epochs"] = flags.get("--epochs", "1")
+    if flags["--epochs"] == "1":
+        flags.setdefault("--image-size", "32")  # keep valid draws small and quick
+    argv = ["train", "--data", fuzz_data, "--quiet"] + [x for kv in flags.items() for x in kv]
+    before = tree_hash(fuzz_run)
+    rc, _, err = cli(argv)
+    names = [k for k in flags] + [v for v in flags.values() if v] + [k.lstrip("-") for k in flags]
+    assert_contract(rc, err, names=names + [str(fuzz_data), "subset", "class"])
+    assert tree_hash(fuzz_run) == before  # the existing run is never touched
+    if rc == 0:
+        metrics = json.loads((Path(flags["--out"]) / "metrics.json").read_text())
+        assert 0 <= metrics["test"]["accuracy"] <= 1 and metrics["epochs"] == 1
+
+
+@settings(FAST, max_examples=25)
+@given(command=st.sampled_from(["predict", "explain", "export", "split", "evaluate"]),
+       batch=st.sampled_from(["1", "64", "0", "-1", "4097", "x"]),
+       window=st.sampled_from([None, "1500,-600", "400,40", "0,0", "nan,1", "1,inf", "1500", "a,b", "-5,0"]),
+       layer=st.sampled_from([None, "feature_map", "fc", "pool", "dropout", "backbone.conv_stem", "nope", ""]),
+       out=st.sampled_from(["@tmp/x.onnx", "@tmp/p.csv", "@tmp", "@tmp/missing/p.csv", "@run/best.pt",
+                            "@run/split.csv", "@run", "@run/m.onnx", "@tmp/x.pt2"]))
+def test_other_commands_options(tmp_path_factory, fuzz_run, fuzz_data, command, batch, window, layer, out):
+    work = Path(tmp_path_factory.mktemp("opts"))
+    out = out.replace("@tmp", str(work)).replace("@run", str(fuzz_run))
+    image = sorted((fuzz_data / "COVID").iterdir())[0]
+    argv = {"predict": ["predict", "--run", fuzz_run, image, "--batch-size", batch, "--out", out],
+            "explain": ["explain", "--run", fuzz_run, image, "--out", out],
+            "export": ["export", "--run", fuzz_run, "--out", out],
+            "split": ["split", "--data", fuzz_data, "--out", out, "--no-duplicates"],
+            "evaluate": ["evaluate", "--run", fuzz_run, "--split-file", out]}[command]
+    if window is not None and command in ("predict", "explain"):
+        argv += ["--window", window]
+    if layer is not None and command == "explain":
+        argv += ["--target-layer", layer, "--method", "gradcam"]
+    before = tree_hash(fuzz_run)
+    rc, _, err = cli(argv)
+    assert_contract(rc, err)
+    if command != "evaluate":  # evaluate's job is to rewrite the run's metrics
+        assert tree_hash(fuzz_run) == before
+
+
+@settings(FAST, max_examples=25)
+@given(models=st.sampled_from(["EfficientNetLite0", "NoSuchNet", "", ",", "EfficientNetLite0,EfficientNetLite0"]),
+       weights=st.sampled_from(["none", "none,none", "/nope.pth", "", "imagenet-21k"]),
+       seeds=st.sampled_from(["0", "0,0", "-1", "a", "", "1e3", "2147483648"]))
+def test_experiment_lists(tmp_path_factory, fuzz_data, models, weights, seeds):
+    grid = tmp_path_factory.getbasetemp() / "fuzz-grid"
+    rc, _, err = cli(["experiment", "--data", fuzz_data, "--out", grid, "--models", models, "--weights", weights,
+                      "--seeds", seeds, "--epochs", "1", "--limit", "4", "--image-size", "32",
+                      "--split-preset", "stratified", "--quiet"])
+    assert_contract(rc, err, names=["--models", "--weights", "--seeds", "--epochs"])
+    if rc == 0:
+        assert (grid / "runs" / "EfficientNetLite0__none__seed0" / "metrics.json").is_file()

@@ -178,7 +178,10 @@ def test_worker_killed_task_is_retried_and_resumes(cluster, local_grid, data_dir
 
 def test_failing_run_is_recorded_and_the_grid_goes_on(cluster, data_dir, tmp_path):
     grid = tmp_path / "g"
+    # a weights file that exists but is not weights: the CLI refuses a missing file before starting,
+    # a damaged one fails inside its own run, which the grid records while the other run finishes
     missing = str(tmp_path / "missing-weights.pth")
+    Path(missing).write_bytes(b"not a state dict")
     r = _cli(cluster, "experiment", "--data", str(data_dir), "--out", str(grid), "--models", "EfficientNetLite0",
              "--weights", f"none,{missing}", "--seeds", "0", "--epochs", "1", "--limit", "8", "--quiet",
              "--executor", "ray", "--address", cluster.address)

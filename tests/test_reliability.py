@@ -202,8 +202,10 @@ def test_grid_with_every_run_failing_exits_2_naming_them(tmp_path, rel_data, cap
 
 def test_empty_val_or_test_subsets(tmp_path, rel_data, rel_run, capsys):
     rows = D.read_split(rel_run / "split.csv")
+    # (a split file without test rows is a train/val split like UCSD's: its val becomes the test;
+    # with neither val nor test rows there is nothing to evaluate on)
     no_test = tmp_path / "no_test.csv"
-    D.write_split([r for r in rows if r["subset"] != "test"], no_test)
+    D.write_split([r for r in rows if r["subset"] == "train"], no_test)
     assert main(["train", "--data", str(rel_data), "--model", "EfficientNetLite0", "--epochs", "1",
                  "--split-file", str(no_test), "--out", str(tmp_path / "r"), "--quiet"]) == 2
     assert "the test subset is empty" in one_line(capsys)

@@ -221,7 +221,11 @@ def test_overlays_for_every_method(server, runs, slices):
         ex = run.explain(str(slices[0]), method=method)
         expected = Image.fromarray(ex.overlay)
         expected.thumbnail((320, 320), Image.BILINEAR)
-        np.testing.assert_array_equal(decode_data_url(r["overlay"]), np.asarray(expected))
+        # the server is another process (its own torch threads): gradients may differ in the last
+        # float bits, which can move a few overlay pixels by a grey level or two after rounding
+        got = decode_data_url(r["overlay"]).astype(int)
+        assert got.shape == np.asarray(expected).shape
+        assert np.abs(got - np.asarray(expected).astype(int)).max() <= 4
         assert r["explained_class"] == ex.label
 
 
@@ -255,7 +259,7 @@ def test_bad_uploads_are_4xx_with_a_message_and_the_server_keeps_serving(server,
                 fh.write(block)
     cases = [
         ("truncated.png", truncated, 422, "truncated.png: cannot decode image"),
-        ("notes.txt", b"these are not pixels", 422, "notes.txt: cannot decode image"),
+        ("notes.txt", b"these are not pixels", 422, "notes.txt: not an image file"),
         ("knee.dcm", mr_dicom(), 422, "knee.dcm: DICOM modality is MR, not CT"),
         ("bomb.png", png_claiming(10_000, 10_000), 422, "more than the 40,000,000 px allowed (decompression bomb?)"),
         ("bigger-bomb.png", png_claiming(100_000, 100_000), 422, "decompression bomb"),

@@ -332,7 +332,8 @@ def cmd_experiment(args):
     models, weights, seeds = _grid_lists(args, PRESETS[args.preset])
     _io.check_writable(args.out)
     preset_name = args.grid_split_preset or "paper"
-    cfg = config_from_args(args, model=models[0], out=None, split_preset=preset_name)
+    # --weights here is the grid's list (checked above), not a TrainConfig value
+    cfg = config_from_args(args, model=models[0], weights="none", out=None, split_preset=preset_name)
     if len(cfg.datasets) > 1:
         raise CTTransferError("--data: experiment takes one dataset (train accepts several --data)")
     base = asdict(cfg)
@@ -356,9 +357,16 @@ def cmd_tune(args):
 
     names = {f.name for f in fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and k not in ("data", "model", "out", "recipe")}
+    if isinstance(given.get("split_file"), list):  # --split-file is repeatable (one per --data in train)
+        if len(given["split_file"]) > 1:
+            raise CTTransferError("--split-file: tune takes one split file")
+        given["split_file"] = given["split_file"][0]
     recipe = args.recipe_file or args.recipe
     base = {**(load_recipe(recipe) if recipe else {}), **given}  # the search space overrides both
-    result = tune(data=args.data, model=args.model, space_file=args.space, trials=args.trials, out=args.out,
+    datasets = args.data if isinstance(args.data, list) else [args.data]
+    if len(datasets) > 1:
+        raise CTTransferError("--data: tune takes one dataset (train accepts several --data)")
+    result = tune(data=datasets[0], model=args.model, space_file=args.space, trials=args.trials, out=args.out,
                   metric=args.metric, base=base, executor=args.executor, address=args.address,
                   cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                   search_seed=args.search_seed)

@@ -278,9 +278,14 @@ def check_run_config(cfg: dict, path) -> dict:
     for key in ("channels_last", "bf16"):
         if not isinstance(cfg.get(key, False), bool):
             raise bad(f"{key} must be true or false")
-    if cfg.get("data") is not None and not isinstance(cfg.get("data"), str):
-        raise bad("data must be a folder path")
-    return D.Preprocess(image_size=size, window=(float(window[0]), float(window[1])))
+    data = cfg.get("data")
+    if data is not None and not (isinstance(data, str) or (isinstance(data, list) and data
+                                                           and all(isinstance(d, str) for d in data))):
+        raise bad("data must be a folder path (or a list of them)")
+    crop, intensity = pre.get("crop", "none"), pre.get("intensity", "none")
+    if crop not in D.CROPS or intensity not in D.INTENSITIES:
+        raise bad(f"preprocess crop must be one of {', '.join(D.CROPS)} and intensity one of {', '.join(D.INTENSITIES)}")
+    return D.Preprocess(image_size=size, window=(float(window[0]), float(window[1])), crop=crop, intensity=intensity)
 
 
 def load_run(path, *, checkpoint: str = "best.pt", device: str = "cpu") -> Run:

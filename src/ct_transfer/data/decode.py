@@ -144,7 +144,7 @@ def _dicom_to_array(data: bytes, name: str, window) -> np.ndarray:
         hu = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
     except Exception as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        label = getattr(syntax, "name", str(syntax))
+        label = " ".join(str(getattr(syntax, "name", syntax)).split())  # a damaged UID may hold newlines
         raise CTTransferError(f"{name}: cannot decode DICOM pixel data ({label}; a decoder plugin may be "
                               f"missing: {first_line(exc, 80)})") from None
     if hu.ndim == 3 and samples == 1:  # multi-frame: the middle slice

@@ -143,6 +143,17 @@ def _resumed_config(cfg: TrainConfig, rundir: RunDir) -> TrainConfig:
 
 def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bool = False,
         test: bool = True) -> Run:
+    """Train ``config.model`` on ``config.data``; returns the trained ``Run`` (see ``_fit``).
+    ``config.threads`` applies to this fit only: the process's torch thread count is put back."""
+    threads = torch.get_num_threads()
+    try:
+        return _fit(config, callbacks=callbacks, progress=progress, resume=resume, test=test)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bool = False,
+         test: bool = True) -> Run:
     """Train ``config.model`` on ``config.data``; returns the trained ``Run`` (best-on-val weights).
 
     With ``config.out`` the run directory gets config, split, history, checkpoints, metrics,

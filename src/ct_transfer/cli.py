@@ -396,14 +396,24 @@ def cmd_report(args):
     print(f"wrote {Path(out) / 'report.md'} and {Path(out) / 'report.html'}")
 
 
-def cmd_predict(args):
-    from .predict import parse_window, predict, write_rows
+def _load_run_with_window(args):
+    """The run, with ``--window`` (DICOM width/level) replacing its preprocessing's window."""
+    from dataclasses import replace
+
+    from .predict import parse_window
     from .run import load_run
 
-    window = parse_window(args.window) if args.window else None
+    window = parse_window(args.window) if args.window else None  # a bad window fails before loading
     run = load_run(args.run)
     if window:
-        run.preprocess = run.preprocess.__class__(**{**run.preprocess.__dict__, "window": window})
+        run.preprocess = replace(run.preprocess, window=window)
+    return run
+
+
+def cmd_predict(args):
+    from .predict import predict, write_rows
+
+    run = _load_run_with_window(args)
     if args.out:
         _check_output(args.out, run)
     rows = predict(run, args.inputs, batch_size=args.batch_size, progress=True)
@@ -418,15 +428,11 @@ def cmd_predict(args):
 
 
 def cmd_explain(args):
-    from .explain import explain_files
-    from .predict import collect_inputs, parse_window
     from . import _io
-    from .run import load_run
+    from .explain import explain_files
+    from .predict import collect_inputs
 
-    window = parse_window(args.window) if args.window else None
-    run = load_run(args.run)
-    if window:
-        run.preprocess = run.preprocess.__class__(**{**run.preprocess.__dict__, "window": window})
+    run = _load_run_with_window(args)
     _refuse_run_dir(Path(args.out), Path(args.out), run)
     _io.check_writable(args.out)
     try:

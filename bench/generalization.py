@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -48,23 +47,14 @@ SETTINGS = {
 }
 
 
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of k successes in n trials."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    d = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def with_intervals(m: dict) -> dict:
-    (tn, fp), (fn, tp) = m["confusion_matrix"]
-    return {"n": m["n"], "accuracy": m["accuracy"], "accuracy_ci": wilson(tn + tp, m["n"]),
-            "sensitivity": m["recall"], "sensitivity_ci": wilson(tp, tp + fn),
-            "specificity": m["specificity"], "specificity_ci": wilson(tn, tn + fp), "roc_auc": m["roc_auc"],
-            "confusion_matrix": m["confusion_matrix"]}
+    """The table's columns; the 95% Wilson intervals are the ones compute_metrics wrote."""
+    ci = m.get("ci95") or {}
+    nan = (float("nan"), float("nan"))
+    return {"n": m["n"], "accuracy": m["accuracy"], "accuracy_ci": tuple(ci.get("accuracy") or nan),
+            "sensitivity": m["recall"], "sensitivity_ci": tuple(ci.get("recall") or nan),
+            "specificity": m["specificity"], "specificity_ci": tuple(ci.get("specificity") or nan),
+            "roc_auc": m["roc_auc"], "confusion_matrix": m["confusion_matrix"]}
 
 
 def external_rows(trained_on_ucsd: bool) -> list[dict]:

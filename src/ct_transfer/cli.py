@@ -205,12 +205,9 @@ def cmd_split(args):
 
 
 def _ci(m: dict, key: str) -> str:
-    """``0.9500 [0.9100, 0.9700]`` (value and its 95% interval when the metrics carry one)."""
-    v = m.get(key)
-    if v is None:
-        return "n/a"
-    ci = (m.get("ci95") or {}).get(key)
-    return f"{v:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    from .evaluate import format_with_ci
+
+    return format_with_ci(m, key)
 
 
 def _metric_line(name: str, m: dict) -> str:

@@ -92,6 +92,15 @@ def compute_metrics(y_true, proba, classes: list[str], *, threshold: float | Non
     return out
 
 
+def format_with_ci(m: dict, key: str, *, digits: int = 4, missing: str = "n/a") -> str:
+    """``0.9500 [0.910, 0.970]``: a metric and the 95% interval its evaluation wrote (if any)."""
+    v = m.get(key)
+    if v is None:
+        return missing
+    ci = (m.get("ci95") or {}).get(key)
+    return f"{v:.{digits}f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
 def write_predictions(path, paths: list[str], y_true, proba, classes: list[str]) -> None:
     rows = []
     for p, t, pr in zip(paths, y_true, proba):

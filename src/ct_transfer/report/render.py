@@ -17,6 +17,7 @@ from markdown.extensions import Extension
 from markdown.treeprocessors import Treeprocessor
 from markupsafe import Markup
 
+from ..evaluate import format_with_ci
 from .paper import TABLE_NUMBERS, format_hms
 
 log = logging.getLogger(__name__)
@@ -82,11 +83,7 @@ def value_ci(s: dict) -> str:
 
 def metric_ci(m: dict, key: str) -> str:
     """One run's metric with the 95% interval its evaluation wrote: ``0.951 [0.915, 0.972]``."""
-    v = m.get(key)
-    if v is None:
-        return "—"
-    ci = (m.get("ci95") or {}).get(key)
-    return f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+    return format_with_ci(m, key, digits=3, missing="—")
 
 
 def operating(m: dict) -> str:

@@ -301,7 +301,8 @@ def _grid_lists(args, preset):
 
     # `is not None`: an empty --models '' is an error, not the preset's 12 models
     models = _csv_list(args.models, flag="--models") if args.models is not None else list(preset["models"])
-    weights = _csv_list(args.weights, flag="--weights") if args.weights is not None else list(preset["weights"])
+    weights = (_csv_list(args.grid_weights, flag="--weights") if args.grid_weights is not None
+               else list(preset["weights"]))
     seeds = _csv_list(args.seeds, int, "--seeds")
     for flag, values, check in (("--models", models, resolve), ("--weights", weights, _validate_weights)):
         for v in values:
@@ -329,8 +330,7 @@ def cmd_experiment(args):
     models, weights, seeds = _grid_lists(args, PRESETS[args.preset])
     _io.check_writable(args.out)
     preset_name = args.grid_split_preset or "paper"
-    # --weights here is the grid's list (checked above), not a TrainConfig value
-    cfg = config_from_args(args, model=models[0], weights="none", out=None, split_preset=preset_name)
+    cfg = config_from_args(args, model=models[0], out=None, split_preset=preset_name)
     if len(cfg.datasets) > 1:
         raise CTTransferError("--data: experiment takes one dataset (train accepts several --data)")
     base = asdict(cfg)
@@ -551,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                    help="paper: the 12 archs; offline: EfficientNetLite0/1/2 (weights install here)")
     p.add_argument("--models", help="comma-separated model names (default: the preset's)")
-    p.add_argument("--weights", help="comma-separated: none,imagenet or paths (default: none,imagenet)")
+    p.add_argument("--weights", dest="grid_weights",  # a list, not TrainConfig.weights (set per run)
+                   help="comma-separated: none,imagenet or paths (default: none,imagenet)")
     p.add_argument("--seeds", default="0")
     p.add_argument("--jobs", type=_positive_int, default=1,
                    help="runs at once on this machine (each with cores/N threads; a GPU is shared)")

@@ -16,7 +16,7 @@ from ct_transfer import data as D
 from ct_transfer import models as M
 from ct_transfer.engine import pooled_features
 from ct_transfer.engine import probe as P
-from ct_transfer.engine.data import load_subset
+from ct_transfer.data import load_subset
 from ct_transfer.engine.loop import _batches, epoch_size, steps_per_epoch
 from ct_transfer.experiment import run_grid, run_status
 from ct_transfer.recipes import RECIPES, config_from_recipe

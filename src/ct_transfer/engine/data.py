@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import data as D
-from ..data import data_root, load_subset  # noqa: F401  (re-exported for callers of the engine)
+from ..data import data_root, load_subset
 from ..errors import ConfigError, CTTransferError
 
 log = logging.getLogger("ct_transfer.engine")

@@ -273,6 +273,11 @@ def test_grid_with_calibration_and_external_set_through_the_cli(tmp_path, data_d
     stamp = (run_dir / "external" / "ext" / "metrics.json").stat().st_mtime_ns
     assert main(args) == 0  # a restart skips the run and does not evaluate it again
     assert (run_dir / "external" / "ext" / "metrics.json").stat().st_mtime_ns == stamp
+    # a finished run without the external result (--external added later) is evaluated on restart
+    shutil.rmtree(run_dir / "external")
+    assert main(args) == 0
+    again = json.loads((run_dir / "external" / "ext" / "metrics.json").read_text())
+    assert again["metrics"]["accuracy"] == ext_metrics["metrics"]["accuracy"]
     capsys.readouterr()
     assert main(["report", str(grid), "--out", str(tmp_path / "report"), "--no-gallery"]) == 0
     md = (tmp_path / "report" / "report.md").read_text()

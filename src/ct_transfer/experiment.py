@@ -20,6 +20,7 @@ from .engine import fit
 from .errors import ConfigError, CTTransferError
 from .external import default_name, external_rows
 from .rundir import record_failure
+from .run import load_run
 
 log = logging.getLogger(__name__)
 

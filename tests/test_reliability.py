@@ -117,6 +117,36 @@ def test_full_disk_leaves_no_half_written_file(tmp_path, rel_data, rel_run, caps
         assert not (full / "p.csv").exists() and not list(full.glob(".p.csv*"))
 
 
+
+def test_failed_checkpoint_write_waits_for_the_other_writes(tmp_path):
+    """The background writer: when best.pt fails, the error is raised only after the queued last.pt
+    write has finished (CI once listed the folder while that write's temporary file still existed)."""
+    import threading
+    import time
+
+    from ct_transfer.engine.callbacks import Checkpoint
+    from ct_transfer.rundir import RunDir
+
+    done = threading.Event()
+
+    class SlowDir(RunDir):
+        def save_best(self, state):
+            time.sleep(0.2)  # still running when last.pt is queued, as in training
+            raise CTTransferError("best.pt: cannot write (no space left on device)")
+
+        def save_last(self, state):
+            time.sleep(0.5)
+            super().save_last(state)
+            done.set()
+
+    ck = Checkpoint(SlowDir(tmp_path), background=True)
+    ck._submit(ck.rundir.save_best, {})
+    ck._submit(ck.rundir.save_last, {"epoch": 1})
+    with pytest.raises(CTTransferError, match="no space left"):
+        ck.flush()
+    assert done.is_set() and (tmp_path / "last.pt").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
 def test_file_size_limit_in_a_subprocess(tmp_path, rel_data):
     """RLIMIT_FSIZE (works without mount rights): writes fail with EFBIG; SIGXFSZ ignored."""
     code = (

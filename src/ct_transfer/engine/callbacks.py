@@ -2,12 +2,13 @@
 progress, early stopping and custom stop rules are objects the loop calls at fixed points.
 
 Hooks: ``on_fit_start(state)``, ``on_epoch_start(state)``, ``on_batch_end(state, n, loss_sum,
-correct)``, ``on_epoch_end(state, row)``, ``on_fit_end(state)``. Setting ``state.stop = True``
+correct)``, ``on_epoch_end(state, row)``, ``on_fit_end(state)``, ``on_fit_error(state)``. Setting ``state.stop = True``
 ends training after the current epoch. Callback time is not counted in ``train_seconds``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -27,6 +28,9 @@ class Callback:
     def on_epoch_end(self, state, row): ...
 
     def on_fit_end(self, state): ...
+
+    def on_fit_error(self, state):
+        """Training stopped on an exception (which still propagates): release what you hold."""
 
 
 class TrackBest(Callback):
@@ -83,14 +87,21 @@ class Checkpoint(Callback):
     def on_fit_end(self, state):
         self.flush()
 
+    def on_fit_error(self, state):
+        # The error being raised matters more than a write that also failed; but no write may still be
+        # running (its temporary file would outlive the failed run).
+        with contextlib.suppress(Exception):
+            self.flush()
+
     def flush(self):
-        """Wait for every queued write; a failed write raises here."""
-        for f in self._pending:
-            f.result()
-        self._pending = []
+        """Wait for every queued write, then raise the first that failed."""
+        pending, self._pending = self._pending, []
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        for f in pending:
+            if f.exception() is not None:
+                raise f.exception()
 
 
 def resume_state(state) -> dict:

@@ -265,23 +265,28 @@ def _run_epochs(state: TrainState, epoch_fn, callbacks) -> None:
     cfg = state.config
     for cb in callbacks:
         cb.on_fit_start(state)
-    for epoch in range(state.epoch, state.end_epoch or cfg.epochs):
+    try:
+        for epoch in range(state.epoch, state.end_epoch or cfg.epochs):
+            for cb in callbacks:
+                cb.on_epoch_start(state)
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout; exact on resume
+            g = _epoch_generator(cfg.seed, epoch, state.device)
+            train_loss, train_acc, loop_seconds, val_loss, val_acc = epoch_fn(epoch, g, callbacks)
+            state.train_seconds += time.perf_counter() - t0
+            state.epoch = epoch + 1
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                   "val_acc": val_acc, "seconds": round(state.train_seconds, 3),
+                   "train_ips": round(state.n_train / max(loop_seconds, 1e-9), 2)}
+            state.history.append(row)
+            for cb in callbacks:
+                cb.on_epoch_end(state, row)
+            if state.stop:
+                break
+    except BaseException:
         for cb in callbacks:
-            cb.on_epoch_start(state)
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout; exact on resume
-        g = _epoch_generator(cfg.seed, epoch, state.device)
-        train_loss, train_acc, loop_seconds, val_loss, val_acc = epoch_fn(epoch, g, callbacks)
-        state.train_seconds += time.perf_counter() - t0
-        state.epoch = epoch + 1
-        row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-               "val_acc": val_acc, "seconds": round(state.train_seconds, 3),
-               "train_ips": round(state.n_train / max(loop_seconds, 1e-9), 2)}
-        state.history.append(row)
-        for cb in callbacks:
-            cb.on_epoch_end(state, row)
-        if state.stop:
-            break
+            cb.on_fit_error(state)
+        raise
     for cb in callbacks:
         cb.on_fit_end(state)
 

@@ -206,7 +206,7 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
     probe_info = {}
     if cfg.head_init == "probe" and state.epoch == 0:  # a resumed run has its head already
         t0 = time.perf_counter()
-        res, feat_s = _probe(state, subsets, mean, std, bf16)
+        res, feat_s = _probe(state, subsets, mean, std, bf16, size=epoch_size(cfg, 0))
         P.load_into_fc(model.fc, res.weight, res.bias)
         state.train_seconds += time.perf_counter() - t0  # part of what this run costs
         probe_info = {"probe": _probe_summary(res, feat_s)}
@@ -351,12 +351,14 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
 
 @torch.inference_mode()
 def pooled_features(model, x_u8, transform, *, channels_last=True, bf16=False, device="cpu", generator=None,
-                    batch_size=256):
-    """Backbone features after global average pooling."""
+                    batch_size=256, size: int | None = None):
+    """Backbone features after global average pooling (at ``size`` px: shrunk as training shrinks)."""
     model.eval()
     out = []
     for start in range(0, len(x_u8), batch_size):
         xb = transform(x_u8[start:start + batch_size], generator)
+        if size and size != xb.shape[-1]:
+            xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast(bf16, device):
@@ -364,11 +366,13 @@ def pooled_features(model, x_u8, transform, *, channels_last=True, bf16=False, d
     return torch.cat(out)
 
 
-def _probe(state: TrainState, subsets, mean, std, bf16):
-    """Linear probe on pooled features of the un-augmented train and val images."""
+def _probe(state: TrainState, subsets, mean, std, bf16, *, size: int | None = None):
+    """Linear probe on pooled features of the un-augmented train and val images. As a head init it is
+    fitted at the first epoch's size: a head fitted on 224 px features gives huge logits on 128 px
+    ones (measured: train loss 6.65, val 0.93 -> 0.63 in the first progressive-resizing epoch)."""
     cfg, model, device = state.config, state.model, state.device
     eval_tf = D.batch_transform(mean, std, augment=False)
-    kw = dict(channels_last=cfg.channels_last, bf16=bf16, device=device, batch_size=64)
+    kw = dict(channels_last=cfg.channels_last, bf16=bf16, device=device, batch_size=64, size=size)
     t0 = time.perf_counter()
     f_tr = pooled_features(model, subsets["train"].x, eval_tf, **kw).cpu().numpy()
     f_va = pooled_features(model, subsets["val"].x, eval_tf, **kw).cpu().numpy()
@@ -388,7 +392,7 @@ def _linear_epochs(state: TrainState, subsets, mean, std, bf16):
 
     def epoch_fn(epoch, g, callbacks):
         t0 = time.perf_counter()
-        res, feat_s = _probe(state, subsets, mean, std, bf16)
+        res, feat_s = _probe(state, subsets, mean, std, bf16, size=epoch_size(cfg, 0))
         P.load_into_fc(state.model.fc, res.weight, res.bias)
         state.extra = {"probe": _probe_summary(res, feat_s)}
         state.stop = True

@@ -2,15 +2,20 @@
 scans (UCSD COVID-CT dev), for the paper recipe, the transfer recipe, the transfer recipe with each
 of its robustness steps switched off, and multi-source training (SARS-CoV-2 + UCSD train patients).
 
-Columns: internal test accuracy on the paper split (SARS-CoV-2), external accuracy, sensitivity
+Columns: internal test accuracy on the paper split and on the grouped split (near-duplicate slices
+kept on one side; SARS-CoV-2), external accuracy, sensitivity
 and specificity with 95% Wilson intervals on UCSD-dev: all 541 images when UCSD was not trained on,
 its official val patients (118 images, never used to pick an epoch) when its train patients were.
 
-Budget knobs (this machine: 2 shared CPU cores): ``--image-size``, ``--epochs``, ``--strategy``
-(frozen = only the head trains, on cached ImageNet features of augmented views; partial/full
-fine-tune). They replace the recipes' own values for every setting alike; the table says so.
+Budget knobs (this machine: 2 CPU cores): ``--image-size``, ``--epochs``, ``--strategy`` (linear =
+the convex linear probe on fixed ImageNet features, no augmentation, so the augmentation setting is
+skipped; frozen = only the head trains, on cached features of augmented views; partial/full
+fine-tune, optionally ``--head-init probe``, ``--schedule``, ``--lr``). They replace the recipes' own
+values for every setting alike; the JSON records each setting's full resolved config.
 
-    PYTHONPATH=src python bench/generalization.py --strategy frozen --image-size 128 --epochs 30
+    PYTHONPATH=src python bench/generalization.py --strategy linear --image-size 224
+    PYTHONPATH=src python bench/generalization.py --strategy partial --head-init probe --image-size 224 \
+        --epochs 12 --schedule onecycle --lr 5e-4 --settings "transfer;transfer + UCSD train patients"
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ SARS, UCSD = SHARED / "sarscov2-ct", SHARED / "ucsd-covid-ct-dev"
 UCSD_SPLIT = UCSD / "SPLIT.csv"
 
 SETTINGS = {
-    "paper": ("paper", {}),
+    "paper": ("paper", {"weights": "imagenet"}),  # the paper's transfer-learning arm
     "transfer": ("transfer", {}),
     "transfer, crop none": ("transfer", {"crop": "none"}),
     "transfer, intensity none": ("transfer", {"intensity": "none"}),
@@ -87,22 +92,32 @@ def failure_gallery(run, rows, proba, out: Path, k: int = 4) -> list[dict]:
     return written
 
 
-def run_setting(name: str, recipe: str, changes: dict, args) -> dict:
-    options = dict(data=str(SARS), model=args.model, split_preset="paper", split_seed=0, seed=args.seed,
+def setting_config(recipe: str, changes: dict, args, *, split_preset: str):
+    options = dict(data=str(SARS), model=args.model, split_preset=split_preset, split_seed=0, seed=args.seed,
                    epochs=args.epochs, image_size=args.image_size, strategy=args.strategy,
                    cache_dir=args.cache_dir, threads=args.threads, limit=args.limit)
     if args.strategy == "partial":
         options["freeze_until"] = args.freeze_until
     if args.strategy == "frozen":
         options["frozen_views"] = args.frozen_views
+    if args.strategy in ("partial", "full"):
+        options.update({k: v for k in ("head_init", "schedule", "lr") if (v := getattr(args, k)) is not None})
     options.update(changes)
-    cfg = config_from_recipe(recipe, **options)
+    return config_from_recipe(recipe, **options)
+
+
+def sars_test(run, trained_on_ucsd: bool) -> dict:
+    test = run.metrics["test"]
+    return test["per_source"]["sarscov2-ct"] if trained_on_ucsd else test
+
+
+def run_setting(name: str, recipe: str, changes: dict, args) -> dict:
+    cfg = setting_config(recipe, changes, args, split_preset="paper")
     t0 = time.perf_counter()
-    run = fit(cfg, progress=False)
+    run = fit(cfg, progress=args.progress)
     seconds = time.perf_counter() - t0
     trained_on_ucsd = isinstance(cfg.data, list)
-    test = run.metrics["test"]
-    internal = test["per_source"]["sarscov2-ct"] if trained_on_ucsd else test
+    internal = sars_test(run, trained_on_ucsd)
     rows = external_rows(trained_on_ucsd)
     proba = run.predict_proba([str(UCSD / r["path"]) for r in rows])
     y = np.array([run.classes.index(r["class"]) for r in rows])
@@ -112,6 +127,11 @@ def run_setting(name: str, recipe: str, changes: dict, args) -> dict:
               "internal_test": with_intervals(internal), "internal_split": "paper (stratified 976/122/122)",
               "external": external, "external_set": "UCSD-dev val patients" if trained_on_ucsd else "UCSD-dev all",
               "best_epoch": run.metrics["best_epoch"], "seconds": round(seconds, 1)}
+    if args.grouped:  # the same setting on the leakage-free split; its external figures are not reused
+        t1 = time.perf_counter()
+        grouped = fit(setting_config(recipe, changes, args, split_preset="grouped"), progress=args.progress)
+        result["internal_grouped_test"] = with_intervals(sars_test(grouped, trained_on_ucsd))
+        result["grouped_seconds"] = round(time.perf_counter() - t1, 1)
     if args.gallery and name in args.gallery:
         slug = name.replace(" ", "_").replace(",", "").replace("+", "plus")
         result["failures"] = failure_gallery(run, rows, proba, RESULTS / "generalization_failures" / slug)
@@ -126,10 +146,16 @@ def fmt(m: dict, key: str) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="EfficientNetLite0")
-    ap.add_argument("--strategy", default="frozen", choices=("frozen", "partial", "full"))
+    ap.add_argument("--strategy", default="linear", choices=("linear", "frozen", "partial", "full"))
+    ap.add_argument("--head-init", default=None, choices=("random", "probe"))
+    ap.add_argument("--schedule", default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--no-grouped", dest="grouped", action="store_false",
+                    help="skip the second fit on the grouped split (halves the time)")
+    ap.add_argument("--progress", action="store_true", help="log each epoch")
     ap.add_argument("--freeze-until", type=int, default=3)
     ap.add_argument("--frozen-views", type=int, default=4)
-    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None)
@@ -144,15 +170,17 @@ def main():
                     help="keep the settings already in --out (same budget) and run only the others")
     args = ap.parse_args()
     args.gallery = [s.strip() for s in args.gallery.split(";") if s.strip()]
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO if args.progress else logging.WARNING)
     names = [s.strip() for s in args.settings.split(";") if s.strip()]
+    if args.strategy == "linear":  # no augmentation in a linear probe: the setting would repeat "transfer"
+        names = [n for n in names if "augmentation" not in n]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         raise SystemExit(f"--settings: unknown {unknown} (choose from {list(SETTINGS)})")
     out = {"machine": machine_info(), "budget": {k: getattr(args, k) for k in
                                                  ("model", "strategy", "freeze_until", "frozen_views", "image_size",
-                                                  "epochs", "seed", "limit")},
-           "grouped_split": "not available on this branch (issue #10): internal accuracy is on the paper split only",
+                                                  "epochs", "seed", "limit", "head_init", "schedule", "lr",
+                                                  "grouped")},
            "results": []}
     if args.keep and Path(args.out).is_file():
         old = json.loads(Path(args.out).read_text())
@@ -161,8 +189,8 @@ def main():
         out["results"] = [r for r in old["results"] if r["setting"] in names]
         out["machine"]["earlier_commands"] = old["machine"].get("earlier_commands", []) + [old["machine"]["command"]]
     done = {r["setting"] for r in out["results"]}
-    print(f"{'setting':34} {'internal test acc':>24} {'external acc':>22} {'sensitivity':>22} "
-          f"{'specificity':>22} {'ext set':>14} {'s':>6}")
+    print(f"{'setting':34} {'internal test acc':>24} {'grouped test acc':>24} {'external acc':>22} "
+          f"{'sensitivity':>22} {'specificity':>22} {'ext AUC':>7} {'ext set':>14} {'s':>6}")
     for name in names:
         if name in done:
             r = next(x for x in out["results"] if x["setting"] == name)
@@ -171,9 +199,10 @@ def main():
             r = run_setting(name, recipe, changes, args)
             out["results"].append(r)
         e = r["external"]
-        print(f"{name:34} {fmt(r['internal_test'], 'accuracy'):>24} {fmt(e, 'accuracy'):>22} "
-              f"{fmt(e, 'sensitivity'):>22} {fmt(e, 'specificity'):>22} {r['external_set'][9:]:>14} "
-              f"{r['seconds']:6.0f}", flush=True)
+        grouped = fmt(r["internal_grouped_test"], "accuracy") if "internal_grouped_test" in r else "not run"
+        print(f"{name:34} {fmt(r['internal_test'], 'accuracy'):>24} {grouped:>24} {fmt(e, 'accuracy'):>22} "
+              f"{fmt(e, 'sensitivity'):>22} {fmt(e, 'specificity'):>22} {e['roc_auc']:7.3f} "
+              f"{r['external_set'][9:]:>14} {r['seconds'] + r.get('grouped_seconds', 0):6.0f}", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1, default=float))
     print(f"wrote {args.out}")

@@ -134,8 +134,27 @@ def test_cpu_fast_recipe_resolves_and_trains(tmp_path, data_dir):
     run = fit(cfg, progress=False)
     m = run.metrics
     assert m["epochs"] == 2 and m["probe"]["C"] in P.C_GRID and 0 <= m["test"]["accuracy"] <= 1
+    assert m["probe"]["size"] == 64  # fitted at the first epoch's size, not the final 96
     saved = json.loads((tmp_path / "f" / "config.json").read_text())
     assert saved["recipe"] == "cpu-fast" and saved["head_init"] == "probe" and saved["resize_from"] == 64
+
+
+def test_bn_stats_frozen_keeps_imagenet_statistics(tmp_path, data_dir):
+    """--bn-stats frozen: after fine-tuning every BN layer still has the ImageNet running statistics
+    (its affine weights did learn); the default updates them from the augmented batches."""
+    base = M.create_model("EfficientNetLite0", weights="imagenet", num_classes=2)
+    ref = {k: v.clone() for k, v in base.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+
+    def bn_state(bn_stats):
+        run = fit(TrainConfig(data=str(data_dir), model="EfficientNetLite0", weights="imagenet", epochs=1, limit=16,
+                              image_size=64, strategy="full", bn_stats=bn_stats), progress=False)
+        return run.model.state_dict()
+
+    frozen, moved = bn_state("frozen"), bn_state("train")
+    assert all(torch.equal(frozen[k], v) for k, v in ref.items())
+    assert not all(torch.equal(moved[k], v) for k, v in ref.items())
+    weights = [k.replace("running_mean", "weight") for k in ref if k.endswith("running_mean")]
+    assert not all(torch.equal(frozen[k], base.state_dict()[k]) for k in weights)
 
 
 def _learning(run_dir):

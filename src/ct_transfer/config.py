@@ -21,6 +21,7 @@ SPLIT_PRESETS = ("stratified", "paper", "grouped")
 CROPS = ("none", "body", "lung")  # data/steps.py (kept here too: config sits below data)
 INTENSITIES = ("none", "percentile", "clahe")
 AUGMENTATIONS = ("paper", "domain")
+BN_STATS = ("train", "frozen")
 ON_BAD = ("error", "skip")
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch
 MIN_IMAGE_SIZE = 32  # the networks downsample 32x; some archs need more (models.ModelSpec.min_size)
@@ -77,6 +78,9 @@ class TrainConfig:
                           choices=HEAD_INITS)
     resize_from: int | None = _opt(None, "progressive resizing: first epoch at this size (px), growing to "
                                          "--image-size by mid-training (second half at full size)")
+    bn_stats: str = _opt("train", "BatchNorm statistics while fine-tuning: train = updated from augmented batches "
+                                  "(the paper's Keras behaviour); frozen = every BN layer keeps its ImageNet "
+                                  "statistics (its scale and shift still learn)", choices=BN_STATS)
     freeze_until: int | None = _opt(None, "partial: last frozen stage (timm parameter group, 0 = stem)")
     frozen_views: int = _opt(2, "frozen + augmentation: augmented views cached per image")
     positive: str | None = _opt(None, "positive class (default COVID if present)")
@@ -180,7 +184,7 @@ def _validate(c: TrainConfig) -> None:
             raise ConfigError(name, v, f"choose a number in [{lo}, {hi}]")
     for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD),
                           ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("head_init", HEAD_INITS),
-                          ("compile_mode", COMPILE_MODES), ("crop", CROPS), ("intensity", INTENSITIES),
+                          ("bn_stats", BN_STATS), ("compile_mode", COMPILE_MODES), ("crop", CROPS), ("intensity", INTENSITIES),
                           ("augmentation", AUGMENTATIONS)):
         if getattr(c, name) not in allowed:
             raise ConfigError(name, getattr(c, name), f"choose {', '.join(allowed)}")

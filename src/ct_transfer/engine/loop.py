@@ -209,7 +209,7 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
         res, feat_s = _probe(state, subsets, mean, std, bf16, size=epoch_size(cfg, 0))
         P.load_into_fc(model.fc, res.weight, res.bias)
         state.train_seconds += time.perf_counter() - t0  # part of what this run costs
-        probe_info = {"probe": _probe_summary(res, feat_s)}
+        probe_info = {"probe": _probe_summary(res, feat_s, epoch_size(cfg, 0))}
     cbs = [C.TrackBest()] + ([C.Checkpoint(rundir, every=cfg.checkpoint_every), C.HistoryCSV(rundir)]
                              if rundir else [])
     cbs += ([C.ProgressLog()] if progress else []) + list(callbacks)
@@ -322,7 +322,7 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
 
     def epoch_fn(epoch, g, callbacks):
         t0 = time.perf_counter()
-        set_train_mode(model)
+        set_train_mode(model, bn_stats=cfg.bn_stats)
         # Sums stay on the device: no host sync per step (matters on CUDA).
         total_loss = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.long, device=device)
@@ -382,8 +382,8 @@ def _probe(state: TrainState, subsets, mean, std, bf16, *, size: int | None = No
     return res, feat_s
 
 
-def _probe_summary(res, feature_seconds: float) -> dict:
-    return {"C": res.C, "val_acc": res.val_acc, "grid": res.grid, "feature_seconds": round(feature_seconds, 3),
+def _probe_summary(res, feature_seconds: float, size: int) -> dict:
+    return {"size": size, "C": res.C, "val_acc": res.val_acc, "grid": res.grid, "feature_seconds": round(feature_seconds, 3),
             "solver_seconds": round(res.solver_seconds, 3)}
 
 
@@ -392,9 +392,9 @@ def _linear_epochs(state: TrainState, subsets, mean, std, bf16):
 
     def epoch_fn(epoch, g, callbacks):
         t0 = time.perf_counter()
-        res, feat_s = _probe(state, subsets, mean, std, bf16, size=epoch_size(cfg, 0))
+        res, feat_s = _probe(state, subsets, mean, std, bf16)
         P.load_into_fc(state.model.fc, res.weight, res.bias)
-        state.extra = {"probe": _probe_summary(res, feat_s)}
+        state.extra = {"probe": _probe_summary(res, feat_s, state.config.image_size)}
         state.stop = True
         return res.train_loss, res.train_acc, time.perf_counter() - t0, res.val_loss, res.val_acc
 

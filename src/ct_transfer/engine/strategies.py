@@ -47,10 +47,14 @@ def apply_strategy(model, strategy: str, freeze_until: int | None = None) -> dic
     return {"frozen_groups": upto + 1, "frozen_params": int(sum(params[n].numel() for n in frozen))}
 
 
-def set_train_mode(model) -> None:
-    """train() for trainable parts; frozen modules (all params frozen) stay in eval (BN stats fixed)."""
+def set_train_mode(model, *, bn_stats: str = "train") -> None:
+    """train() for trainable parts; frozen modules (all params frozen) stay in eval (BN stats fixed).
+    ``bn_stats="frozen"``: every BatchNorm layer stays in eval, so its running statistics remain the
+    ones the features (and a probe-initialised head) were computed with; augmented batches would
+    otherwise move them away from what un-augmented evaluation images produce."""
     model.train()
     for module in model.backbone.modules():
         own = list(module.parameters(recurse=False))
-        if own and not any(p.requires_grad for p in own):
+        if (own and not any(p.requires_grad for p in own)) or (
+                bn_stats == "frozen" and isinstance(module, nn.modules.batchnorm._BatchNorm)):
             module.eval()

@@ -205,11 +205,11 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
     mean, std = M.normalization(model)
     probe_info = {}
     if cfg.head_init == "probe" and state.epoch == 0:  # a resumed run has its head already
-        t0 = time.perf_counter()
-        res, feat_s = _probe(state, subsets, mean, std, bf16, size=epoch_size(cfg, 0))
+        t0, first_size = time.perf_counter(), epoch_size(cfg, 0)
+        res, feat_s = _probe(state, subsets, mean, std, bf16, size=first_size)
         P.load_into_fc(model.fc, res.weight, res.bias)
         state.train_seconds += time.perf_counter() - t0  # part of what this run costs
-        probe_info = {"probe": _probe_summary(res, feat_s, epoch_size(cfg, 0))}
+        probe_info = {"probe": _probe_summary(res, feat_s, first_size)}
     cbs = [C.TrackBest()] + ([C.Checkpoint(rundir, every=cfg.checkpoint_every), C.HistoryCSV(rundir)]
                              if rundir else [])
     cbs += ([C.ProgressLog()] if progress else []) + list(callbacks)
@@ -331,7 +331,7 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
         for idx in _batches(len(x_tr), cfg.batch_size, g, drop_last=cfg.compile):
             xb = train_tf(x_tr[idx], g)
             if size != xb.shape[-1]:  # progressive resizing: augment at full size, then shrink
-                xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                xb = _shrink(xb, size)
             if cfg.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             loss, logits = step(xb, y_tr[idx])
@@ -349,6 +349,11 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
     return epoch_fn
 
 
+def _shrink(xb, size: int):
+    """Progressive resizing: augment (or normalise) at full size, then shrink the batch."""
+    return F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 @torch.inference_mode()
 def pooled_features(model, x_u8, transform, *, channels_last=True, bf16=False, device="cpu", generator=None,
                     batch_size=256, size: int | None = None):
@@ -358,7 +363,7 @@ def pooled_features(model, x_u8, transform, *, channels_last=True, bf16=False, d
     for start in range(0, len(x_u8), batch_size):
         xb = transform(x_u8[start:start + batch_size], generator)
         if size and size != xb.shape[-1]:
-            xb = F.interpolate(xb, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            xb = _shrink(xb, size)
         if channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with autocast(bf16, device):

@@ -102,6 +102,7 @@ def setting_config(recipe: str, changes: dict, args, *, split_preset: str):
         options["frozen_views"] = args.frozen_views
     if args.strategy in ("partial", "full"):
         options.update({k: v for k in ("head_init", "schedule", "lr") if (v := getattr(args, k)) is not None})
+    options.update(args.overrides)
     options.update(changes)
     return config_from_recipe(recipe, **options)
 
@@ -143,6 +144,13 @@ def fmt(m: dict, key: str) -> str:
     return f"{m[key]:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="EfficientNetLite0")
@@ -150,6 +158,8 @@ def main():
     ap.add_argument("--head-init", default=None, choices=("random", "probe"))
     ap.add_argument("--schedule", default=None)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other training option for every setting, e.g. --set bn_stats=frozen --set ema=0.995")
     ap.add_argument("--no-grouped", dest="grouped", action="store_false",
                     help="skip the second fit on the grouped split (halves the time)")
     ap.add_argument("--progress", action="store_true", help="log each epoch")
@@ -169,6 +179,7 @@ def main():
     ap.add_argument("--keep", action="store_true",
                     help="keep the settings already in --out (same budget) and run only the others")
     args = ap.parse_args()
+    args.overrides = {k: _value(v) for k, _, v in (s.partition("=") for s in args.set)}
     args.gallery = [s.strip() for s in args.gallery.split(";") if s.strip()]
     logging.basicConfig(level=logging.INFO if args.progress else logging.WARNING)
     names = [s.strip() for s in args.settings.split(";") if s.strip()]
@@ -180,7 +191,7 @@ def main():
     out = {"machine": machine_info(), "budget": {k: getattr(args, k) for k in
                                                  ("model", "strategy", "freeze_until", "frozen_views", "image_size",
                                                   "epochs", "seed", "limit", "head_init", "schedule", "lr",
-                                                  "grouped")},
+                                                  "grouped", "overrides")},
            "results": []}
     if args.keep and Path(args.out).is_file():
         old = json.loads(Path(args.out).read_text())

@@ -178,3 +178,32 @@ def test_jobs_2_gives_the_sequential_results(tmp_path, data_dir):
     again = run_grid(str(data_dir), str(tmp_path / "par"), ["EfficientNetLite0"], ["none", "imagenet"], [0],
                      base=base, progress=False, jobs=2)
     assert [r["status"] for r in again] == ["done", "done"] and all("test_accuracy" not in r for r in again)
+
+
+def test_ema_weights_are_validated_kept_and_resumed_exactly(tmp_path, data_dir):
+    """--ema: validation and the final model use the weight average (not the raw weights), and a run
+    resumed after its first epoch ends with the same average as an unbroken one."""
+    from ct_transfer.engine import Callback
+
+    seen = []
+
+    class Snap(Callback):
+        def on_epoch_end(self, state, row):
+            seen.append({k: v.clone() for k, v in state.eval_model.state_dict().items()})
+            assert state.eval_model is state.ema.module
+            assert not torch.equal(state.ema.module.fc.weight, state.model.fc.weight)
+
+    kw = dict(data=str(data_dir), model="EfficientNetLite0", weights="imagenet", limit=16, image_size=64,
+              strategy="partial", ema=0.9, seed=2, threads=1)
+    whole = fit(TrainConfig(**kw, epochs=2, out=str(tmp_path / "whole")), callbacks=[Snap()], progress=False)
+    best = whole.metrics["best_epoch"]
+    final = whole.model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in seen[best - 1].items())  # best epoch's average, not raw
+    assert RunDir(tmp_path / "whole").load_resume_state()["ema"] is not None
+
+    fit(TrainConfig(**kw, epochs=1, out=str(tmp_path / "split")), progress=False)
+    resumed = fit(TrainConfig(**kw, epochs=2, out=str(tmp_path / "split")), progress=False, resume=True)
+    assert _learning(tmp_path / "split") == _learning(tmp_path / "whole")
+    assert all(torch.equal(resumed.model.state_dict()[k], v) for k, v in final.items())
+    with pytest.raises(Exception, match="ema"):
+        TrainConfig(**{**kw, "strategy": "linear"})

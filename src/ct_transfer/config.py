@@ -81,6 +81,9 @@ class TrainConfig:
     bn_stats: str = _opt("train", "BatchNorm statistics while fine-tuning: train = updated from augmented batches "
                                   "(the paper's Keras behaviour); frozen = every BN layer keeps its ImageNet "
                                   "statistics (its scale and shift still learn)", choices=BN_STATS)
+    ema: float = _opt(0.0, "full/partial: keep an exponential moving average of the weights with this decay per "
+                           "step (timm's ModelEmaV3); validation, best.pt and the final model use the average; "
+                           "0 = off")
     freeze_until: int | None = _opt(None, "partial: last frozen stage (timm parameter group, 0 = stem)")
     frozen_views: int = _opt(2, "frozen + augmentation: augmented views cached per image")
     positive: str | None = _opt(None, "positive class (default COVID if present)")
@@ -210,6 +213,10 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("cache_dir", c.cache_dir, "exists and is not a folder")
     if c.out is not None and os.path.exists(c.out) and not os.path.isdir(c.out):
         raise ConfigError("out", c.out, "exists and is not a folder")
+    if not isinstance(c.ema, (int, float)) or isinstance(c.ema, bool) or not math.isfinite(c.ema) or not 0 <= c.ema < 1:
+        raise ConfigError("ema", c.ema, "choose a decay in [0, 1) (0 = off; e.g. 0.995)")
+    if c.ema and c.strategy not in ("full", "partial"):
+        raise ConfigError("ema", c.ema, "only with strategy full or partial")
     if c.head_init == "probe" and c.strategy not in ("full", "partial"):
         raise ConfigError("head_init", c.head_init, "only with strategy full or partial")
     if c.strategy != "partial" and c.freeze_until is not None:

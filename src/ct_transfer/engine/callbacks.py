@@ -42,7 +42,7 @@ class TrackBest(Callback):
         best = state.best
         if best is None or (row["val_acc"], -row["val_loss"]) > (best["val_acc"], -best["val_loss"]):
             state.best = {"epoch": row["epoch"], "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
-            state.best_state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+            state.best_state = {k: v.detach().clone() for k, v in state.eval_model.state_dict().items()}
             state.improved = True
         else:
             state.improved = False
@@ -109,7 +109,8 @@ def resume_state(state) -> dict:
     return {"model": _cpu(state.model.state_dict()), "optimizer": _cpu_tree(state.optimizer.state_dict()),
             "scheduler": copy.deepcopy(state.scheduler.state_dict()) if state.scheduler is not None else None,
             "epoch": state.epoch, "history": copy.deepcopy(state.history), "best": copy.deepcopy(state.best),
-            "train_seconds": state.train_seconds, "classes": list(state.classes)}
+            "train_seconds": state.train_seconds, "classes": list(state.classes),
+            "ema": _cpu(state.ema.module.state_dict()) if getattr(state, "ema", None) is not None else None}
 
 
 def _cpu(sd: dict) -> dict:
@@ -194,7 +195,7 @@ class StopWhen(Callback):
         self.predicate = predicate
 
     def on_epoch_end(self, state, row):
-        if self.predicate(row, state.model):
+        if self.predicate(row, state.eval_model):
             state.stop = True
 
 

@@ -53,6 +53,12 @@ class TrainState:
     end_epoch: int | None = None  # None: config.epochs
     extra: dict = field(default_factory=dict)  # strategy facts for metrics.json (the linear probe's C, ...)
     subsets: dict | None = None  # the decoded train/val/test tensors (callbacks may evaluate on them)
+    ema: object = None  # timm ModelEmaV3 of the model (--ema), or None
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation, best.pt and the final model use: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
 
 def pick_device(name: str) -> str:
@@ -193,6 +199,10 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
                                                                drop_last=cfg.compile))
     if cfg.strategy == "linear":
         state.end_epoch = 1  # one convex fit; --epochs does not apply
+    if cfg.ema:
+        from timm.utils import ModelEmaV3
+
+        state.ema = ModelEmaV3(model, decay=cfg.ema)  # a copy; its BatchNorm layers stay in eval mode
     if resume and rundir is not None:
         _restore(state, rundir, device)  # before any write: a bad checkpoint leaves the run as it was
     if rundir is not None:
@@ -208,6 +218,8 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
         t0, first_size = time.perf_counter(), epoch_size(cfg, 0)
         res, feat_s = _probe(state, subsets, mean, std, bf16, size=first_size)
         P.load_into_fc(model.fc, res.weight, res.bias)
+        if state.ema is not None:
+            state.ema.set(model)  # the average starts from the probe head, not the random one
         state.train_seconds += time.perf_counter() - t0  # part of what this run costs
         probe_info = {"probe": _probe_summary(res, feat_s, first_size)}
     cbs = [C.TrackBest()] + ([C.Checkpoint(rundir, every=cfg.checkpoint_every), C.HistoryCSV(rundir)]
@@ -247,6 +259,10 @@ def _restore(state: TrainState, rundir: RunDir, device: str) -> None:
             state.scheduler.load_state_dict(saved["scheduler"])
         state.history, state.epoch = list(saved["history"])[:int(saved["epoch"])], int(saved["epoch"])
         state.best, state.train_seconds = saved["best"], float(saved["train_seconds"])
+        if state.ema is not None:
+            if saved.get("ema") is None:
+                raise KeyError("no weight average (ema) saved: resume with the options the run began with")
+            state.ema.module.load_state_dict(saved["ema"])
     except (RuntimeError, ValueError, TypeError, KeyError) as exc:
         raise CTTransferError(f"{rundir / 'last.pt'}: does not fit this run's model and options "
                               f"({first_line(exc, 100)})") from None
@@ -318,6 +334,8 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
         opt.step()
         if state.scheduler is not None:
             state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update(model)
         return loss.detach(), logits.detach()
 
     def epoch_fn(epoch, g, callbacks):
@@ -341,7 +359,7 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
             for cb in callbacks:
                 cb.on_batch_end(state, len(idx), total_loss, correct)
         loop_seconds = time.perf_counter() - t0
-        proba = predict_proba(model, subsets["val"].x, eval_tf, bf16=bf16, device=device,
+        proba = predict_proba(state.eval_model, subsets["val"].x, eval_tf, bf16=bf16, device=device,
                               channels_last=cfg.channels_last)
         val_loss, val_acc = _val_loss_acc(proba, subsets["val"].y)
         return float(total_loss) / max(seen, 1), int(correct) / max(seen, 1), loop_seconds, val_loss, val_acc

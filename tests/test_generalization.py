@@ -237,7 +237,7 @@ def multi_run(tmp_path_factory, data_dir):
     cfg = TrainConfig(data=[str(data_dir), str(ucsd)], split_file=["-", str(split)], model="EfficientNetLite0",
                       weights="none", class_map="CT_COVID=COVID,CT_NonCOVID=non-COVID", out=str(tmp / "run"),
                       epochs=1, limit=10, image_size=64, crop="lung", intensity="percentile",
-                      augmentation="domain", seed=0)
+                      augmentation="domain", seed=0, tta="flips")
     return fit(cfg, progress=False), tmp
 
 
@@ -261,8 +261,9 @@ def test_multi_source_run_reports_per_source_and_records_config(multi_run):
 
 
 def test_predict_on_raw_external_image_equals_evaluate(multi_run, tmp_path):
-    """Same preprocessing end to end: the CLI's predict on a raw UCSD file gives the probability
-    evaluate wrote for it; export's sidecar records the steps."""
+    """Same preprocessing (and test-time flips) end to end: the CLI's predict on a raw UCSD file gives
+    the probability evaluate wrote for it, and so do explain and the exported ONNX file; export's
+    sidecar records the steps."""
     from ct_transfer import _io, load_run
     from ct_transfer.predict import predict
 
@@ -274,9 +275,21 @@ def test_predict_on_raw_external_image_equals_evaluate(multi_run, tmp_path):
     got = predict(loaded, [str(raw)])[0]
     assert got["prob_COVID"] == pytest.approx(float(row["prob_COVID"]), abs=1e-5)
     assert loaded.predict_proba([raw])[0, 1] == pytest.approx(float(row["prob_COVID"]), abs=1e-5)
+    # the flips are in it: the mean logits of the three views, not the plain image's
+    import torch
+
+    from ct_transfer.evaluate import predict_logits
+
+    assert loaded.tta == "flips"
+    x = loaded.load_images([raw])
+    views = [predict_logits(loaded.model, v, loaded.transform) for v in (x, x.flip(-1), x.flip(-2))]
+    torch.testing.assert_close(predict_logits(loaded.model, x, loaded.transform, tta="flips"),
+                               sum(views) / 3, atol=1e-5, rtol=0)
+    assert not torch.allclose(views[0], views[1], atol=1e-4)  # the flips do change the logits
     # the heat map lies inside the crop box on the full image
     ex = loaded.explain(str(raw))
     y0, y1, x0, x1 = loaded.preprocess.crop_box(D.as_rgb_array(raw))
+    assert ex.probability == pytest.approx(max(got["prob_COVID"], got["prob_non-COVID"]), abs=1e-5)
     outside = ex.heatmap.copy()
     outside[y0:y1, x0:x1] = 0
     assert outside.max() == 0 and ex.heatmap.shape == D.as_rgb_array(raw).shape[:2]
@@ -285,4 +298,8 @@ def test_predict_on_raw_external_image_equals_evaluate(multi_run, tmp_path):
     assert side["preprocess"]["crop"] == "lung" and side["preprocess"]["intensity"] == "percentile"
     assert side["preprocess_steps"][0].startswith("CropForeground('lung'")
     assert "crop to the lungs" in side["preprocess_text"]
-    assert info["parity"]["on"] == "test images"
+    assert info["parity"]["on"] == "test images" and side["inside_the_graph"]["tta"] == "flips"
+    import onnxruntime as ort
+
+    onnx_p = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": (x.float() / 255).numpy()})[0]
+    assert onnx_p[0, loaded.classes.index("COVID")] == pytest.approx(float(row["prob_COVID"]), abs=1e-4)

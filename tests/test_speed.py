@@ -137,6 +137,7 @@ def test_cpu_fast_recipe_resolves_and_trains(tmp_path, data_dir):
     assert m["probe"]["size"] == 64  # fitted at the first epoch's size, not the final 96
     saved = json.loads((tmp_path / "f" / "config.json").read_text())
     assert saved["recipe"] == "cpu-fast" and saved["head_init"] == "probe" and saved["resize_from"] == 64
+    assert saved["ema"] == 0.995 and saved["tta"] == "flips" and load_run(tmp_path / "f").tta == "flips"
 
 
 def test_bn_stats_frozen_keeps_imagenet_statistics(tmp_path, data_dir):

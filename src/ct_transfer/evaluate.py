@@ -17,10 +17,20 @@ def autocast(enabled: bool, device: str = "cpu"):
     return torch.autocast(device_type=kind, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+def tta_logits(model, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's logits for a normalised batch; ``flips``: the mean logits of the image and its
+    horizontal and vertical flips (the paper's augmentation has both flips, so the model has seen
+    them). Averaging logits keeps temperature scaling and thresholds working as without it."""
+    logits = model(x)
+    if tta == "flips":
+        logits = (logits + model(x.flip(-1)) + model(x.flip(-2))) / 3
+    return logits
+
+
 @torch.inference_mode()
 def predict_logits(model, images_u8: torch.Tensor, transform, *, batch_size: int = 256, bf16: bool = False,
-                   device: str = "cpu", channels_last: bool = True) -> torch.Tensor:
-    """Logits (float32, on the CPU) for ``N x 3 x S x S`` uint8 images."""
+                   device: str = "cpu", channels_last: bool = True, tta: str = "none") -> torch.Tensor:
+    """Logits (float32, on the CPU) for ``N x 3 x S x S`` uint8 images (``tta``: see ``tta_logits``)."""
     model.eval()
     out = []
     for start in range(0, len(images_u8), batch_size):
@@ -28,16 +38,17 @@ def predict_logits(model, images_u8: torch.Tensor, transform, *, batch_size: int
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(bf16, device):
-            logits = model(x)
+            logits = tta_logits(model, x, tta)
         out.append(logits.float().cpu())
     return torch.cat(out) if out else torch.zeros((0, 0))
 
 
 def predict_proba(model, images_u8: torch.Tensor, transform, *, batch_size: int = 256, bf16: bool = False,
-                  device: str = "cpu", channels_last: bool = True, temperature: float = 1.0) -> np.ndarray:
+                  device: str = "cpu", channels_last: bool = True, temperature: float = 1.0,
+                  tta: str = "none") -> np.ndarray:
     """Class probabilities (softmax of logits / ``temperature``) for ``N x 3 x S x S`` uint8 images."""
     logits = predict_logits(model, images_u8, transform, batch_size=batch_size, bf16=bf16, device=device,
-                            channels_last=channels_last)
+                            channels_last=channels_last, tta=tta)
     if logits.numel() == 0:
         return np.zeros((0, 0), np.float32)
     return torch.softmax(logits / temperature, dim=1).numpy()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import data as D
 from .errors import ConfigError, CTTransferError, first_line
+from .evaluate import tta_logits
 
 METHODS = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "cam": "CAM", "lrp": "LRP"}
 
@@ -189,7 +190,7 @@ def explain_images(run, images: list[np.ndarray], *, method: str = "gradcam", ta
         chunk = images[start:start + batch_size]
         x = run.transform(D.stack([run.preprocess(a) for a in chunk]))
         with torch.no_grad():
-            proba = torch.softmax(model(x).float(), 1).numpy()
+            proba = torch.softmax(tta_logits(model, x, run.tta).float() / run.temperature, 1).numpy()
         preds = proba.argmax(1).tolist()
         maps = heatmaps(model, x, method, preds, layer)
         for image, pred, p, heat in zip(chunk, preds, proba, maps):

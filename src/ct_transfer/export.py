@@ -17,20 +17,21 @@ import torch.nn as nn
 from . import _io
 from . import data as D
 from .errors import CTTransferError, first_line
+from .evaluate import tta_logits
 from .rundir import RunDir
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".torchscript": "torchscript"}  # torchscript: deprecated in PyTorch
 
 
 class Exported(nn.Module):
-    def __init__(self, model, mean, std):
+    def __init__(self, model, mean, std, tta: str = "none"):
         super().__init__()
-        self.model = model
+        self.model, self.tta = model, tta
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, image):
-        return torch.softmax(self.model((image - self.mean) / self.std), dim=1)
+        return torch.softmax(tta_logits(self.model, (image - self.mean) / self.std, self.tta), dim=1)
 
 
 def sample_images(run, n: int = 32) -> tuple[torch.Tensor, str]:
@@ -71,7 +72,7 @@ def export(run, out, *, format: str | None = None, n_check: int = 32) -> dict:
             RunDir(run.directory).refuse_output(target)
         _io.check_writable(target, folder=False)
     model = run.model.to("cpu").eval()
-    wrapper = Exported(model, run.mean, run.std).eval()
+    wrapper = Exported(model, run.mean, run.std, run.tta).eval()
     x_u8, source = sample_images(run, n_check)
     x = x_u8.float() / 255.0
     with torch.no_grad():
@@ -86,7 +87,8 @@ def export(run, out, *, format: str | None = None, n_check: int = 32) -> dict:
         "format": fmt, "file": out.name, "model": run.config.get("model"), "timm_name": run.config.get("timm_name"),
         "classes": run.classes, "input": {"name": "image", "shape": ["N", 3, run.image_size, run.image_size],
                                           "dtype": "float32", "range": "[0, 1] RGB (pixel / 255)"},
-        "inside_the_graph": {"mean": list(run.mean), "std": list(run.std), "output": "softmax probabilities"},
+        "inside_the_graph": {"mean": list(run.mean), "std": list(run.std), "output": "softmax probabilities",
+                             "tta": run.tta},
         "preprocess": run.preprocess.to_dict(), "preprocess_text": run.preprocess.describe(),
         "preprocess_steps": [repr(step) for step in run.preprocess.steps()],  # done before the graph
         "parity": {"images": int(len(x)), "on": source, "max_abs_diff_probabilities": float(np.abs(got - reference).max())},

@@ -44,6 +44,7 @@ class Run:
         cal = self.config.get("calibration") or {}
         self.temperature = float(cal.get("temperature", 1.0))
         self.threshold = cal.get("threshold")
+        self.tta = self.config.get("tta", "none")  # test-time flips: part of every prediction of this run
         self.mean, self.std = M.normalization(model)
         self.transform = D.batch_transform(self.mean, self.std, augment=False)
         self._predictions: dict[str, tuple] = {}
@@ -73,7 +74,7 @@ class Run:
         inputs = _as_list(inputs)
         out = [predict_proba(self.model, self.load_images(inputs[i:i + batch_size]), self.transform,
                              device=self.device, channels_last=self.config.get("channels_last", True),
-                             temperature=self.temperature)
+                             temperature=self.temperature, tta=self.tta)
                for i in range(0, len(inputs), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
 
@@ -102,7 +103,8 @@ class Run:
     # -- evaluation ------------------------------------------------------------------------
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return predict_logits(self.model, x.to(self.device), self.transform, device=self.device,
-                              bf16=self.config.get("bf16", False), channels_last=self.config.get("channels_last", True))
+                              bf16=self.config.get("bf16", False), channels_last=self.config.get("channels_last", True),
+                              tta=self.tta)
 
     def evaluate_subsets(self, subsets: dict, *, write: bool = False) -> dict:
         """Metrics for already-decoded subsets (``.x``, ``.y``, ``.rows``); keeps the predictions.
@@ -247,7 +249,7 @@ def _number(v, lo, hi, *, lo_open=False) -> bool:
 
 def check_run_config(cfg: dict, path) -> dict:
     """What ``load_run`` uses from config.json, checked: a damaged or edited file is one line naming it."""
-    from .config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+    from .config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TTAS
     from .errors import ConfigError
 
     def bad(why):
@@ -278,6 +280,8 @@ def check_run_config(cfg: dict, path) -> dict:
     for key in ("channels_last", "bf16"):
         if not isinstance(cfg.get(key, False), bool):
             raise bad(f"{key} must be true or false")
+    if cfg.get("tta", "none") not in TTAS:
+        raise bad(f"tta must be one of {', '.join(TTAS)}")
     data = cfg.get("data")
     if data is not None and not (isinstance(data, str) or (isinstance(data, list) and data
                                                            and all(isinstance(d, str) for d in data))):

@@ -360,7 +360,7 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
                 cb.on_batch_end(state, len(idx), total_loss, correct)
         loop_seconds = time.perf_counter() - t0
         proba = predict_proba(state.eval_model, subsets["val"].x, eval_tf, bf16=bf16, device=device,
-                              channels_last=cfg.channels_last)
+                              channels_last=cfg.channels_last, tta=cfg.tta)
         val_loss, val_acc = _val_loss_acc(proba, subsets["val"].y)
         return float(total_loss) / max(seen, 1), int(correct) / max(seen, 1), loop_seconds, val_loss, val_acc
 

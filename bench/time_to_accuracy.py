@@ -31,7 +31,8 @@ from _common import DATA, RESULTS, machine_info, paper_split, write_json  # noqa
 TARGETS = (0.95, 0.98)
 
 
-def worker(recipe: str, model: str, split: str, cache_dir: str, overrides: dict, run_all: bool = False) -> dict:
+def worker(recipe: str, model: str, split: str, cache_dir: str, overrides: dict, run_all: bool = False,
+           keep: str | None = None) -> dict:
     from ct_transfer import data as D
     from ct_transfer import fit
     from ct_transfer import models as M
@@ -67,7 +68,7 @@ def worker(recipe: str, model: str, split: str, cache_dir: str, overrides: dict,
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_recipe(recipe, data=str(DATA), model=model, split_file=split, cache_dir=cache_dir,
-                                 out=tmp + "/run", **overrides)
+                                 out=keep or tmp + "/run", **overrides)
         run = fit(cfg, callbacks=[TestAccuracy()], progress=False)
     m = run.metrics
     return {"recipe": recipe, "overrides": overrides, "reached": {str(k): reached.get(k) for k in TARGETS},
@@ -93,13 +94,15 @@ def main() -> None:
     p.add_argument("--run-all", action="store_true",
                    help="train every epoch of the recipe (its final model is what a user gets), not only until "
                         "the targets are reached")
+    p.add_argument("--keep", metavar="DIR", help="keep the (single) run's directory here, e.g. to evaluate it "
+                                                 "on external data afterwards")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--split", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     overrides = {k: parse_value(v) for k, _, v in (s.partition("=") for s in args.set)}
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model, args.split, args.cache_dir, overrides, args.run_all)))
+        print(json.dumps(worker(args.worker, args.model, args.split, args.cache_dir, overrides, args.run_all, args.keep)))
         return
     out = Path(args.out)
     split = paper_split(out.parent)
@@ -109,7 +112,7 @@ def main() -> None:
             for mode in args.modes.split(","):
                 cmd = [sys.executable, __file__, "--worker", recipe, "--model", args.model, "--split", str(split),
                        "--cache-dir", cache, *sum((["--set", s] for s in args.set), []),
-                       *(["--run-all"] if args.run_all else [])]
+                       *(["--run-all"] if args.run_all else []), *(["--keep", args.keep] if args.keep else [])]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
                     sys.exit(f"{recipe} ({mode}) failed:\n{res.stderr[-3000:]}")

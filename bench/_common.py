@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import sys
@@ -39,3 +40,15 @@ def write_json(path: Path, obj) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def parse_sets(items) -> dict:
+    """``--set KEY=VALUE`` flags -> {key: value}; values read as JSON (numbers, null, true) or kept as text."""
+    out = {}
+    for item in items:
+        key, _, text = item.partition("=")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, ROOT, machine_info  # noqa: E402
+from _common import RESULTS, ROOT, machine_info, parse_sets  # noqa: E402
 
 from ct_transfer import data as D  # noqa: E402
 from ct_transfer.engine import fit  # noqa: E402
@@ -144,13 +144,6 @@ def fmt(m: dict, key: str) -> str:
     return f"{m[key]:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="EfficientNetLite0")
@@ -179,7 +172,7 @@ def main():
     ap.add_argument("--keep", action="store_true",
                     help="keep the settings already in --out (same budget) and run only the others")
     args = ap.parse_args()
-    args.overrides = {k: _value(v) for k, _, v in (s.partition("=") for s in args.set)}
+    args.overrides = parse_sets(args.set)
     args.gallery = [s.strip() for s in args.gallery.split(";") if s.strip()]
     logging.basicConfig(level=logging.INFO if args.progress else logging.WARNING)
     names = [s.strip() for s in args.settings.split(";") if s.strip()]

@@ -26,7 +26,7 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, RESULTS, machine_info, paper_split, write_json  # noqa: E402
+from _common import DATA, RESULTS, machine_info, paper_split, parse_sets, write_json  # noqa: E402
 
 TARGETS = (0.95, 0.98)
 
@@ -77,13 +77,6 @@ def worker(recipe: str, model: str, split: str, cache_dir: str, overrides: dict,
             "probe": m.get("probe"), "curve": curve}
 
 
-def parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cells", default="linear-probe,cpu-fast", help="comma-separated recipe names")
@@ -100,7 +93,7 @@ def main() -> None:
     p.add_argument("--split", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
-    overrides = {k: parse_value(v) for k, _, v in (s.partition("=") for s in args.set)}
+    overrides = parse_sets(args.set)
     if args.worker:
         print(json.dumps(worker(args.worker, args.model, args.split, args.cache_dir, overrides, args.run_all, args.keep)))
         return

@@ -110,7 +110,7 @@ def resume_state(state) -> dict:
             "scheduler": copy.deepcopy(state.scheduler.state_dict()) if state.scheduler is not None else None,
             "epoch": state.epoch, "history": copy.deepcopy(state.history), "best": copy.deepcopy(state.best),
             "train_seconds": state.train_seconds, "classes": list(state.classes),
-            "ema": _cpu(state.ema.module.state_dict()) if getattr(state, "ema", None) is not None else None}
+            "ema": _cpu(state.ema.module.state_dict()) if state.ema is not None else None}
 
 
 def _cpu(sd: dict) -> dict:

@@ -217,6 +217,7 @@ TRAIN_FLAGS = {
     "--frozen-views": _flag_values(["1"], ["0", "65", "x"]),
     "--ema": _flag_values(["0", "0.9"], ["1", "-0.5", "nan", "x"]),  # with frozen: a config error too
     "--tta": _flag_values(["none", "flips"], ["rot90", ""]),
+    "--balance": _flag_values(["none", "sources"], ["classes", ""]),
     "--split-preset": _flag_values(["stratified"], ["paper", "random"]),
     "--on-bad": _flag_values(["error", "skip"], ["ignore"]),
     "--positive": _flag_values(["COVID", "non-COVID"], ["Flu", ""]),

@@ -227,6 +227,50 @@ def test_multi_dataset_split_keeps_each_split_and_maps_classes(tmp_path, data_di
         TrainConfig(data=str(ucsd), model="m", class_map="=COVID")
 
 
+@pytest.mark.parametrize("strategy", ["full", "linear"])
+def test_balanced_sources_draw_evenly_and_choose_on_the_mean(strategy, tmp_path, data_dir):
+    """--balance sources: each epoch trains on as many images of each source as the smallest has (the
+    larger one subsampled afresh every epoch), history has every source's val accuracy, and the
+    val accuracy the epoch (or the probe's C) is chosen on is their mean, not the pooled one."""
+    from ct_transfer import fit
+    from ct_transfer.engine.callbacks import Callback
+    from ct_transfer.engine.data import source_ids, split_rows
+    from ct_transfer.engine.loop import _epoch_generator, balanced_pool
+
+    ucsd, split = _renamed_ucsd(tmp_path / "ucsd", per_class=12)
+    cfg = TrainConfig(data=[str(data_dir), str(ucsd)], split_file=["-", str(split)], model="EfficientNetLite0",
+                      weights="none", class_map="CT_COVID=COVID,CT_NonCOVID=non-COVID", epochs=2, limit=30,
+                      image_size=64, seed=0, balance="sources", strategy=strategy, out=str(tmp_path / "run"))
+    train = [r for r in split_rows(cfg) if r["subset"] == "train"]
+    names, ids = source_ids(train)
+    counts = torch.bincount(ids)
+    assert names == ["sarscov2-ct", "ucsd"] and counts[0] > 2 * counts[1]  # really unbalanced
+    seen = set()
+    for epoch in range(6):
+        pool = balanced_pool(ids, _epoch_generator(0, epoch, "cpu"))
+        assert torch.bincount(ids[pool]).tolist() == [int(counts[1])] * 2 and len(set(pool.tolist())) == len(pool)
+        seen |= set(pool.tolist())
+    assert len(seen & set(torch.nonzero(ids == 0).flatten().tolist())) > counts[1]  # other SARS images each epoch
+
+    class Count(Callback):
+        images = []
+
+        def on_batch_end(self, state, n, loss_sum, correct):
+            self.images.append(n)
+
+    run = fit(cfg, progress=False, callbacks=[Count()])
+    if strategy == "full":
+        assert sum(Count.images) == 2 * 2 * int(counts[1])  # 2 epochs of 2 x the smaller source
+    for row in run.history:
+        per = [row["val_acc_sarscov2-ct"], row["val_acc_ucsd"]]
+        assert row["val_acc"] == pytest.approx(sum(per) / 2)
+    val = run.metrics["val"]["per_source"]
+    best = run.history[run.metrics["best_epoch"] - 1]  # the kept weights give that epoch's per-source val
+    assert best["val_acc_ucsd"] == pytest.approx(val["ucsd"]["accuracy"])
+    assert best["val_acc_sarscov2-ct"] == pytest.approx(val["sarscov2-ct"]["accuracy"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["balance"] == "sources"
+
+
 @pytest.fixture(scope="module")
 def multi_run(tmp_path_factory, data_dir):
     """A tiny real multi-source run with the robust preprocessing (crop lung, percentile)."""

@@ -23,6 +23,7 @@ INTENSITIES = ("none", "percentile", "clahe")
 AUGMENTATIONS = ("paper", "domain")
 BN_STATS = ("train", "frozen")
 TTAS = ("none", "flips")  # evaluate.tta_logits
+BALANCES = ("none", "sources")
 ON_BAD = ("error", "skip")
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch
 MIN_IMAGE_SIZE = 32  # the networks downsample 32x; some archs need more (models.ModelSpec.min_size)
@@ -88,6 +89,10 @@ class TrainConfig:
     tta: str = _opt("none", "test-time augmentation: flips = the mean logits of the image and its horizontal and "
                             "vertical flips, in validation, evaluation, predict, serve and export alike",
                     choices=TTAS)
+    balance: str = _opt("none", "several --data: sources = every source counts equally (each epoch draws as many "
+                                "training images from each as the smallest has, the linear probe weights them "
+                                "so, and the epoch is chosen on the mean of the per-source val accuracies)",
+                        choices=BALANCES)
     freeze_until: int | None = _opt(None, "partial: last frozen stage (timm parameter group, 0 = stem)")
     frozen_views: int = _opt(2, "frozen + augmentation: augmented views cached per image")
     positive: str | None = _opt(None, "positive class (default COVID if present)")
@@ -191,7 +196,7 @@ def _validate(c: TrainConfig) -> None:
             raise ConfigError(name, v, f"choose a number in [{lo}, {hi}]")
     for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD),
                           ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("head_init", HEAD_INITS),
-                          ("bn_stats", BN_STATS), ("tta", TTAS), ("compile_mode", COMPILE_MODES), ("crop", CROPS), ("intensity", INTENSITIES),
+                          ("bn_stats", BN_STATS), ("tta", TTAS), ("balance", BALANCES), ("compile_mode", COMPILE_MODES), ("crop", CROPS), ("intensity", INTENSITIES),
                           ("augmentation", AUGMENTATIONS)):
         if getattr(c, name) not in allowed:
             raise ConfigError(name, getattr(c, name), f"choose {', '.join(allowed)}")

@@ -26,7 +26,7 @@ from ..rundir import RunDir
 from ..run import Run
 from . import callbacks as C
 from . import probe as P
-from .data import load_subsets, split_rows
+from .data import load_subsets, source_ids, source_weights, split_rows
 from .strategies import apply_strategy, set_train_mode
 
 log = logging.getLogger("ct_transfer.engine")
@@ -54,6 +54,8 @@ class TrainState:
     extra: dict = field(default_factory=dict)  # strategy facts for metrics.json (the linear probe's C, ...)
     subsets: dict | None = None  # the decoded train/val/test tensors (callbacks may evaluate on them)
     ema: object = None  # timm ModelEmaV3 of the model (--ema), or None
+    train_pool: object = None  # --balance sources: the train images' source ids (each epoch draws evenly)
+    val_sources: tuple = ((), None)  # (names, per-image source id) of the val images; names empty: one source
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -73,10 +75,39 @@ def _epoch_generator(seed: int, epoch: int, device: str) -> torch.Generator:
     return g
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool = False):
+def balanced_pool(sources: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One epoch's image indices with every source equally represented: as many images of each
+    source as the smallest has, the larger sources subsampled afresh every epoch (all their images
+    are seen over the epochs). ``sources``: per-image source id, on the generator's device."""
+    counts = torch.bincount(sources)
+    m = int(counts[counts > 0].min())
+    parts = []
+    for s in range(len(counts)):
+        idx = torch.nonzero(sources == s).flatten()
+        if len(idx):
+            parts.append(idx[torch.randperm(len(idx), generator=generator, device=generator.device)[:m]])
+    return torch.cat(parts)
+
+
+def pool_size(sources: torch.Tensor | None, n: int) -> int:
+    """Images per epoch: ``n``, or with a balanced pool (number of sources x the smallest source)."""
+    if sources is None:
+        return n
+    counts = torch.bincount(sources)
+    counts = counts[counts > 0]
+    return int(len(counts) * counts.min())
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool = False, sources=None):
     """Shuffled index batches. ``drop_last``: only full batches (static shapes for compiled/graphed
-    steps; the dropped images change every epoch with the shuffle)."""
+    steps; the dropped images change every epoch with the shuffle). ``sources``: draw the epoch from
+    ``balanced_pool`` instead of every image once."""
+    pool = None if sources is None else balanced_pool(sources, generator)
+    if pool is not None:
+        n = len(pool)
     perm = torch.randperm(n, generator=generator, device=generator.device)
+    if pool is not None:
+        perm = pool[perm]
     for start in range(0, n, batch_size):
         idx = perm[start:start + batch_size]
         if drop_last and len(idx) < batch_size and n >= batch_size:
@@ -194,9 +225,13 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    state = TrainState(cfg, model, opt, classes, device, len(subsets["train"].x), subsets=subsets)
-    state.scheduler = make_scheduler(cfg, opt, steps_per_epoch(len(subsets["train"].x), cfg.batch_size,
-                                                               drop_last=cfg.compile))
+    val_names, val_ids = source_ids(subsets["val"].rows)
+    train_names, train_ids = source_ids(subsets["train"].rows)
+    pool = train_ids.to(device) if cfg.balance == "sources" and len(train_names) > 1 else None
+    n_epoch = pool_size(pool, len(subsets["train"].x))
+    state = TrainState(cfg, model, opt, classes, device, n_epoch, subsets=subsets, train_pool=pool,
+                       val_sources=(val_names if len(val_names) > 1 else (), val_ids))
+    state.scheduler = make_scheduler(cfg, opt, steps_per_epoch(n_epoch, cfg.batch_size, drop_last=cfg.compile))
     if cfg.strategy == "linear":
         state.end_epoch = 1  # one convex fit; --epochs does not apply
     if cfg.ema:
@@ -288,12 +323,12 @@ def _run_epochs(state: TrainState, epoch_fn, callbacks) -> None:
             t0 = time.perf_counter()
             torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout; exact on resume
             g = _epoch_generator(cfg.seed, epoch, state.device)
-            train_loss, train_acc, loop_seconds, val_loss, val_acc = epoch_fn(epoch, g, callbacks)
+            train_loss, train_acc, loop_seconds, val = epoch_fn(epoch, g, callbacks)
             state.train_seconds += time.perf_counter() - t0
             state.epoch = epoch + 1
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                   "val_acc": val_acc, "seconds": round(state.train_seconds, 3),
-                   "train_ips": round(state.n_train / max(loop_seconds, 1e-9), 2)}
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["val_loss"],
+                   "val_acc": val["val_acc"], "seconds": round(state.train_seconds, 3),
+                   "train_ips": round(state.n_train / max(loop_seconds, 1e-9), 2), **val}
             state.history.append(row)
             for cb in callbacks:
                 cb.on_epoch_end(state, row)
@@ -307,10 +342,23 @@ def _run_epochs(state: TrainState, epoch_fn, callbacks) -> None:
         cb.on_fit_end(state)
 
 
-def _val_loss_acc(proba, y):
+def _val_stats(state: TrainState, proba, y) -> dict:
+    """Validation loss and accuracy (what the epoch is chosen on) and, with several sources, each
+    source's accuracy (``val_acc_<source>``). With ``--balance sources`` the loss and accuracy are
+    the means over sources, so the largest source does not choose the epoch alone."""
     p = torch.from_numpy(proba).clamp_min(1e-7)
     yy = y.cpu()
-    return float(F.nll_loss(p.log(), yy)), float((p.argmax(1) == yy).float().mean())
+    nll = F.nll_loss(p.log(), yy, reduction="none")
+    hit = (p.argmax(1) == yy).double()
+    names, ids = state.val_sources
+    if not names:
+        return {"val_loss": float(nll.mean()), "val_acc": float(hit.mean())}
+    per = {n: (float(nll[ids == i].mean()), float(hit[ids == i].mean())) for i, n in enumerate(names)}
+    if state.config.balance == "sources":
+        loss, acc = (sum(v[k] for v in per.values()) / len(per) for k in (0, 1))
+    else:
+        loss, acc = float(nll.mean()), float(hit.mean())
+    return {"val_loss": loss, "val_acc": acc, **{f"val_acc_{n}": a for n, (_, a) in per.items()}}
 
 
 def _full_epochs(state: TrainState, subsets, mean, std, bf16):
@@ -346,7 +394,7 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         size = epoch_size(cfg, epoch)
-        for idx in _batches(len(x_tr), cfg.batch_size, g, drop_last=cfg.compile):
+        for idx in _batches(len(x_tr), cfg.batch_size, g, drop_last=cfg.compile, sources=state.train_pool):
             xb = train_tf(x_tr[idx], g)
             if size != xb.shape[-1]:  # progressive resizing: augment at full size, then shrink
                 xb = _shrink(xb, size)
@@ -361,8 +409,8 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
         loop_seconds = time.perf_counter() - t0
         proba = predict_proba(state.eval_model, subsets["val"].x, eval_tf, bf16=bf16, device=device,
                               channels_last=cfg.channels_last, tta=cfg.tta)
-        val_loss, val_acc = _val_loss_acc(proba, subsets["val"].y)
-        return float(total_loss) / max(seen, 1), int(correct) / max(seen, 1), loop_seconds, val_loss, val_acc
+        return float(total_loss) / max(seen, 1), int(correct) / max(seen, 1), loop_seconds, \
+            _val_stats(state, proba, subsets["val"].y)
 
     return epoch_fn
 
@@ -400,8 +448,12 @@ def _probe(state: TrainState, subsets, mean, std, bf16, *, size: int | None = No
     f_tr = pooled_features(model, subsets["train"].x, eval_tf, **kw).cpu().numpy()
     f_va = pooled_features(model, subsets["val"].x, eval_tf, **kw).cpu().numpy()
     feat_s = time.perf_counter() - t0
+    weights = {}
+    if cfg.balance == "sources":  # every source weighs the same in the fit and in the choice of C
+        weights = {"sample_weight": source_weights(subsets["train"].rows).numpy(),
+                   "val_weight": source_weights(subsets["val"].rows).numpy()}
     res = P.fit_probe(f_tr, subsets["train"].y.cpu().numpy(), f_va, subsets["val"].y.cpu().numpy(),
-                      num_classes=len(state.classes), seed=cfg.seed)
+                      num_classes=len(state.classes), seed=cfg.seed, **weights)
     return res, feat_s
 
 
@@ -419,7 +471,8 @@ def _linear_epochs(state: TrainState, subsets, mean, std, bf16):
         P.load_into_fc(state.model.fc, res.weight, res.bias)
         state.extra = {"probe": _probe_summary(res, feat_s, state.config.image_size)}
         state.stop = True
-        return res.train_loss, res.train_acc, time.perf_counter() - t0, res.val_loss, res.val_acc
+        return res.train_loss, res.train_acc, time.perf_counter() - t0, \
+            _val_stats(state, res.val_proba, state.subsets["val"].y)
 
     return epoch_fn
 
@@ -444,7 +497,7 @@ def _frozen_epochs(state: TrainState, subsets, mean, std, bf16):
         f = feats[epoch % len(feats)]
         model.train()
         tl, tc, seen = 0.0, 0, 0
-        for idx in _batches(len(f), cfg.batch_size, g):
+        for idx in _batches(len(f), cfg.batch_size, g, sources=state.train_pool):
             logits = model.head(f[idx])
             loss = F.cross_entropy(logits, y_tr[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
@@ -461,7 +514,6 @@ def _frozen_epochs(state: TrainState, subsets, mean, std, bf16):
         model.eval()
         with torch.inference_mode():
             vp = torch.softmax(model.head(val_feats), 1).cpu().numpy()
-        val_loss, val_acc = _val_loss_acc(vp, y_va)
-        return tl / seen, tc / seen, loop_seconds, val_loss, val_acc
+        return tl / seen, tc / seen, loop_seconds, _val_stats(state, vp, y_va)
 
     return epoch_fn

@@ -35,14 +35,22 @@ class ProbeResult:
     grid: list = field(default_factory=list)  # per C: val accuracy and log-loss
     solver_seconds: float = 0.0
     classifier: object = None  # the chosen sklearn pipeline (scaler + logistic regression)
+    val_proba: np.ndarray | None = None  # the chosen classifier's val probabilities
 
 
-def _log_loss(proba: np.ndarray, y: np.ndarray) -> float:
-    return float(-np.mean(np.log(np.clip(proba[np.arange(len(y)), y], 1e-7, None))))
+def _log_loss(proba: np.ndarray, y: np.ndarray, w=None) -> float:
+    return float(-np.average(np.log(np.clip(proba[np.arange(len(y)), y], 1e-7, None)), weights=w))
 
 
-def fit_probe(f_train, y_train, f_val, y_val, *, num_classes: int, c_grid=C_GRID, seed: int = 0) -> ProbeResult:
-    """Fit on train, choose ``C`` on val; returns the folded weights and what was chosen."""
+def _acc(proba: np.ndarray, y: np.ndarray, w=None) -> float:
+    return float(np.average(proba.argmax(1) == y, weights=w))
+
+
+def fit_probe(f_train, y_train, f_val, y_val, *, num_classes: int, c_grid=C_GRID, seed: int = 0,
+              sample_weight=None, val_weight=None) -> ProbeResult:
+    """Fit on train, choose ``C`` on val; returns the folded weights and what was chosen.
+    ``sample_weight`` / ``val_weight``: per-image weights of the fit and of the val accuracy and
+    loss (e.g. so that several sources count equally)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -61,9 +69,9 @@ def fit_probe(f_train, y_train, f_val, y_val, *, num_classes: int, c_grid=C_GRID
         clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, random_state=seed))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # max_iter is generous; a near-fit is fine
-            clf.fit(X, y)
+            clf.fit(X, y, logisticregression__sample_weight=sample_weight)
         pv = _full_proba(clf, Xv, num_classes)
-        acc, loss = float((pv.argmax(1) == yv).mean()), _log_loss(pv, yv)
+        acc, loss = _acc(pv, yv, val_weight), _log_loss(pv, yv, val_weight)
         grid.append({"C": C, "val_acc": acc, "val_loss": round(loss, 6)})
         key = (acc, -loss)
         if best is None or key > best[0]:  # strict: ties keep the stronger regularisation
@@ -72,9 +80,10 @@ def fit_probe(f_train, y_train, f_val, y_val, *, num_classes: int, c_grid=C_GRID
     weight, bias = fold(clf, num_classes)
     pt = _full_proba(clf, X, num_classes)
     pv = _full_proba(clf, Xv, num_classes)
-    res = ProbeResult(C=C, weight=weight, bias=bias, train_loss=_log_loss(pt, y), train_acc=float((pt.argmax(1) == y).mean()),
-                      val_loss=_log_loss(pv, yv), val_acc=float((pv.argmax(1) == yv).mean()), grid=grid,
-                      solver_seconds=time.perf_counter() - t0, classifier=clf)
+    res = ProbeResult(C=C, weight=weight, bias=bias, train_loss=_log_loss(pt, y, sample_weight),
+                      train_acc=_acc(pt, y, sample_weight), val_loss=_log_loss(pv, yv, val_weight),
+                      val_acc=_acc(pv, yv, val_weight), grid=grid, solver_seconds=time.perf_counter() - t0,
+                      classifier=clf, val_proba=pv)
     log.info("linear probe: C=%g val_acc %.4f (grid %s) in %.1fs", C, res.val_acc,
              ", ".join(f"{g['C']:g}:{g['val_acc']:.3f}" for g in grid), res.solver_seconds)
     return res

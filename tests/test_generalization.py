@@ -265,6 +265,8 @@ def test_balanced_sources_draw_evenly_and_choose_on_the_mean(strategy, tmp_path,
         per = [row["val_acc_sarscov2-ct"], row["val_acc_ucsd"]]
         assert row["val_acc"] == pytest.approx(sum(per) / 2)
     val = run.metrics["val"]["per_source"]
+    if strategy == "linear":  # the probe chose C on the same source-weighted val accuracy
+        assert run.metrics["probe"]["val_acc"] == pytest.approx(run.history[0]["val_acc"])
     best = run.history[run.metrics["best_epoch"] - 1]  # the kept weights give that epoch's per-source val
     assert best["val_acc_ucsd"] == pytest.approx(val["ucsd"]["accuracy"])
     assert best["val_acc_sarscov2-ct"] == pytest.approx(val["sarscov2-ct"]["accuracy"])

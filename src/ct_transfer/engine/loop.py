@@ -509,7 +509,7 @@ def _frozen_epochs(state: TrainState, subsets, mean, std, bf16):
             tc += int((logits.argmax(1) == y_tr[idx]).sum())
             seen += len(idx)
         for cb in callbacks:
-            cb.on_batch_end(state, len(x_tr), torch.tensor(tl), torch.tensor(tc))
+            cb.on_batch_end(state, seen, torch.tensor(tl), torch.tensor(tc))
         loop_seconds = time.perf_counter() - t0
         model.eval()
         with torch.inference_mode():

@@ -234,7 +234,7 @@ def test_balanced_sources_draw_evenly_and_choose_on_the_mean(strategy, tmp_path,
     val accuracy the epoch (or the probe's C) is chosen on is their mean, not the pooled one."""
     from ct_transfer import fit
     from ct_transfer.engine.callbacks import Callback
-    from ct_transfer.engine.data import source_ids, split_rows
+    from ct_transfer.engine.data import split_rows
     from ct_transfer.engine.loop import _epoch_generator, balanced_pool
 
     ucsd, split = _renamed_ucsd(tmp_path / "ucsd", per_class=12)
@@ -242,7 +242,8 @@ def test_balanced_sources_draw_evenly_and_choose_on_the_mean(strategy, tmp_path,
                       weights="none", class_map="CT_COVID=COVID,CT_NonCOVID=non-COVID", epochs=2, limit=30,
                       image_size=64, seed=0, balance="sources", strategy=strategy, out=str(tmp_path / "run"))
     train = [r for r in split_rows(cfg) if r["subset"] == "train"]
-    names, ids = source_ids(train)
+    names, ids = D.source_ids(train)
+    ids = torch.as_tensor(ids)
     counts = torch.bincount(ids)
     assert names == ["sarscov2-ct", "ucsd"] and counts[0] > 2 * counts[1]  # really unbalanced
     seen = set()

@@ -114,12 +114,12 @@ class Run:
             proba = torch.softmax(self._logits(sub.x) / self.temperature, dim=1).numpy()
             y = sub.y.cpu().numpy()
             result[name] = compute_metrics(y, proba, self.classes, threshold=self.threshold)
-            sources = [r.get("source") or "" for r in sub.rows]
-            if len(set(sources)) > 1:  # several datasets: each one's metrics beside the pooled ones
+            names, ids = D.source_ids(sub.rows)
+            if len(names) > 1:  # several datasets: each one's metrics beside the pooled ones
                 result[name]["per_source"] = {
-                    s: compute_metrics(y[mask], proba[mask], self.classes, threshold=self.threshold)
-                    for s in sorted(set(sources)) for mask in [np.array([x == s for x in sources])]}
-            paths = [f"{src}/{r['path']}" if len(set(sources)) > 1 else r["path"] for src, r in zip(sources, sub.rows)]
+                    s: compute_metrics(y[ids == i], proba[ids == i], self.classes, threshold=self.threshold)
+                    for i, s in enumerate(names)}
+            paths = [f"{names[i]}/{r['path']}" if len(names) > 1 else r["path"] for i, r in zip(ids, sub.rows)]
             self._predictions[name] = (paths, sub.y.cpu().tolist(), proba)
         return result
 

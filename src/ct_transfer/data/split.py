@@ -171,6 +171,20 @@ def source_names(data_dirs) -> dict[str, str]:
     return names
 
 
+def source_ids(rows: list[dict]) -> tuple[list[str], np.ndarray]:
+    """(sorted source names, per-row index into them) of split rows; rows of one dataset have one
+    unnamed source ``""``."""
+    names = sorted({r.get("source") or "" for r in rows})
+    index = {n: i for i, n in enumerate(names)}
+    return names, np.array([index[r.get("source") or ""] for r in rows], dtype=np.int64)
+
+
+def source_weights(rows: list[dict]) -> np.ndarray:
+    """Per-row weights 1 / (rows of its source): every source weighs the same in total."""
+    _, ids = source_ids(rows)
+    return 1.0 / np.bincount(ids)[ids]
+
+
 def data_root(cfg_data):
     """What ``load_subset`` reads rows from: one folder, or ``{source: folder}`` for several."""
     if isinstance(cfg_data, (list, tuple)):

@@ -59,19 +59,6 @@ def split_rows(cfg) -> list[dict]:
     return rows
 
 
-def source_ids(rows: list[dict]) -> tuple[list[str], torch.Tensor]:
-    """(source names, per-row source index) of a subset's rows; one unnamed source for one dataset."""
-    names = sorted({r.get("source", "") for r in rows})
-    index = {n: i for i, n in enumerate(names)}
-    return names, torch.tensor([index[r.get("source", "")] for r in rows], dtype=torch.long)
-
-
-def source_weights(rows: list[dict]) -> "torch.Tensor":
-    """Per-row weights 1 / (images of its source), so that every source weighs the same in total."""
-    _, ids = source_ids(rows)
-    return 1.0 / torch.bincount(ids).double()[ids]
-
-
 def available_memory() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -26,7 +26,7 @@ from ..rundir import RunDir
 from ..run import Run
 from . import callbacks as C
 from . import probe as P
-from .data import load_subsets, source_ids, source_weights, split_rows
+from .data import load_subsets, split_rows
 from .strategies import apply_strategy, set_train_mode
 
 log = logging.getLogger("ct_transfer.engine")
@@ -79,13 +79,9 @@ def balanced_pool(sources: torch.Tensor, generator: torch.Generator) -> torch.Te
     """One epoch's image indices with every source equally represented: as many images of each
     source as the smallest has, the larger sources subsampled afresh every epoch (all their images
     are seen over the epochs). ``sources``: per-image source id, on the generator's device."""
-    counts = torch.bincount(sources)
-    m = int(counts[counts > 0].min())
-    parts = []
-    for s in range(len(counts)):
-        idx = torch.nonzero(sources == s).flatten()
-        if len(idx):
-            parts.append(idx[torch.randperm(len(idx), generator=generator, device=generator.device)[:m]])
+    m = pool_size(sources, len(sources)) // len(torch.unique(sources))
+    parts = [idx[torch.randperm(len(idx), generator=generator, device=generator.device)[:m]]
+             for s in torch.unique(sources) for idx in [torch.nonzero(sources == s).flatten()]]
     return torch.cat(parts)
 
 
@@ -93,8 +89,7 @@ def pool_size(sources: torch.Tensor | None, n: int) -> int:
     """Images per epoch: ``n``, or with a balanced pool (number of sources x the smallest source)."""
     if sources is None:
         return n
-    counts = torch.bincount(sources)
-    counts = counts[counts > 0]
+    _, counts = torch.unique(sources, return_counts=True)
     return int(len(counts) * counts.min())
 
 
@@ -225,12 +220,12 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    val_names, val_ids = source_ids(subsets["val"].rows)
-    train_names, train_ids = source_ids(subsets["train"].rows)
-    pool = train_ids.to(device) if cfg.balance == "sources" and len(train_names) > 1 else None
+    val_names, val_ids = D.source_ids(subsets["val"].rows)
+    train_names, train_ids = D.source_ids(subsets["train"].rows)
+    pool = torch.as_tensor(train_ids, device=device) if cfg.balance == "sources" and len(train_names) > 1 else None
     n_epoch = pool_size(pool, len(subsets["train"].x))
     state = TrainState(cfg, model, opt, classes, device, n_epoch, subsets=subsets, train_pool=pool,
-                       val_sources=(val_names if len(val_names) > 1 else (), val_ids))
+                       val_sources=(val_names if len(val_names) > 1 else (), torch.as_tensor(val_ids)))
     state.scheduler = make_scheduler(cfg, opt, steps_per_epoch(n_epoch, cfg.batch_size, drop_last=cfg.compile))
     if cfg.strategy == "linear":
         state.end_epoch = 1  # one convex fit; --epochs does not apply
@@ -326,9 +321,9 @@ def _run_epochs(state: TrainState, epoch_fn, callbacks) -> None:
             train_loss, train_acc, loop_seconds, val = epoch_fn(epoch, g, callbacks)
             state.train_seconds += time.perf_counter() - t0
             state.epoch = epoch + 1
-            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["val_loss"],
-                   "val_acc": val["val_acc"], "seconds": round(state.train_seconds, 3),
-                   "train_ips": round(state.n_train / max(loop_seconds, 1e-9), 2), **val}
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, **val,
+                   "seconds": round(state.train_seconds, 3),
+                   "train_ips": round(state.n_train / max(loop_seconds, 1e-9), 2)}
             state.history.append(row)
             for cb in callbacks:
                 cb.on_epoch_end(state, row)
@@ -450,8 +445,8 @@ def _probe(state: TrainState, subsets, mean, std, bf16, *, size: int | None = No
     feat_s = time.perf_counter() - t0
     weights = {}
     if cfg.balance == "sources":  # every source weighs the same in the fit and in the choice of C
-        weights = {"sample_weight": source_weights(subsets["train"].rows).numpy(),
-                   "val_weight": source_weights(subsets["val"].rows).numpy()}
+        weights = {"sample_weight": D.source_weights(subsets["train"].rows),
+                   "val_weight": D.source_weights(subsets["val"].rows)}
     res = P.fit_probe(f_tr, subsets["train"].y.cpu().numpy(), f_va, subsets["val"].y.cpu().numpy(),
                       num_classes=len(state.classes), seed=cfg.seed, **weights)
     return res, feat_s

@@ -350,3 +350,41 @@ def test_predict_on_raw_external_image_equals_evaluate(multi_run, tmp_path):
 
     onnx_p = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image": (x.float() / 255).numpy()})[0]
     assert onnx_p[0, loaded.classes.index("COVID")] == pytest.approx(float(row["prob_COVID"]), abs=1e-4)
+
+
+def test_a_run_starts_from_another_sites_run(trained_run, tmp_path):
+    """Site adaptation: ``--weights RUN`` starts from a trained ct-transfer run (here one trained
+    on SARS-CoV-2 slices) — its backbone, and its head when the classes are the same — and goes on
+    training on another dataset (UCSD patients). A linear probe on top leaves the backbone as it
+    was, so the new run's backbone is exactly the SARS-CoV-2 run's."""
+    from ct_transfer import create_model, fit, load_run
+
+    from .test_fuzz import assert_contract, cli
+
+    src_dir, _ = trained_run
+    src = load_run(src_dir)
+    same = create_model("EfficientNetLite0", str(src_dir), classes=src.classes, dropout=0.5)
+    for k, v in src.model.state_dict().items():
+        torch.testing.assert_close(same.state_dict()[k], v, rtol=0, atol=0)
+    other = create_model("EfficientNetLite0", str(src_dir / "best.pt"), classes=src.classes[::-1])
+    torch.testing.assert_close(other.backbone.conv_stem.weight, src.model.backbone.conv_stem.weight, rtol=0, atol=0)
+    assert not torch.equal(other.fc.weight, src.model.fc.weight)  # another class order: a fresh head
+    with pytest.raises(ConfigError, match="another architecture, not EfficientNetLite1"):
+        create_model("EfficientNetLite1", str(src_dir))
+
+    cfg = TrainConfig(data=str(UCSD), split_file=str(UCSD / "SPLIT.csv"), model="EfficientNetLite0",
+                      weights=str(src_dir), strategy="linear", limit=12, image_size=src.image_size,
+                      out=str(tmp_path / "site"), cache_dir=str(tmp_path / "cache"))
+    run = fit(cfg, progress=False)
+    for k, v in src.model.backbone.state_dict().items():
+        torch.testing.assert_close(run.model.backbone.state_dict()[k], v, rtol=0, atol=0)
+    assert not torch.equal(run.model.fc.weight, src.model.fc.weight)  # the probe fitted UCSD's head
+    assert json.loads((tmp_path / "site" / "config.json").read_text())["weights"] == str(src_dir)
+    assert run.metrics["test"]["n"] > 0
+
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "empty", tmp_path / "nope"):
+        rc, _, err = cli(["train", "--data", UCSD, "--model", "EfficientNetLite0", "--weights", bad,
+                          "--out", tmp_path / "bad", "--quiet"])
+        assert rc == 2 and not (tmp_path / "bad").exists()
+        assert_contract(rc, err, names=[str(bad)])

@@ -46,7 +46,8 @@ class TrainConfig:
                                  multiple=True)
     model: str = _opt(MISSING, "paper name (see `ct-transfer models`) or any timm name", required=True)
     out: str | None = _opt(None, "run directory (Python API: None writes nothing)")
-    weights: str = _opt("none", "none | imagenet | PATH to a timm state dict")
+    weights: str = _opt("none", "none | imagenet | PATH to a timm state dict | a ct-transfer run (folder or "
+                                 "best.pt) to start from: its backbone, and its head when the classes match")
     split_file: str | list[str] | None = _opt(None, "split CSV (path,class,subset) to reuse; with several --data "
                                                     "one per dataset in the same order ('-' = preset split), or "
                                                     "one file with a source column", multiple=True)
@@ -259,8 +260,12 @@ def _validate_weights(weights) -> None:
         raise ConfigError("weights", weights, "choose none, imagenet or a weights file path")
     if str(weights) in ("none", "imagenet"):
         return
+    if os.path.isdir(weights):  # a ct-transfer run to start from (models.run_checkpoint reads it)
+        if not any(os.path.isfile(os.path.join(weights, n)) for n in ("best.pt", "last.pt")):
+            raise ConfigError("weights", weights, "a folder without best.pt or last.pt (not a ct-transfer run)")
+        return
     if not os.path.isfile(weights):
-        raise ConfigError("weights", weights, "no such file (choose none, imagenet or a weights file path)")
+        raise ConfigError("weights", weights, "no such file (choose none, imagenet, a weights file or a run folder)")
 
 
 def _validate_device(device) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError, CTTransferError, first_line
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -189,11 +192,53 @@ def _create_backbone(timm_name: str, weights: str):
     return model
 
 
-def create_model(name: str, weights: str = "none", *, num_classes: int = 2, dropout: float = 0.8):
-    """Build the paper's classifier on a timm backbone. ``weights``: none | imagenet | PATH."""
+def create_model(name: str, weights: str = "none", *, num_classes: int = 2, dropout: float = 0.8,
+                 classes: list[str] | None = None):
+    """Build the paper's classifier on a timm backbone. ``weights``: none | imagenet | PATH, where
+    PATH is a timm state dict or a ct-transfer run (its folder or checkpoint) to start from: its
+    backbone always, its head too when ``classes`` are the run's classes in the same order."""
     spec = resolve(name)
-    backbone = _drop_timm_head(_create_backbone(spec.timm_name, weights))
-    return Classifier(backbone, num_classes, dropout)
+    start = run_checkpoint(weights)
+    if start is None:
+        return Classifier(_drop_timm_head(_create_backbone(spec.timm_name, weights)), num_classes, dropout)
+    model = Classifier(_drop_timm_head(_create_backbone(spec.timm_name, "none")), num_classes, dropout)
+    _load_run_weights(model, start, weights=weights, name=spec.name, classes=classes)
+    return model
+
+
+def run_checkpoint(weights) -> dict | None:
+    """The checkpoint of a ct-transfer run named by ``weights`` (its folder, best.pt or last.pt);
+    None for none / imagenet / a plain timm state dict."""
+    if str(weights) in ("none", "imagenet"):
+        return None
+    from . import _io
+
+    path = Path(weights)
+    if path.is_dir():
+        found = [path / n for n in ("best.pt", "last.pt") if (path / n).is_file()]
+        if not found:
+            raise ConfigError("weights", weights, "a folder without best.pt or last.pt (not a ct-transfer run)")
+        path = found[0]
+    ckpt = _io.load_checkpoint(path, keys=())
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "classes" in ckpt:
+        return ckpt
+    if Path(weights).is_dir():
+        raise ConfigError("weights", weights, f"{path.name} is not a ct-transfer checkpoint")
+    return None
+
+
+def _load_run_weights(model: Classifier, ckpt: dict, *, weights, name: str, classes) -> None:
+    state = ckpt["model"]
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        model.backbone.load_state_dict(backbone)  # strict: a run of another architecture fails here
+    except RuntimeError:
+        raise ConfigError("weights", weights, f"a run of another architecture, not {name}") from None
+    if classes is not None and list(ckpt["classes"]) == list(classes):
+        model.fc.load_state_dict({"weight": state["fc.weight"], "bias": state["fc.bias"]})
+        log.info("started from %s: backbone and head (same classes)", weights)
+    else:  # other classes (or another order): the head starts fresh, as on ImageNet weights
+        log.info("started from %s: backbone only (its classes %s differ)", weights, list(ckpt["classes"]))
 
 
 def _drop_timm_head(backbone: nn.Module) -> nn.Module:

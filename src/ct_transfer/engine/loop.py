@@ -210,7 +210,8 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
     names = D.SUBSETS if test else ("train", "val")
     subsets, skipped = load_subsets(cfg, rows, classes, preprocess, device, progress, names=names)
     torch.manual_seed(cfg.seed)  # the head's init depends on the seed alone, not on what ran before
-    model = M.create_model(cfg.model, weights=cfg.weights, num_classes=len(classes), dropout=cfg.dropout)
+    model = M.create_model(cfg.model, weights=cfg.weights, num_classes=len(classes), dropout=cfg.dropout,
+                           classes=classes)
     frozen_info = apply_strategy(model, cfg.strategy, cfg.freeze_until)
     used_rows = [r for s in names for r in subsets[s].rows]
     saved_cfg = {**cfg.to_dict(), "timm_name": M.resolve(cfg.model).timm_name, "classes": classes,

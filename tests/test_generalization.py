@@ -373,9 +373,9 @@ def test_a_run_starts_from_another_sites_run(trained_run, tmp_path):
         create_model("EfficientNetLite1", str(src_dir))
 
     cfg = TrainConfig(data=str(UCSD), split_file=str(UCSD / "SPLIT.csv"), model="EfficientNetLite0",
-                      weights=str(src_dir), strategy="linear", limit=12, image_size=src.image_size,
+                      weights=src_dir, strategy="linear", limit=12, image_size=src.image_size,
                       out=str(tmp_path / "site"), cache_dir=str(tmp_path / "cache"))
-    run = fit(cfg, progress=False)
+    run = fit(cfg, progress=False)  # weights given as a Path, as a notebook would: config.json holds text
     for k, v in src.model.backbone.state_dict().items():
         torch.testing.assert_close(run.model.backbone.state_dict()[k], v, rtol=0, atol=0)
     assert not torch.equal(run.model.fc.weight, src.model.fc.weight)  # the probe fitted UCSD's head

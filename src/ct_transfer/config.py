@@ -118,6 +118,9 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, (list, tuple)):
                 object.__setattr__(self, name, str(v[0]) if len(v) == 1 else [str(x) for x in v])
+        for name in ("data", "split_file", "split_groups", "weights", "out", "cache_dir"):
+            if isinstance(getattr(self, name), os.PathLike):  # Path objects from notebooks: config.json holds text
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
         _validate(self)
 
     @property

@@ -219,6 +219,8 @@ def run_checkpoint(weights) -> dict | None:
         if not found:
             raise ConfigError("weights", weights, "a folder without best.pt or last.pt (not a ct-transfer run)")
         path = found[0]
+    elif not path.is_file():
+        return None  # _create_backbone says "file not found"
     ckpt = _io.load_checkpoint(path, keys=())
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and "classes" in ckpt:
         return ckpt

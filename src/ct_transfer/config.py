@@ -263,9 +263,10 @@ def _validate_weights(weights) -> None:
         raise ConfigError("weights", weights, "choose none, imagenet or a weights file path")
     if str(weights) in ("none", "imagenet"):
         return
-    if os.path.isdir(weights):  # a ct-transfer run to start from (models.run_checkpoint reads it)
-        if not any(os.path.isfile(os.path.join(weights, n)) for n in ("best.pt", "last.pt")):
-            raise ConfigError("weights", weights, "a folder without best.pt or last.pt (not a ct-transfer run)")
+    if os.path.isdir(weights):  # a ct-transfer run to start from
+        from .models import run_folder_checkpoint
+
+        run_folder_checkpoint(weights)
         return
     if not os.path.isfile(weights):
         raise ConfigError("weights", weights, "no such file (choose none, imagenet, a weights file or a run folder)")

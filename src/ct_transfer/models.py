@@ -215,10 +215,7 @@ def run_checkpoint(weights) -> dict | None:
 
     path = Path(weights)
     if path.is_dir():
-        found = [path / n for n in ("best.pt", "last.pt") if (path / n).is_file()]
-        if not found:
-            raise ConfigError("weights", weights, "a folder without best.pt or last.pt (not a ct-transfer run)")
-        path = found[0]
+        path = run_folder_checkpoint(path)
     elif not path.is_file():
         return None  # _create_backbone says "file not found"
     ckpt = _io.load_checkpoint(path, keys=())
@@ -227,6 +224,14 @@ def run_checkpoint(weights) -> dict | None:
     if Path(weights).is_dir():
         raise ConfigError("weights", weights, f"{path.name} is not a ct-transfer checkpoint")
     return None
+
+
+def run_folder_checkpoint(folder) -> Path:
+    """A run folder given as ``weights`` -> its best.pt (else last.pt); a one-line error without either."""
+    found = [Path(folder) / n for n in ("best.pt", "last.pt") if (Path(folder) / n).is_file()]
+    if not found:
+        raise ConfigError("weights", str(folder), "a folder without best.pt or last.pt (not a ct-transfer run)")
+    return found[0]
 
 
 def _load_run_weights(model: Classifier, ckpt: dict, *, weights, name: str, classes) -> None:

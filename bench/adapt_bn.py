@@ -28,25 +28,19 @@ from ct_transfer.evaluate import compute_metrics  # noqa: E402
 
 
 def ucsd_subset(run, subset: str):
-    rows = [{**r, "subset": "x"} for r in D.read_split(UCSD_SPLIT, UCSD) if r["subset"] == subset]
-    x, y, _, _ = D.load_subset(rows, "x", run.classes, UCSD, run.preprocess, on_bad="skip")
+    rows = D.read_split(UCSD_SPLIT, UCSD)
+    x, y, _, _ = D.load_subset(rows, subset, run.classes, UCSD, run.preprocess, on_bad="skip")
     return x, y.numpy()
 
 
 @torch.no_grad()
-def adapt_batchnorm(run, x: torch.Tensor, *, batch_size: int = 64) -> int:
+def adapt_batchnorm(run, x: torch.Tensor, *, batch_size: int = 64) -> None:
     """Recompute every BatchNorm layer's running statistics on ``x`` (uint8 images, the run's
-    preprocessing); returns how many layers changed."""
-    bns = [m for m in run.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches, not an EMA of the last few
-        m.train()
-    for i in range(0, len(x), batch_size):
-        run.model(run.transform(x[i:i + batch_size].to(run.device)).contiguous(memory_format=torch.channels_last))
-    for m in bns:
-        m.eval()
-    return len(bns)
+    preprocessing): torch's own ``update_bn`` (cumulative average over all batches), fed the
+    run's normalised batches."""
+    batches = (run.transform(x[i:i + batch_size].to(run.device)).contiguous(memory_format=torch.channels_last)
+               for i in range(0, len(x), batch_size))
+    torch.optim.swa_utils.update_bn(batches, run.model)
 
 
 def main():
@@ -61,7 +55,7 @@ def main():
         row = {"run": path, "n_adapt": len(xtr)}
         for when in ("as trained", "BN adapted"):
             if when == "BN adapted":
-                row["bn_layers"] = adapt_batchnorm(run, xtr)
+                adapt_batchnorm(run, xtr)
             proba = torch.softmax(run._logits(xva), 1).numpy()
             row[when] = with_intervals(compute_metrics(yva, proba, run.classes))
         results.append(row)

@@ -220,8 +220,7 @@ def test_threshold_chosen_on_val_is_applied_unchanged_to_test(run_copy, capsys):
     assert main(["calibrate", "--run", str(run_copy), "--sensitivity", "0.95"]) == 0
     out = capsys.readouterr().out
     assert "at threshold" in out
-    cfg = json.loads((run_copy / "config.json").read_text())
-    c = cfg["calibration"]
+    c = json.loads((run_copy / "predictor.json").read_text())["calibration"]  # fitted state, apart from options
     metrics = json.loads((run_copy / "metrics.json").read_text())
     # val: the threshold reaches the target sensitivity; test: the same threshold, not refitted
     assert metrics["val"]["operating_point"]["sensitivity"] >= 0.95
@@ -262,8 +261,8 @@ def test_grid_with_calibration_and_external_set_through_the_cli(tmp_path, data_d
             "--external", str(ext), "--quiet"]
     assert main(args) == 0
     run_dir = grid / "runs" / "EfficientNetLite0__imagenet__seed0"
-    cfg = json.loads((run_dir / "config.json").read_text())
-    assert cfg["calibration"]["temperature"] > 0 and 0 < cfg["calibration"]["threshold"] < 1
+    cal = json.loads((run_dir / "predictor.json").read_text())["calibration"]
+    assert cal["temperature"] > 0 and 0 < cal["threshold"] < 1
     ext_metrics = json.loads((run_dir / "external" / "ext" / "metrics.json").read_text())
     assert ext_metrics["metrics"]["n"] == 12 and set(ext_metrics["metrics"]["ci95"]) >= {"accuracy", "roc_auc"}
     # the external probabilities are the calibrated model's: equal to Run.predict_proba on the files

@@ -28,6 +28,18 @@ def why(exc: BaseException) -> str:
     return _why(exc)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only set it, which would be
+    a process-wide side effect racing other threads); Linux reports it in /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "w", **kwargs):
     """Write ``path`` through a temporary file; on any error the temporary file is removed."""
@@ -43,6 +55,9 @@ def atomic_open(path, mode: str = "w", **kwargs):
     except OSError as exc:
         raise CTTransferError(f"{path.parent}: cannot write here ({_why(exc)})") from None
     try:
+        # mkstemp makes 0600 files; a run or report is meant to be read like any other file the
+        # user writes (colleagues on a shared server), so give it the mode the umask asks for
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
         os.replace(tmp, path)

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -269,7 +270,7 @@ def cmd_calibrate(args):
     run.evaluate()
     run.write_outputs()
     _print_metrics(run.metrics, args.run)
-    print(f"wrote the calibration into {Path(args.run) / 'config.json'} (predict uses it)")
+    print(f"wrote the calibration into {Path(args.run) / 'predictor.json'} (predict, evaluate, serve and export use it)")
 
 
 def cmd_audit(args):
@@ -627,9 +628,9 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except ConfigError as exc:
-        return _fail(exc.as_flag())
+        return _fail(flagify(exc.as_flag()))
     except CTTransferError as exc:
-        return _fail(str(exc))
+        return _fail(flagify(str(exc)))
     except KeyboardInterrupt:
         print("ct-transfer: interrupted (a run continues with --resume)", file=sys.stderr)
         return 130
@@ -643,6 +644,25 @@ def main(argv=None) -> int:
     finally:
         restore_logging()
     return 0
+
+
+def _option_names() -> set[str]:
+    """Every option the parser knows, by its Python name (``batch_size`` for ``--batch-size``)."""
+    names = set()
+    for sub in build_parser()._subparsers._group_actions[0].choices.values():
+        for action in sub._actions:
+            names.update(o[2:].replace("-", "_") for o in action.option_strings if o.startswith("--"))
+    return names
+
+
+_PARAM = re.compile(r"(?<![\w./-])([a-z][a-z0-9_]*)=")
+
+
+def flagify(message: str) -> str:
+    """The library names parameters (``batch_size=0``); the CLI speaks in flags (``--batch-size 0``).
+    Only names that are options of some command are rewritten."""
+    names = _option_names()
+    return _PARAM.sub(lambda m: f"--{m.group(1).replace('_', '-')} " if m.group(1) in names else m.group(0), message)
 
 
 def _fail(message: str, code: int = 2) -> int:

@@ -1,8 +1,7 @@
-"""Evaluate: batched inference, metrics from sklearn.metrics, per-image predictions, plots."""
+"""Evaluate: metrics from sklearn.metrics, per-image prediction files, plots (inference: ``inference``)."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -10,48 +9,8 @@ import torch
 
 from . import _io
 from .errors import CTTransferError
-
-
-def autocast(enabled: bool, device: str = "cpu"):
-    kind = str(device).split(":")[0]
-    return torch.autocast(device_type=kind, dtype=torch.bfloat16) if enabled else nullcontext()
-
-
-def tta_logits(model, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
-    """The model's logits for a normalised batch; ``flips``: the mean logits of the image and its
-    horizontal and vertical flips (the paper's augmentation has both flips, so the model has seen
-    them). Averaging logits keeps temperature scaling and thresholds working as without it."""
-    logits = model(x)
-    if tta == "flips":
-        logits = (logits + model(x.flip(-1)) + model(x.flip(-2))) / 3
-    return logits
-
-
-@torch.inference_mode()
-def predict_logits(model, images_u8: torch.Tensor, transform, *, batch_size: int = 256, bf16: bool = False,
-                   device: str = "cpu", channels_last: bool = True, tta: str = "none") -> torch.Tensor:
-    """Logits (float32, on the CPU) for ``N x 3 x S x S`` uint8 images (``tta``: see ``tta_logits``)."""
-    model.eval()
-    out = []
-    for start in range(0, len(images_u8), batch_size):
-        x = transform(images_u8[start:start + batch_size].to(device))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(bf16, device):
-            logits = tta_logits(model, x, tta)
-        out.append(logits.float().cpu())
-    return torch.cat(out) if out else torch.zeros((0, 0))
-
-
-def predict_proba(model, images_u8: torch.Tensor, transform, *, batch_size: int = 256, bf16: bool = False,
-                  device: str = "cpu", channels_last: bool = True, temperature: float = 1.0,
-                  tta: str = "none") -> np.ndarray:
-    """Class probabilities (softmax of logits / ``temperature``) for ``N x 3 x S x S`` uint8 images."""
-    logits = predict_logits(model, images_u8, transform, batch_size=batch_size, bf16=bf16, device=device,
-                            channels_last=channels_last, tta=tta)
-    if logits.numel() == 0:
-        return np.zeros((0, 0), np.float32)
-    return torch.softmax(logits / temperature, dim=1).numpy()
+# the batched forward and the softmax live in the inference core; re-exported for existing callers
+from .inference import autocast, predict_logits, predict_proba, tta_logits  # noqa: F401
 
 
 def compute_metrics(y_true, proba, classes: list[str], *, threshold: float | None = None,
@@ -112,13 +71,27 @@ def format_with_ci(m: dict, key: str, *, digits: int = 4, missing: str = "n/a") 
     return f"{v:.{digits}f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
 
-def write_predictions(path, paths: list[str], y_true, proba, classes: list[str]) -> None:
-    rows = []
-    for p, t, pr in zip(paths, y_true, proba):
-        row = {"path": p, "true": classes[t] if t is not None else "", "pred": classes[int(np.argmax(pr))]}
+def write_predictions(path, paths: list[str], y_true, outputs, classes: list[str], *, rows=None) -> None:
+    """One row per image: path (and patient, source, slice when the sample record has them), true and
+    predicted class (the predictor's decision rule), each class's probability and, with a shift
+    guard, ``shift_score`` and ``in_distribution``. ``outputs``: an ``inference.Outputs`` or a
+    probability array (then the prediction is the argmax)."""
+    proba = np.asarray(getattr(outputs, "proba", outputs))
+    labels = getattr(outputs, "labels", None)
+    labels = proba.argmax(1) if labels is None else np.asarray(labels)
+    shift = getattr(outputs, "shift_score", None)
+    accepted = getattr(outputs, "in_distribution", None)
+    extra = [k for k in ("patient", "source", "slice") if rows and any(r.get(k) not in (None, "") for r in rows)]
+    out = []
+    for i, (p, t, pr) in enumerate(zip(paths, y_true, proba)):
+        row = {"path": p, "true": classes[t] if t is not None else "", "pred": classes[int(labels[i])]}
+        row.update({k: rows[i].get(k, "") for k in extra})
         row.update({f"prob_{c}": f"{v:.6f}" for c, v in zip(classes, pr)})
-        rows.append(row)
-    _io.write_csv(path, rows, ["path", "true", "pred"] + [f"prob_{c}" for c in classes])
+        if shift is not None:
+            row.update(shift_score=f"{float(shift[i]):.6f}", in_distribution=str(bool(accepted[i])).lower())
+        out.append(row)
+    fields = ["path", "true", "pred", *extra, *[f"prob_{c}" for c in classes]]
+    _io.write_csv(path, out, fields + (["shift_score", "in_distribution"] if shift is not None else []))
 
 
 def read_predictions(path) -> tuple[list[str], list[str], np.ndarray, list[str]]:

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 
 from . import data as D
 from .errors import ConfigError, CTTransferError, first_line
-from .evaluate import tta_logits
 
-METHODS = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "cam": "CAM", "lrp": "LRP"}
+from .registry import EXPLAINERS  # noqa: E402
+
+METHODS = EXPLAINERS.describe()  # {name: title}: the registered explanation methods
 
 
 def find_layer(model, name: str | None):
@@ -79,8 +80,7 @@ class ContrastiveTarget:
 
 def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_layer=None) -> np.ndarray:
     """``N x S x S`` maps in [0, 1] for normalised inputs ``x`` and the given class indices."""
-    if method not in METHODS:
-        raise CTTransferError(f"method={method}: choose {', '.join(METHODS)}")
+    EXPLAINERS.check(method)
     model.eval()
     layer = target_layer if target_layer is not None else model.feature_map
     size = x.shape[-2:]
@@ -117,7 +117,7 @@ def heatmaps(model, x: torch.Tensor, method: str, targets: list[int], target_lay
             onehot = torch.eye(model.fc.out_features)[targets]
             _, relevance = attributor(x.clone().requires_grad_(True), onehot)
     except Exception as exc:
-        raise CTTransferError(f"--method lrp: not supported for this architecture ({type(exc).__name__}: "
+        raise CTTransferError(f"method=lrp: not supported for this architecture ({type(exc).__name__}: "
                               f"{first_line(exc, 100)})") from None
     return _normalise(relevance.sum(1).detach().numpy(), positive=True)
 
@@ -179,8 +179,7 @@ class Explanation(NamedTuple):
 def explain_images(run, images: list[np.ndarray], *, method: str = "gradcam", target_layer: str | None = None,
                    batch_size: int = 16) -> list[Explanation]:
     """Explanations of full-resolution ``H x W x 3`` uint8 images (preprocessed like training)."""
-    if method not in METHODS:
-        raise CTTransferError(f"method={method}: choose {', '.join(METHODS)}")
+    EXPLAINERS.check(method)
     layer = find_layer(run.model, target_layer)
     check_layer(run, layer, target_layer, method)
     # hooks and zennit run on the CPU (inference per image is cheap); a GPU run keeps its model there
@@ -188,11 +187,10 @@ def explain_images(run, images: list[np.ndarray], *, method: str = "gradcam", ta
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        x = run.transform(D.stack([run.preprocess(a) for a in chunk]))
-        with torch.no_grad():
-            proba = torch.softmax(tta_logits(model, x, run.tta).float() / run.temperature, 1).numpy()
-        preds = proba.argmax(1).tolist()
-        maps = heatmaps(model, x, method, preds, layer)
+        x_u8 = D.stack([run.preprocess(a) for a in chunk])
+        res = run.predictor.outputs(x_u8)  # the run's probabilities and decision rule (threshold, TTA)
+        proba, preds = res.proba, res.labels.tolist()
+        maps = heatmaps(model, run.transform(x_u8), method, preds, layer)  # explains the decided class
         for image, pred, p, heat in zip(chunk, preds, proba, maps):
             full = place_map(heat, image.shape, run.preprocess.crop_box(image))
             out.append(Explanation(run.classes[pred], float(p[pred]), full, overlay_array(image, full), method))
@@ -205,8 +203,7 @@ def explain_files(run, paths: list[Path], *, method: str, out_dir, target_layer:
     from ._io import ensure_writable_dir
     from .evaluate import save_figure
 
-    if method not in METHODS:
-        raise ConfigError("method", method, f"choose {', '.join(METHODS)}")
+    EXPLAINERS.check(method)
     check_layer(run, find_layer(run.model, target_layer), target_layer, method)  # before any decoding
     out_dir = ensure_writable_dir(out_dir)
     results = []

@@ -1,8 +1,11 @@
 """Export: ONNX or ``torch.export`` (.pt2) with the normalisation inside, checked against PyTorch.
 
 The exported graph takes ``N x 3 x S x S`` float32 RGB in [0, 1] (the 1/255 rescale done by the
-caller), applies the model's mean/std itself and returns class probabilities. A JSON file beside the
-export documents the input size, mean/std, classes and the preprocessing.
+caller), applies the model's mean/std, test-time flips and the run's temperature itself and returns
+the calibrated class probabilities — the predictor's, so the parity check compares the file with
+``Run.predict``'s own numbers, not with a copy of the graph. A JSON file beside the export (and the
+ONNX ``metadata_props``) carries everything needed to decide: the classes, the decision rule and
+threshold, the preprocessing done before the graph, and the provenance.
 """
 
 from __future__ import annotations
@@ -17,21 +20,25 @@ import torch.nn as nn
 from . import _io
 from . import data as D
 from .errors import CTTransferError, first_line
-from .evaluate import tta_logits
+from .inference import calibrated, tta_logits
 from .rundir import RunDir
 
 FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".torchscript": "torchscript"}  # torchscript: deprecated in PyTorch
 
 
 class Exported(nn.Module):
-    def __init__(self, model, mean, std, tta: str = "none"):
+    """The predictor as one graph: normalisation, TTA, temperature, softmax."""
+
+    def __init__(self, predictor):
         super().__init__()
-        self.model, self.tta = model, tta
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.model, self.tta = predictor.model, predictor.tta
+        self.register_buffer("mean", torch.tensor(predictor.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(predictor.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("temperature", torch.tensor(float(predictor.temperature), dtype=torch.float32))
 
     def forward(self, image):
-        return torch.softmax(tta_logits(self.model, (image - self.mean) / self.std, self.tta), dim=1)
+        logits = tta_logits(self.model, (image - self.mean) / self.std, self.tta)
+        return calibrated(logits, self.temperature)
 
 
 def sample_images(run, n: int = 32) -> tuple[torch.Tensor, str]:
@@ -54,7 +61,7 @@ def resolve_format(out: Path, fmt: str | None) -> str:
     if fmt is None:
         fmt = FORMATS.get(out.suffix.lower())
         if fmt is None:
-            raise CTTransferError(f"{out}: give a .onnx or .pt2 file name (or --format)")
+            raise CTTransferError(f"{out}: give a .onnx or .pt2 file name (or format=)")
     if fmt not in FORMATS.values():
         raise CTTransferError(f"format={fmt}: choose {', '.join(FORMATS.values())}")
     named = FORMATS.get(out.suffix.lower())
@@ -71,12 +78,15 @@ def export(run, out, *, format: str | None = None, n_check: int = 32) -> dict:
         if run.directory is not None:
             RunDir(run.directory).refuse_output(target)
         _io.check_writable(target, folder=False)
-    model = run.model.to("cpu").eval()
-    wrapper = Exported(model, run.mean, run.std, run.tta).eval()
+    from .provenance import provenance
+
+    run.model.to("cpu").eval()
+    predictor = run.predictor
+    predictor.device = "cpu"
+    wrapper = Exported(predictor).eval()
     x_u8, source = sample_images(run, n_check)
     x = x_u8.float() / 255.0
-    with torch.no_grad():
-        reference = wrapper(x).numpy()
+    reference = predictor.outputs(x_u8).proba  # what Run.predict answers for these images
     try:
         got = {"onnx": _export_onnx, "pt2": _export_pt2, "torchscript": _export_torchscript}[fmt](wrapper, x, out)
     except CTTransferError:
@@ -87,8 +97,12 @@ def export(run, out, *, format: str | None = None, n_check: int = 32) -> dict:
         "format": fmt, "file": out.name, "model": run.config.get("model"), "timm_name": run.config.get("timm_name"),
         "classes": run.classes, "input": {"name": "image", "shape": ["N", 3, run.image_size, run.image_size],
                                           "dtype": "float32", "range": "[0, 1] RGB (pixel / 255)"},
-        "inside_the_graph": {"mean": list(run.mean), "std": list(run.std), "output": "softmax probabilities",
-                             "tta": run.tta},
+        "inside_the_graph": {"mean": list(run.mean), "std": list(run.std), "tta": run.tta,
+                             "temperature": float(predictor.temperature),
+                             "output": "calibrated probabilities: softmax(logits / temperature)"},
+        "decision": predictor.fitted_state()["decision"], "threshold": predictor.threshold,
+        "positive_class": run.classes[1] if len(run.classes) == 2 else None,
+        "calibration": predictor.calibration.to_dict(), "provenance": provenance(),
         "preprocess": run.preprocess.to_dict(), "preprocess_text": run.preprocess.describe(),
         "preprocess_steps": [repr(step) for step in run.preprocess.steps()],  # done before the graph
         "parity": {"images": int(len(x)), "on": source, "max_abs_diff_probabilities": float(np.abs(got - reference).max())},

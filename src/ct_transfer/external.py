@@ -64,11 +64,11 @@ def external_rows(run_classes: list[str], data, *, class_map=None, split_file=No
     extra = sorted({r["class"] for r in labelled} - set(run_classes))
     if extra:
         raise CTTransferError(f"{data}: class '{extra[0]}' is not one of the run's classes "
-                              f"({', '.join(run_classes)}); map it with --class-map {extra[0]}=CLASS")
+                              f"({', '.join(run_classes)}); map it with class_map={extra[0]}=CLASS")
     missing = [c for c in run_classes if c not in {r["class"] for r in labelled}]
     if missing:
         raise CTTransferError(f"{data}: no images of the run's class '{missing[0]}' (found: {', '.join(found)}); "
-                              "give --class-map FOLDER=CLASS")
+                              "give class_map=FOLDER=CLASS")
     return labelled
 
 
@@ -91,8 +91,8 @@ def evaluate_external(run, data, *, name: str | None = None, class_map=None, spl
     x, y, kept, bad = D.load_subset(rows, "external", run.classes, data, run.preprocess, on_bad="skip")
     if len(kept) == 0:
         raise CTTransferError(f"{data}: no readable images")
-    result = run.evaluate_subsets({"external": _Subset(x, y, kept)})["external"]
-    paths, labels, proba = run._predictions.pop("external")
+    paths, labels, outputs, rows = run.predict_subsets({"external": _Subset(x, y, kept)})["external"]
+    result = run.score(labels, outputs, rows)
     record = {"name": name, "data": str(data), "split_file": str(split_file) if split_file else None,
               "subset": subset, "class_map": parse_class_map(class_map) or None, "skipped": bad,
               "temperature": run.temperature, "threshold": run.threshold, "metrics": result}
@@ -100,7 +100,7 @@ def evaluate_external(run, data, *, name: str | None = None, class_map=None, spl
         if run.directory is None:
             raise CTTransferError("this run has no directory; save it first (Run.save) or pass write=False")
         folder = _io.ensure_writable_dir(Path(run.directory) / "external" / name)
-        write_predictions(folder / "predictions.csv", paths, labels, proba, run.classes)
+        write_predictions(folder / "predictions.csv", paths, labels, outputs, run.classes, rows=rows)
         _io.write_json(folder / "metrics.json", record)
         record["path"] = str(folder / "metrics.json")
     log.info("external %s: %d images, accuracy %.4f", name, result["n"], result["accuracy"])

@@ -17,21 +17,23 @@ import torch
 from . import data as D
 from . import models as M
 from .errors import CTTransferError
-from .evaluate import (compute_metrics, confusion_matrix_figure, curves_figure, predict_logits, predict_proba,
-                       save_figure, write_predictions)
+from .evaluate import compute_metrics, confusion_matrix_figure, curves_figure, save_figure, write_predictions
+from .inference import PREDICTOR_FILE, Calibration, Prediction, Predictor, read_calibration, softmax
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 
-class Prediction(NamedTuple):
-    label: str
-    probabilities: dict[str, float]
+__all__ = ["Run", "Prediction", "load_run", "check_run_config"]
 
 
 class Run:
+    """A trained model and what it was trained with (``config``), its results (``metrics``,
+    ``history``, ``split``) and its ``predictor`` (the inference core: every answer comes from it)."""
+
     def __init__(self, *, model, config: dict, classes: list[str], preprocess: D.Preprocess, metrics=None,
-                 history=None, split=None, directory=None, device: str = "cpu", checkpoint: str | None = None):
+                 history=None, split=None, directory=None, device: str = "cpu", checkpoint: str | None = None,
+                 calibration: Calibration | None = None, guard=None):
         self.model, self.config, self.classes, self.preprocess = model, dict(config), list(classes), preprocess
         self.metrics = metrics or {}
         self.history = history or []
@@ -39,15 +41,14 @@ class Run:
         self.directory = Path(directory) if directory else None
         self.device = device
         self.checkpoint = checkpoint
-        # calibration: temperature scaling of the logits (1.0 = none) and a decision threshold on the
-        # positive class's probability (None = argmax); both fitted on val and stored in config.json
-        cal = self.config.get("calibration") or {}
-        self.temperature = float(cal.get("temperature", 1.0))
-        self.threshold = cal.get("threshold")
-        self.tta = self.config.get("tta", "none")  # test-time flips: part of every prediction of this run
-        self.mean, self.std = M.normalization(model)
-        self.transform = D.batch_transform(self.mean, self.std, augment=False)
-        self._predictions: dict[str, tuple] = {}
+        # fitted after training (temperature, threshold; the shift guard): apart from the options
+        self.predictor = Predictor(model, classes=classes, preprocess=preprocess, tta=self.config.get("tta", "none"),
+                                   calibration=calibration or Calibration.from_dict(self.config.get("calibration")),
+                                   guard=guard, device=device, channels_last=self.config.get("channels_last", True),
+                                   bf16=self.config.get("bf16", False))
+        self.config.pop("calibration", None)  # lives in predictor.json now
+        # the predictions of the last evaluate_subsets call, per subset: (paths, labels, Outputs, rows)
+        self.predictions: dict[str, tuple] = {}
 
     def __repr__(self):
         test = self.metrics.get("test")
@@ -60,34 +61,29 @@ class Run:
     def image_size(self) -> int:
         return self.preprocess.image_size
 
-    # -- inference -------------------------------------------------------------------------
+    # the predictor's fitted state and parts, read through the run for convenience
+    temperature = property(lambda self: self.predictor.temperature)
+    threshold = property(lambda self: self.predictor.threshold)
+    tta = property(lambda self: self.predictor.tta)
+    mean = property(lambda self: self.predictor.mean)
+    std = property(lambda self: self.predictor.std)
+    transform = property(lambda self: self.predictor.transform)
+
+    # -- inference (all through the predictor) ---------------------------------------------
     def load_images(self, inputs) -> torch.Tensor:
         """Paths (images, DICOM), arrays, PIL images or bytes -> ``N x 3 x S x S`` uint8 tensor."""
-        cache = D.ImageCache(self.preprocess)
-        arrays = [cache.get(x) if isinstance(x, (str, Path)) and not D.is_dicom(Path(x)) else self.preprocess.load(x)
-                  for x in inputs]
-        return D.stack(arrays)
+        return self.predictor.load_images(inputs)
 
     def predict_proba(self, inputs, *, batch_size: int = 64) -> np.ndarray:
-        if batch_size < 1:
-            raise CTTransferError(f"batch_size={batch_size}: must be >= 1")
-        inputs = _as_list(inputs)
-        out = [predict_proba(self.model, self.load_images(inputs[i:i + batch_size]), self.transform,
-                             device=self.device, channels_last=self.config.get("channels_last", True),
-                             temperature=self.temperature, tta=self.tta)
-               for i in range(0, len(inputs), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)))
+        return self.predictor.predict_outputs(inputs, batch_size=batch_size).proba
 
     def predict(self, inputs, *, batch_size: int = 64) -> list[Prediction]:
-        """One ``(label, {class: probability})`` per input (path, array, PIL image or bytes)."""
-        proba = self.predict_proba(inputs, batch_size=batch_size)
-        return [Prediction(self.decide(p), {c: float(v) for c, v in zip(self.classes, p)}) for p in proba]
+        """One ``Prediction(label, {class: probability}, shift_score, in_distribution)`` per input."""
+        return self.predictor.predict(inputs, batch_size=batch_size)
 
     def decide(self, proba) -> str:
-        """The predicted class: argmax, or positive-class probability >= ``threshold`` when one is set."""
-        if self.threshold is not None and len(self.classes) == 2:
-            return self.classes[1] if float(proba[1]) >= float(self.threshold) else self.classes[0]
-        return self.classes[int(np.argmax(proba))]
+        """The predicted class of one probability row, by the predictor's decision rule."""
+        return self.predictor.label(proba)
 
     def explain(self, inputs, *, method: str = "gradcam", target_layer: str | None = None):
         """Heat map (full resolution, [0, 1]) and an RGB overlay; one ``Explanation`` per input,
@@ -101,27 +97,35 @@ class Run:
         return result[0] if single else result
 
     # -- evaluation ------------------------------------------------------------------------
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return predict_logits(self.model, x.to(self.device), self.transform, device=self.device,
-                              bf16=self.config.get("bf16", False), channels_last=self.config.get("channels_last", True),
-                              tta=self.tta)
+    def predict_subsets(self, subsets: dict) -> dict:
+        """The predictor's outputs for already-decoded subsets (``.x``, ``.y``, ``.rows``):
+        ``{name: (paths, labels, Outputs, rows)}``; with several sources the paths are ``source/path``."""
+        out = {}
+        for name, sub in subsets.items():
+            res = self.predictor.outputs(sub.x)
+            names, ids = D.source_ids(sub.rows)
+            paths = [f"{names[i]}/{r['path']}" if len(names) > 1 else r["path"] for i, r in zip(ids, sub.rows)]
+            out[name] = (paths, sub.y.cpu().tolist(), res, list(sub.rows))
+        return out
+
+    def score(self, y, outputs, rows) -> dict:
+        """Metrics of one subset's predictor outputs (per source too when it mixes datasets)."""
+        y = np.asarray(y)
+        result = compute_metrics(y, outputs.proba, self.classes, threshold=self.threshold)
+        names, ids = D.source_ids(rows)
+        if len(names) > 1:  # several datasets: each one's metrics beside the pooled ones
+            result["per_source"] = {
+                s: compute_metrics(y[ids == i], outputs.proba[ids == i], self.classes, threshold=self.threshold)
+                for i, s in enumerate(names)}
+        return result
 
     def evaluate_subsets(self, subsets: dict, *, write: bool = False) -> dict:
-        """Metrics for already-decoded subsets (``.x``, ``.y``, ``.rows``); keeps the predictions.
-        Uses the run's temperature; with a decision threshold, adds its operating point."""
-        result = {}
-        for name, sub in subsets.items():
-            proba = torch.softmax(self._logits(sub.x) / self.temperature, dim=1).numpy()
-            y = sub.y.cpu().numpy()
-            result[name] = compute_metrics(y, proba, self.classes, threshold=self.threshold)
-            names, ids = D.source_ids(sub.rows)
-            if len(names) > 1:  # several datasets: each one's metrics beside the pooled ones
-                result[name]["per_source"] = {
-                    s: compute_metrics(y[ids == i], proba[ids == i], self.classes, threshold=self.threshold)
-                    for i, s in enumerate(names)}
-            paths = [f"{names[i]}/{r['path']}" if len(names) > 1 else r["path"] for i, r in zip(ids, sub.rows)]
-            self._predictions[name] = (paths, sub.y.cpu().tolist(), proba)
-        return result
+        """Metrics for already-decoded subsets (``.x``, ``.y``, ``.rows``); the predictions are kept in
+        ``self.predictions`` (``write_outputs`` writes them). Uses the run's temperature; with a
+        threshold, adds its operating point."""
+        predictions = self.predict_subsets(subsets)
+        self.predictions.update(predictions)
+        return {name: self.score(y, res, rows) for name, (_, y, res, rows) in predictions.items()}
 
     def _load(self, rows, name: str, data, where: str) -> "_Loaded":
         x, y, kept, _ = D.load_subset(rows, name, self.classes, data, self.preprocess, on_bad="skip")
@@ -134,7 +138,7 @@ class Run:
         data = D.data_root(data or self.config.get("data"))
         roots = list(data.values()) if isinstance(data, dict) else [data]
         if not data or any(not Path(r).is_dir() for r in roots):
-            raise CTTransferError(f"{data}: dataset folder not found (give --data)")
+            raise CTTransferError(f"{data}: dataset folder not found (give data=)")
         rows = D.read_split(split_file, data) if split_file else self.split
         if not rows:
             raise CTTransferError("split_file: this run has no split; give one")
@@ -148,7 +152,7 @@ class Run:
 
     def calibrate(self, val=None, *, sensitivity: float | None = None, save: bool = True) -> dict:
         """Fit temperature scaling and a decision threshold on val (Youden's J, or the most specific
-        threshold reaching ``sensitivity``); stored in ``config["calibration"]`` (and config.json)."""
+        threshold reaching ``sensitivity``); stored in the predictor (``predictor.json``)."""
         from . import calibration as cal
 
         if val is None:
@@ -156,24 +160,32 @@ class Run:
                 raise CTTransferError(f"{self.directory}: this run has no split.csv; cannot find its val subset")
             val = self._load(self.split, "val", self.config["data"], "split")
         y = val.y.cpu().numpy()
-        logits = self._logits(val.x).numpy().astype(np.float64)
-        before = torch.softmax(torch.from_numpy(logits), 1).numpy()
+        logits = self.predictor.forward(val.x)[0].numpy().astype(np.float64)
+        before = softmax(logits)
         temperature = cal.fit_temperature(logits, y)
-        after = torch.softmax(torch.from_numpy(logits / temperature), 1).numpy()
+        after = softmax(logits, temperature)
         threshold = cal.choose_threshold(y, after[:, 1], sensitivity=sensitivity) if len(self.classes) == 2 else None
         calibration = {"temperature": temperature, "threshold": threshold,
                        "criterion": "youden" if sensitivity is None else f"sensitivity>={sensitivity}",
                        "fitted_on": "val", "n_val": int(len(y)),
                        "val_ece_before": cal.expected_calibration_error(y, before),
                        "val_ece_after": cal.expected_calibration_error(y, after)}
-        self.config["calibration"] = calibration
-        self.temperature, self.threshold = temperature, threshold
+        self.predictor.calibration = Calibration.from_dict(calibration)
         if save and self.directory is not None:
-            RunDir(self.directory).write_config(self.config)
+            self.save_predictor()
         log.info("calibration on val: temperature %.3f, threshold %s, ECE %.4f -> %.4f", temperature,
                  "argmax" if threshold is None else f"{threshold:.4f}", calibration["val_ece_before"],
                  calibration["val_ece_after"])
         return calibration
+
+    def save_predictor(self, directory=None) -> Path:
+        """``predictor.json``: the fitted state (calibration, guard facts) and the provenance."""
+        from . import _io
+        from .provenance import provenance
+
+        path = Path(directory or self.directory) / PREDICTOR_FILE
+        _io.write_json(path, {**self.predictor.fitted_state(), "provenance": provenance()})
+        return path
 
     def evaluate_external(self, data, *, name: str | None = None, class_map=None, split_file=None,
                           subset: str | None = None, write: bool = True) -> dict:
@@ -187,11 +199,11 @@ class Run:
     def write_outputs(self, directory=None) -> None:
         """metrics.json, predictions per subset, confusion matrix and curves into the run directory."""
         rd = RunDir(directory or self.directory)
-        for name, (paths, y, proba) in self._predictions.items():
-            write_predictions(rd / f"predictions_{name}.csv", paths, y, proba, self.classes)
+        for name, (paths, y, res, rows) in self.predictions.items():
+            write_predictions(rd / f"predictions_{name}.csv", paths, y, res, self.classes, rows=rows)
         if self.metrics:
             rd.write_metrics(self.metrics)
-        curves = {n: (np.asarray(y), p) for n, (_, y, p) in self._predictions.items() if n in ("val", "test")}
+        curves = {n: (np.asarray(y), res.proba) for n, (_, y, res, _) in self.predictions.items() if n in ("val", "test")}
         if curves:
             from .calibration import reliability_figure
 
@@ -217,6 +229,7 @@ class Run:
         rd.write_history(self.history)
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         rd.save_best({"model": state, "classes": self.classes, "epoch": self.metrics.get("best_epoch", 0)})
+        self.save_predictor(rd.path)
         self.write_outputs(rd.path)
         self.directory = rd.path
         return rd.path
@@ -315,4 +328,4 @@ def load_run(path, *, checkpoint: str = "best.pt", device: str = "cpu") -> Run:
     split = D.read_split(rd / "split.csv") if (rd / "split.csv").is_file() else []
     return Run(model=model, config=cfg, classes=list(classes), preprocess=preprocess, metrics=rd.read_metrics(),
                history=rd.read_history(), split=split, directory=rd.path, device=device,
-               checkpoint=str(rd / ckpt_name))
+               checkpoint=str(rd / ckpt_name), calibration=read_calibration(rd.path, cfg))

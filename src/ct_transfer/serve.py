@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
-from .errors import CTTransferError
+from .errors import ConfigError, CTTransferError
 from .explain import METHODS
+from .registry import EXPLAINERS
 from .run import Run, load_run
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class Served:
 def load_runs(paths) -> dict[str, Served]:
     """Each run directory loaded once; named by its folder (made unique when two share a name)."""
     if not paths:
-        raise CTTransferError("--run: give at least one run directory")
+        raise ConfigError("run", "", "give at least one run directory")
     runs: dict[str, Served] = {}
     for p in paths:
         run = load_run(p)
@@ -256,12 +257,12 @@ def analyse(served: Served, items: list[tuple[str, bytes]], *, method: str = "gr
     if not arrays:
         raise UploadError("; ".join(e["error"] for e in errors[:5]) + (" …" if len(errors) > 5 else ""))
     with served.lock:  # one model, shared hooks: one request at a time per run
-        proba = run.predict_proba(arrays)
+        outputs = run.predictor.predict_outputs(arrays)
         explanations = run.explain(arrays, method=method) if overlay else [None] * len(arrays)
     results = []
-    for name, arr, p, ex in zip(names, arrays, proba, explanations):
-        row = {"name": name, "label": run.decide(p),
-               "probabilities": {c: float(v) for c, v in zip(run.classes, p)},
+    for name, arr, pred, ex in zip(names, arrays, run.predictor.as_predictions(outputs), explanations):
+        row = {"name": name, "label": pred.label, "probabilities": pred.probabilities,
+               "shift_score": pred.shift_score, "in_distribution": pred.in_distribution,
                "size": [int(arr.shape[1]), int(arr.shape[0])],
                "input": png_data_url(run.preprocess.load(arr))}
         if ex is not None:
@@ -354,7 +355,7 @@ def create_app(runs: dict[str, Served], *, limits: Limits = Limits()):
     from . import __version__
 
     if not runs:
-        raise CTTransferError("--run: give at least one run directory")
+        raise ConfigError("run", "", "give at least one run directory")
     names = list(runs)
     app = FastAPI(title="ct-transfer serve", version=__version__,
                   description="Classify CT slices with trained ct-transfer runs. Research use only, "
@@ -379,7 +380,14 @@ def create_app(runs: dict[str, Served], *, limits: Limits = Limits()):
     async def cards():
         return {"runs": [runs[n].card for n in names],
                 "limits": {"max_request_mb": limits.max_request_bytes / 2**20, "max_images": limits.max_images,
-                           "max_pixels": D.decode.MAX_PIXELS}}
+                           "max_pixels": D.decode.MAX_PIXELS},
+                "methods": EXPLAINERS.describe()}  # the page lists the registered explanation methods
+
+    @app.get("/api/options", summary="Every registered choice (crops, strategies, methods, ...) with its help")
+    async def options():
+        from .registry import ALL
+
+        return {kind: reg.describe() for kind, reg in ALL.items()}
 
     models = _api_models()
     problem = {"model": models["Problem"]}
@@ -419,7 +427,11 @@ def _api_models() -> dict:
         size: list[int] = Field(description="decoded width and height in px")
         input: str = Field(description="the model's input (decoded, DICOM windowed, resized) as a PNG data URL")
         overlay: str | None = Field(None, description="heat map over the image, PNG data URL (overlay=true)")
-        explained_class: str | None = Field(None, description="the class the heat map explains (argmax)")
+        explained_class: str | None = Field(None, description="the class the heat map explains (the predicted one)")
+        shift_score: float | None = Field(None, description="shift guard score (higher: less like the training "
+                                                             "images); null when the run has no guard")
+        in_distribution: bool | None = Field(None, description="false: unlike the training images, do not trust "
+                                                               "the label; null when the run has no guard")
 
     class FileError(BaseModel):
         name: str
@@ -458,14 +470,14 @@ def _check_bind(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise CTTransferError(f"--host {host}: cannot resolve ({exc.strerror or exc})") from None
+        raise ConfigError("host", host, f"cannot resolve ({exc.strerror or exc})") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         try:
             sock.bind(address)
         except OSError as exc:
-            raise CTTransferError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}; "
+            raise ConfigError("port", port, f"cannot listen on {host}:{port} ({exc.strerror or exc}; "
                                   "is another server running there?)") from None
 
 
@@ -475,7 +487,7 @@ def serve(run_paths, *, host: str = "127.0.0.1", port: int = 8000, limits: Limit
     import uvicorn
 
     if not 0 < port < 65536:
-        raise CTTransferError(f"--port {port}: choose 1..65535")
+        raise ConfigError("port", port, "choose 1..65535")
     _check_bind(host, port)  # before the slow model loading
     app = create_app(load_runs(run_paths), limits=limits)
     if not _is_loopback(host):

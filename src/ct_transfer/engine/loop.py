@@ -21,7 +21,7 @@ from .. import _io
 from .._io import ensure_writable_dir
 from ..config import TrainConfig
 from ..errors import CTTransferError, first_line
-from ..evaluate import autocast, predict_proba
+from ..inference import autocast, predict_proba
 from ..rundir import RunDir
 from ..run import Run
 from . import callbacks as C
@@ -158,7 +158,7 @@ def _check_out(cfg: TrainConfig, resume: bool) -> RunDir | None:
         return None
     rundir = RunDir(cfg.out)
     if (rundir / "last.pt").exists() and not resume:
-        raise CTTransferError(f"{cfg.out}: already holds a run; add --resume to continue it or choose another --out")
+        raise CTTransferError(f"{cfg.out}: already holds a run; give resume=True to continue it or choose another out=")
     _io.check_writable(cfg.out)  # a real probe file: os.access says yes to root on a read-only mount
     return rundir
 
@@ -176,10 +176,15 @@ def _resumed_config(cfg: TrainConfig, rundir: RunDir) -> TrainConfig:
 def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bool = False,
         test: bool = True) -> Run:
     """Train ``config.model`` on ``config.data``; returns the trained ``Run`` (see ``_fit``).
-    ``config.threads`` applies to this fit only: the process's torch thread count is put back."""
+    ``config.threads`` applies to this fit only: the process's torch thread count and random
+    state are put back."""
     threads = torch.get_num_threads()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
-        return _fit(config, callbacks=callbacks, progress=progress, resume=resume, test=test)
+        # the fit seeds torch's global generator (head init, dropout per epoch, exact on resume);
+        # forking it gives the caller's random state back unchanged afterwards
+        with torch.random.fork_rng(devices=devices):
+            return _fit(config, callbacks=callbacks, progress=progress, resume=resume, test=test)
     finally:
         torch.set_num_threads(threads)
 
@@ -256,8 +261,9 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
     cbs = [C.TrackBest()] + ([C.Checkpoint(rundir, every=cfg.checkpoint_every), C.HistoryCSV(rundir)]
                              if rundir else [])
     cbs += ([C.ProgressLog()] if progress else []) + list(callbacks)
-    make_epochs = {"frozen": _frozen_epochs, "linear": _linear_epochs}.get(cfg.strategy, _full_epochs)
-    epoch_fn = make_epochs(state, subsets, mean, std, bf16)
+    from ..registry import STRATEGIES
+
+    epoch_fn = STRATEGIES.get(cfg.strategy)(state, subsets, mean, std, bf16)
     _run_epochs(state, epoch_fn, C.ordered(cbs))
     probe_info = probe_info or state.extra
 
@@ -276,6 +282,7 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
     run.metrics = metrics
     if rundir is not None:
         run.write_outputs()
+        run.save_predictor()
     return run
 
 

@@ -4,6 +4,7 @@ CLI is the only module that knows argparse, the public door lists what it export
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import ct_transfer
@@ -115,3 +116,87 @@ def test_public_door():
     for name in ct_transfer.__all__:
         assert hasattr(ct_transfer, name), name
     assert {"fit", "TrainConfig", "Run", "load_run", "create_model"} <= set(ct_transfer.__all__)
+
+
+def _library_files():
+    return [p for p in SRC.rglob("*.py") if p.name != "cli.py"]
+
+
+def _strings(node) -> list[str]:
+    """The literal text in an expression (f-strings' constant parts included)."""
+    return [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def flag_spellings(source: str) -> list[tuple[int, str]]:
+    """CLI flags spelled in what library code raises or logs (only the CLI speaks in flags)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        exprs = []
+        if isinstance(node, ast.Raise) and node.exc is not None:
+            exprs = [node.exc]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) in LOG_CALLS:
+            exprs = node.args
+        for e in exprs:
+            found += [(node.lineno, m) for text in _strings(e) for m in FLAG.findall(text)]
+    return found
+
+
+LOG_CALLS = {"debug", "info", "warning", "error", "exception", "critical"}
+
+
+def test_library_messages_name_parameters_not_flags():
+    offenders = [f"{p.relative_to(SRC)}:{line}: {flag}" for p in _library_files()
+                 for line, flag in flag_spellings(p.read_text(encoding="utf-8"))]
+    assert offenders == []
+
+
+def test_the_flag_checker_finds_flags():
+    assert flag_spellings('raise CTTransferError(f"{x}: give --data")\n') == [(1, "--data")]
+    assert flag_spellings('log.warning("see --on-bad skip")\n') == [(1, "--on-bad")]
+    assert flag_spellings('raise ConfigError("batch_size", 0, "must be >= 1")\n') == []
+
+
+def global_side_effects(source: str) -> list[tuple[int, str]]:
+    """Writes to os.environ, backend switches and global RNG seeding: process-wide side effects."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            for t in targets:
+                if isinstance(t, ast.Subscript) and ast.unparse(t.value) == "os.environ":
+                    found.append((node.lineno, ast.unparse(t)))
+        elif isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            if name in ("os.putenv", "os.environ.update", "os.environ.setdefault", "os.environ.pop",
+                        "matplotlib.use", "plt.switch_backend", "np.random.seed", "numpy.random.seed",
+                        "random.seed", "torch.set_default_dtype", "torch.set_default_device"):
+                found.append((node.lineno, name))
+    return found
+
+
+def test_no_process_wide_side_effects_in_the_library():
+    offenders = [f"{p.relative_to(SRC)}:{line}: {what}" for p in _library_files()
+                 for line, what in global_side_effects(p.read_text(encoding="utf-8"))]
+    assert offenders == []
+    assert global_side_effects('import os\nos.environ["HF_HUB_OFFLINE"] = "1"\n') == [(2, "os.environ['HF_HUB_OFFLINE']")]
+    assert global_side_effects("matplotlib.use('Agg')\n") == [(1, "matplotlib.use")]
+
+
+def test_one_place_turns_logits_into_probabilities():
+    """softmax(logits / T), the TTA forward and the decision rule live in the inference core only
+    (the export's graph calls the core's own ``calibrated`` and ``tta_logits``)."""
+    offenders = []
+    for p in _library_files():
+        if p.name == "inference.py":
+            continue
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            scaled_softmax = name.split(".")[-1] == "softmax" and node.args and isinstance(node.args[0], ast.BinOp)
+            if scaled_softmax or (name == "tta_logits" and p.name != "export.py"):
+                offenders.append(f"{p.relative_to(SRC)}:{node.lineno}: {name}")
+    assert offenders == []

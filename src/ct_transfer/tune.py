@@ -134,16 +134,15 @@ def distributions(space: dict) -> dict:
 
 
 def search_split(out: Path, data: str, *, split_file=None, split_preset="stratified", split_seed=0,
-                 limit=None) -> Path:
-    """``OUT/split.csv``: the train and val rows only (test dropped first, then ``limit``)."""
-    if split_file:
-        rows = D.read_split(split_file, data)
-    else:
-        items, _ = D.scan_folder(data)
-        rows = D.make_split(items, split_preset, split_seed)
-    rows = [r for r in rows if r["subset"] != "test"]
-    if limit:
-        rows = D.limit_rows(rows, int(limit), split_seed)
+                 split_groups=None, class_map=None, limit=None) -> Path:
+    """``OUT/split.csv``: the train and val rows of ``data.build_split`` (what ``train`` would
+    build from the same options; test dropped first, then ``limit``): the search never sees test."""
+    if class_map:
+        from .config import parse_class_map
+
+        class_map = parse_class_map(class_map)
+    rows = D.build_split(data, split_files=[split_file], preset=split_preset, seed=split_seed,
+                         groups_file=split_groups, class_map=class_map, limit=limit, subsets=("train", "val"))
     target = out / "split.csv"
     D.write_split(rows, target)
     return target
@@ -207,12 +206,14 @@ def tune(*, data: str, model: str, space_file: str, trials: int, out: str, metri
     if not Path(data).is_dir():
         raise CTTransferError(f"{data}: dataset folder not found")
     out_dir = _io.ensure_writable_dir(Path(out))
+    given = dict(base)  # the user's fixed options, as given: best.yaml carries them
     split = search_split(out_dir, data, split_file=base.pop("split_file", None),
                          split_preset=base.pop("split_preset", "stratified"), split_seed=base.get("split_seed", 0),
+                         split_groups=base.pop("split_groups", None), class_map=base.pop("class_map", None),
                          limit=base.pop("limit", None))
     base = {**base, "data": str(data), "model": model, "split_file": str(split), "out": None}
     settings = {"data": str(data), "model": model, "space": space, "metric": metric, "trials": trials,
-                "executor": executor, "search_seed": search_seed,
+                "executor": executor, "search_seed": search_seed, "given": given,
                 "fixed": {k: v for k, v in base.items() if k not in ("data", "model", "out")}}
     _io.write_json(out_dir / "tune.json", settings)
     max_epochs = _max_value(space["epochs"]) if "epochs" in space else TrainConfig(**base).epochs
@@ -221,7 +222,7 @@ def tune(*, data: str, model: str, space_file: str, trials: int, out: str, metri
                             gpus=gpus_per_trial, seed=search_seed, max_epochs=max_epochs)
     else:
         records = _tune_local(optuna, space, base, metric, trials, out_dir, seed=search_seed, settings=settings)
-    return write_outputs(out_dir, records, space, metric)
+    return write_outputs(out_dir, records, space, metric, given=given)
 
 
 def _max_value(spec):
@@ -241,7 +242,7 @@ def _tune_local(optuna, space, base, metric, trials, out_dir: Path, *, seed, set
     key["fixed"] = {k: v for k, v in settings["fixed"].items() if k != "split_file"}  # split_file lies in out
     if study.user_attrs.get("settings") not in (None, _jsonable(key)):
         raise CTTransferError(f"{out_dir}: holds a search with other settings (model, data, space or metric); "
-                              "choose another --out")
+                              "choose another out=")
     study.set_user_attr("settings", _jsonable(key))
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # killed with the previous search
@@ -343,7 +344,7 @@ def _tune_ray(space, base, metric, trials, out_dir: Path, *, address, cpus, gpus
 # ---------------------------------------------------------------------------------------------
 
 
-def write_outputs(out_dir: Path, records: list[dict], space: dict, metric: str) -> dict:
+def write_outputs(out_dir: Path, records: list[dict], space: dict, metric: str, *, given: dict | None = None) -> dict:
     from .recipes import write_recipe
 
     _, direction = METRICS[metric]
@@ -353,7 +354,9 @@ def write_outputs(out_dir: Path, records: list[dict], space: dict, metric: str) 
     sign = 1 if direction == "maximize" else -1
     best = max(complete, key=lambda r: (sign * r["score"], -r["trial"]))  # ties: the earlier trial
     fixed = {k: v for k, v in space.items() if not isinstance(v, dict)}
-    best_values = {**fixed, **best["params"]}
+    # the base options given to tune (weights, split options, ...) and the best trial's values: what
+    # `train --recipe-file best.yaml` needs to train the best trial's configuration again
+    best_values = {**(given or {}), **fixed, **best["params"]}
     write_recipe(out_dir / "best.yaml", best_values)
     names = [k for k in space if isinstance(space[k], dict)]
     rows = [{"trial": r["trial"], "state": r["state"], metric: "" if r["score"] is None else r["score"],
@@ -388,14 +391,12 @@ def _importance(records, space, direction) -> dict:
 
 
 def _plot(path: Path, records, importance, metric) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend switch, no global figure state
 
     from .evaluate import save_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = Figure(figsize=(10, 3.6))
+    axes = fig.subplots(1, 2)
     ax = axes[0]
     for state, marker in (("COMPLETE", "o"), ("PRUNED", "x"), ("FAIL", "s")):
         pts = [(r["trial"], r["score"]) for r in records if r["state"] == state and r["score"] is not None]
@@ -415,7 +416,6 @@ def _plot(path: Path, records, importance, metric) -> None:
         ax.set_axis_off()
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def _markdown(rows, names, metric, best, best_values, importance) -> str:

@@ -131,7 +131,7 @@ class ImageCache:
             except CTTransferError as exc:
                 bad.append(str(exc))
         if bad and on_bad == "error":
-            more = f" (and {len(bad) - 1} more; --on-bad skip skips them)" if len(bad) > 1 else " (--on-bad skip skips it)"
+            more = f" (and {len(bad) - 1} more; on_bad=skip skips them)" if len(bad) > 1 else " (on_bad=skip skips it)"
             raise CTTransferError(bad[0] + more)
         if not out:
             return np.zeros((0, 3, self.image_size, self.image_size), np.uint8), kept, bad

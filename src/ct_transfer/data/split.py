@@ -1,5 +1,11 @@
 """Finding images (folder per class) and splitting them: stratified 80:10:10, the paper's Table 1,
-split files (``path,class,subset[,group]``) read and written through one place."""
+split files (``path,class,subset[,group,patient,source,slice]``) read and written through one place,
+and ``build_split``, the one split builder that train, experiment and tune share.
+
+The sample record is a split row (a dict): ``path`` (relative to its dataset, POSIX), ``class``,
+``subset``, and when known ``group`` (what must stay in one subset: near-duplicates, patients),
+``patient`` (the patient id itself, kept apart from ``group`` so later stages can report per
+patient), ``source`` (which dataset, with several) and ``slice`` (index in a file holding several)."""
 
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ SUBSETS = ("train", "val", "test")
 DEFAULT_POSITIVE = "COVID"
 PAPER_PER_CLASS = {"train": 976, "val": 122, "test": 122}  # Table 1 of the paper
 PRESETS = ("stratified", "paper", "grouped")
+SAMPLE_FIELDS = ("path", "class", "subset", "group", "patient", "source", "slice")  # the sample record
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,54 @@ def split_folder(data_dir, preset: str = "stratified", seed: int = 0, *, groups_
                               threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
     elif groups_file is not None:
         raise ConfigError("groups", groups_file, "only with the grouped preset")
-    return make_split(items, preset, seed, groups=groups)
+    rows = make_split(items, preset, seed, groups=groups)
+    if groups_file is not None:  # the patient ids themselves survive beside the merged groups
+        from .groups import read_groups
+
+        patients = read_groups(groups_file)
+        rows = [{**r, "patient": patients.get(r["path"], "")} for r in rows]
+    return rows
+
+
+def build_split(datasets, *, split_files=None, preset: str = "stratified", seed: int = 0, groups_file=None,
+                class_map: dict | None = None, limit: int | None = None, subsets=SUBSETS,
+                carve_seed: int | None = None) -> list[dict]:
+    """The one split builder (train, experiment and tune): each dataset split on its own (its split
+    file, else the preset; with several datasets rows get a ``source``), the class map applied,
+    only ``subsets`` kept, then ``limit`` images per class.
+
+    A split file without test rows (UCSD's official train/val) gets its val as the test and a val
+    carved from its train by patient (``carve_test``); one split file with a ``source`` column (a
+    run's split.csv) serves several datasets at once.
+    """
+    import logging
+
+    datasets = [str(d) for d in ([datasets] if isinstance(datasets, (str, os.PathLike)) else datasets)]
+    files = list(split_files or [None] * len(datasets))
+    if len(files) == 1 and len(datasets) > 1 and files[0]:
+        rows = read_split(files[0], source_names(datasets))
+    else:
+        if len(files) != len(datasets):
+            raise ConfigError("split_files", files, f"give one split file per dataset ({len(datasets)})")
+        rows = []
+        named = source_names(datasets) if len(datasets) > 1 else {"": datasets[0]}
+        for (name, folder), split_file in zip(named.items(), files):
+            if split_file:
+                part = read_split(split_file, folder)
+                if not any(r["subset"] == "test" for r in part):
+                    logging.getLogger(__name__).info(
+                        "%s: no test rows; its val becomes the test and a val is carved from its train "
+                        "(by patient where the file names them)", split_file)
+                    part = carve_test(part, seed if carve_seed is None else carve_seed)
+            else:
+                part = split_folder(folder, preset, seed, groups_file=groups_file)
+            rows += [{**r, "source": name} for r in part] if name else part
+    if class_map:
+        rows = apply_class_map(rows, class_map)
+    rows = [r for r in rows if r["subset"] in subsets]
+    if limit:
+        rows = limit_rows(rows, int(limit), seed)
+    return rows
 
 
 def limit_rows(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:
@@ -231,7 +285,7 @@ def carve_test(rows: list[dict], seed: int = 0, val_fraction: float = 0.125) -> 
 
 
 def write_split(rows: list[dict], path: str | os.PathLike) -> None:
-    fields = ["path", "class", "subset"] + [k for k in ("group", "source") if any(k in r for r in rows)]
+    fields = ["path", "class", "subset"] + [k for k in SAMPLE_FIELDS[3:] if any(r.get(k) not in (None, "") for r in rows)]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     _io.write_csv(path, [{k: r.get(k, "") for k in fields} for r in rows], fields)
 
@@ -240,10 +294,12 @@ def read_split(path: str | os.PathLike, data_dir: str | os.PathLike | None = Non
     """Read a split CSV; with ``data_dir`` every listed file must exist there."""
     path = Path(path)
     rows = _io.read_csv(path, required=("path", "class", "subset"), what="split file")
-    for r in rows:  # a patient column (UCSD's SPLIT.csv) is the grouping
+    for r in rows:  # a patient column (UCSD's SPLIT.csv) is the grouping, and stays the patient id
         if not r.get("group") and r.get("patient"):
             r["group"] = r["patient"]
-        r.pop("patient", None)
+        for k in [k for k in r if k not in SAMPLE_FIELDS or r[k] in (None, "")]:
+            if k not in ("path", "class", "subset"):
+                del r[k]
     if not rows:
         raise CTTransferError(f"{path}: split file lists no images")
     bad = [r["subset"] for r in rows if r["subset"] not in SUBSETS]

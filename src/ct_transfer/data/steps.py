@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
 
-from ..config import CROPS, INTENSITIES  # noqa: F401  (the choices live with the config's)
+from ..registry import CROPS, INTENSITIES  # noqa: F401  (the choices and their implementations)
 
 
 MASK_SIZE = 256
@@ -192,11 +192,5 @@ class Clahe:
 
 
 def make_steps(crop: str, intensity: str) -> list:
-    steps = []
-    if crop != "none":  # the lung box gets a wider margin: the SARS-CoV-2 framing keeps the chest wall
-        steps.append(CropForeground(crop, margin=0.03 if crop == "body" else 0.08))
-    if intensity == "percentile":
-        steps.append(PercentileIntensity())
-    elif intensity == "clahe":
-        steps.append(Clahe())
-    return steps
+    """The preprocessing steps of a crop and an intensity choice (see ``registry``), in that order."""
+    return [step for step in (CROPS.create(crop), INTENSITIES.create(intensity)) if step is not None]

@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..registry import AUGMENTATIONS  # the choices (re-exported by ``data``)
+
 
 class Compose:
     def __init__(self, transforms):
@@ -246,15 +248,9 @@ def domain_augmentation() -> Compose:
     return Compose([RandomResizedCrop(), RandomContrastGamma(), RandomBlur(), RandomNoise(), RandomJPEG()])
 
 
-AUGMENTATIONS = ("paper", "domain")
-
-
 def augmentation(preset: str) -> Compose:
-    if preset == "paper":
-        return paper_augmentation()
-    if preset == "domain":
-        return domain_augmentation()
-    raise ValueError(f"augmentation={preset}: choose {', '.join(AUGMENTATIONS)}")
+    """The registered augmentation ``preset`` (``registry.AUGMENTATIONS``)."""
+    return AUGMENTATIONS.create(preset)
 
 
 def paper_augmentation() -> Compose:

@@ -22,41 +22,16 @@ class Subset:
     rows: list[dict]  # the rows that decoded
 
 
-def _one_split(data_dir, split_file, cfg) -> list[dict]:
-    if split_file:
-        rows = D.read_split(split_file, data_dir)
-        if not any(r["subset"] == "test" for r in rows):
-            log.info("%s: no test rows; its val becomes the test and a val is carved from its train "
-                     "(by patient where the file names them)", split_file)
-            rows = D.carve_test(rows, cfg.split_seed)
-        return rows
-    return D.split_folder(data_dir, cfg.split_preset, cfg.split_seed, groups_file=cfg.split_groups)
-
-
 def split_rows(cfg) -> list[dict]:
-    """The config's split: its split file, else a fresh preset split; ``limit`` applied.
-
-    Several datasets: each is split on its own (its own split file, else the preset) and its rows
-    get a ``source`` column; one split file with a ``source`` column (a run's split.csv) also works.
-    """
-    datasets, files = cfg.datasets, cfg.split_files
-    if len(datasets) == 1:
-        rows = _one_split(datasets[0], files[0], cfg)
-    else:
-        sources = D.source_names(datasets)
-        if len(files) == 1 and files[0]:
-            rows = D.read_split(files[0], sources)
-        else:
-            rows = []
-            for (name, folder), split_file in zip(sources.items(), files):
-                rows += [{**r, "source": name} for r in _one_split(folder, split_file, cfg)]
+    """The config's split (``data.build_split``: its split files, else a fresh preset split; class
+    map and ``limit`` applied)."""
+    class_map = None
     if cfg.class_map:
         from ..config import parse_class_map
 
-        rows = D.apply_class_map(rows, parse_class_map(cfg.class_map))
-    if cfg.limit:
-        rows = D.limit_rows(rows, int(cfg.limit), cfg.split_seed)
-    return rows
+        class_map = parse_class_map(cfg.class_map)
+    return D.build_split(cfg.datasets, split_files=cfg.split_files, preset=cfg.split_preset, seed=cfg.split_seed,
+                         groups_file=cfg.split_groups, class_map=class_map, limit=cfg.limit)
 
 
 def available_memory() -> int | None:
@@ -76,7 +51,7 @@ def check_memory(n_images: int, image_size: int) -> None:
     if avail is not None and need > 0.8 * avail:
         raise ConfigError("image_size", image_size,
                           f"{n_images} images at {image_size} px need about {need / 2**30:.1f} GB, "
-                          f"{avail / 2**30:.1f} GB available; choose a smaller size or a --limit")
+                          f"{avail / 2**30:.1f} GB available; choose a smaller size or a limit=")
 
 
 def load_subsets(cfg, rows, classes, preprocess, device, progress=False, *,
@@ -89,7 +64,7 @@ def load_subsets(cfg, rows, classes, preprocess, device, progress=False, *,
         x, y, kept, bad = load_subset(rows, subset, classes, data_root(cfg.data), preprocess, cache_dir=cfg.cache_dir,
                                       on_bad=cfg.on_bad, progress=progress)
         if len(kept) == 0:
-            raise CTTransferError(f"{', '.join(cfg.datasets)}: the {subset} subset is empty (too few images or --limit too small)")
+            raise CTTransferError(f"{', '.join(cfg.datasets)}: the {subset} subset is empty (too few images or limit= too small)")
         subsets[subset] = Subset(x.to(device), y.to(device), kept)
         skipped += bad
     if skipped:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ..config import STRATEGIES
 from ..errors import ConfigError
+from ..registry import STRATEGIES
 
 
 def parameter_groups(backbone: nn.Module) -> list[list[str]]:
@@ -22,8 +22,7 @@ def default_freeze_until(backbone: nn.Module) -> int:
 
 def apply_strategy(model, strategy: str, freeze_until: int | None = None) -> dict:
     """Set requires_grad; returns what was frozen (modules whose params are all frozen stay in eval)."""
-    if strategy not in STRATEGIES:
-        raise ConfigError("strategy", strategy, f"choose {', '.join(STRATEGIES)}")
+    STRATEGIES.check(strategy)
     for p in model.parameters():
         p.requires_grad_(True)
     if strategy == "full":

@@ -222,6 +222,9 @@ async function start() {
     state.runs = body.runs;
     $("run").replaceChildren(...state.runs.map((r) => el("option", { value: r.name, text: `${r.name} (${r.model})` })));
     $("run").disabled = state.runs.length < 2;
+    // the explanation methods come from the server's registry, not from this page
+    $("method").replaceChildren(...Object.entries(body.methods).map(([name, title]) =>
+      el("option", { value: name, text: title })));
     const lim = body.limits;
     $("limits").textContent = `Up to ${lim.max_images} images and ${lim.max_request_mb} MB per upload; ` +
       `images up to ${(lim.max_pixels / 1e6).toFixed(0)} megapixels. Files stay on this server, in memory, ` +

@@ -15,7 +15,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -37,7 +36,7 @@ def main():
     from ct_transfer import models as M
 
     from ct_transfer import TrainConfig
-    from ct_transfer.engine.loop import make_optimizer
+    from ct_transfer.engine.loop import make_optimizer, make_step
 
     torch.manual_seed(0)
     model = M.create_model(args.model, "none").to(memory_format=torch.channels_last).train()
@@ -47,20 +46,18 @@ def main():
     y = torch.randint(0, 2, (32,))
     g = torch.Generator().manual_seed(0)
 
-    opt = None
+    opt = engine_step = None
 
-    def step():
+    def step():  # the engine's own step (make_step) on an augmented channels-last batch
         x = tf(x_u8, g).contiguous(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        engine_step(x, y)
 
     rates = {}
     for label, make in (("per-parameter loop (PyTorch CPU default)",
                          lambda: torch.optim.Adam(model.parameters(), 1e-4, foreach=False)),
                         ("engine (foreach)", lambda: make_optimizer(cfg, model.parameters()))):
         opt = make()
+        engine_step = make_step(model, opt)
         for _ in range(3):
             step()
         t0 = time.perf_counter()

@@ -15,11 +15,9 @@ import json
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA, RESULTS, machine_info, paper_split  # noqa: E402
@@ -35,17 +33,16 @@ def step_rate(model_name: str, channels_last: bool, bf16: bool, compile_: bool, 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    from ct_transfer import TrainConfig
+    from ct_transfer.engine.loop import make_optimizer, make_step
+
     fwd = torch.compile(model) if compile_ else model
-    opt = torch.optim.Adam(model.parameters(), 1e-4, foreach=True)  # as the engine does
+    opt = make_optimizer(TrainConfig(data="-", model=model_name), model.parameters())
     model.train()
+    engine_step = make_step(fwd, opt, bf16=bf16, ema_source=model)  # the engine's own step
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
-            out = fwd(x)
-        loss = F.cross_entropy(out.float(), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        engine_step(x, y)
 
     t0 = time.perf_counter()
     for _ in range(3):

@@ -194,3 +194,18 @@ def test_fit_leaves_the_callers_random_state_alone(data_dir):
     fit(TrainConfig(data=str(data_dir), model="EfficientNetLite0", weights="none", epochs=1, limit=12),
         progress=False)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_patient_ids_reach_the_predictions(tmp_path, data_dir):
+    """UCSD's SPLIT.csv knows each slice's patient: the id survives the split, and every
+    predictions file names it beside the path."""
+    ucsd = data_dir.parent / "ucsd-covid-ct-dev"
+    out = tmp_path / "run"
+    fit(TrainConfig(data=str(ucsd), split_file=str(ucsd / "SPLIT.csv"), model="EfficientNetLite0", weights="imagenet",
+                    strategy="linear", image_size=32, limit=30, out=str(out)), progress=False)
+    official = {r["path"]: r["patient"] for r in csv.DictReader(open(ucsd / "SPLIT.csv"))}
+    for name in ("predictions_val.csv", "predictions_test.csv"):
+        rows = list(csv.DictReader(open(out / name)))
+        assert rows and all(r["patient"] == official[r["path"]] for r in rows)
+    split = list(csv.DictReader(open(out / "split.csv")))
+    assert all(r["patient"] == official[r["path"]] for r in split)

@@ -66,7 +66,8 @@ def test_search_writes_recipe_table_and_plot(search, data_dir, tmp_path):
     import yaml
 
     values = yaml.safe_load(best.read_text())
-    assert set(values) == {"lr", "dropout", "strategy", "epochs"} and values["epochs"] == 2
+    # the searched values, and the base options tune was given (best.yaml trains the best trial again)
+    assert set(values) == {"lr", "dropout", "strategy", "epochs", "limit", "threads"} and values["epochs"] == 2
     complete = [r for r in rows if r["state"] == "COMPLETE"]
     assert max(float(r["val_accuracy"]) for r in complete) == float(
         next(r for r in complete if float(r["lr"]) == values["lr"])["val_accuracy"])
@@ -150,3 +151,45 @@ def test_ray_tune_search_writes_the_same_outputs(data_dir, tmp_path):
     assert len(rows) == 2 and all(r["state"] in ("COMPLETE", "PRUNED") for r in rows)
     assert (out / "best.yaml").exists() and (out / "search.png").exists()
     assert {r["subset"] for r in D.read_split(out / "split.csv")} == {"train", "val"}
+
+
+def test_tune_honours_split_options_and_best_yaml_is_the_best_trials_config(tmp_path, data_dir):
+    """``--split-preset grouped`` (near-duplicates and groups kept in one subset) and a patient-level
+    split file both work; ``best.yaml`` carries every base option, so ``train --recipe-file`` gets
+    the best trial's configuration (here: ImageNet weights, the grouped split, the probe)."""
+    from ct_transfer.recipes import config_from_recipe
+
+    from .conftest import small_dataset
+
+    small = small_dataset(tmp_path / "small", data_dir, per_class=30)
+    space = _space(tmp_path, "lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}\nepochs: 1\n")
+    out = tmp_path / "grouped"
+    assert main(["tune", "--data", str(small), "--space", space, "--out", str(out), "--model", "EfficientNetLite0",
+                 "--trials", "1", "--threads", "1", "--quiet", "--split-preset", "grouped", "--weights", "imagenet",
+                 "--strategy", "linear", "--image-size", "32"]) == 0
+    rows = D.read_split(out / "split.csv")
+    assert {r["subset"] for r in rows} == {"train", "val"} and all(r.get("group") for r in rows)
+    by_group = {}
+    for r in rows:
+        by_group.setdefault(r["group"], set()).add(r["subset"])
+    assert all(len(s) == 1 for s in by_group.values())  # no group crosses subsets
+    best = json.loads(json.dumps(__import__("yaml").safe_load((out / "best.yaml").read_text())))
+    trial = next(r for r in _trials(out) if r["state"] == "COMPLETE")
+    cfg = config_from_recipe(str(out / "best.yaml"), data=str(small), model="EfficientNetLite0")
+    assert (cfg.weights, cfg.split_preset, cfg.strategy, cfg.image_size, cfg.threads, cfg.epochs) == \
+        ("imagenet", "grouped", "linear", 32, 1, 1)
+    assert cfg.lr == pytest.approx(float(trial["lr"])) and best["lr"] == cfg.lr
+
+    ucsd = data_dir.parent / "ucsd-covid-ct-dev"
+    out = tmp_path / "ucsd"
+    assert main(["tune", "--data", str(ucsd), "--split-file", str(ucsd / "SPLIT.csv"), "--space", space,
+                 "--out", str(out), "--model", "EfficientNetLite0", "--trials", "1", "--threads", "1", "--quiet",
+                 "--strategy", "linear", "--weights", "imagenet", "--image-size", "32", "--limit", "40"]) == 0
+    official = {r["path"]: r for r in D.read_split(ucsd / "SPLIT.csv")}
+    rows = D.read_split(out / "split.csv")
+    # UCSD's official val patients are the held-out test: the search never sees them; its val is
+    # carved from the train patients, whole patients, and the patient ids survive
+    assert rows and all(official[r["path"]]["subset"] == "train" for r in rows)
+    assert all(r["patient"] == official[r["path"]]["patient"] for r in rows)
+    val_patients = {r["patient"] for r in rows if r["subset"] == "val"}
+    assert val_patients and not val_patients & {r["patient"] for r in rows if r["subset"] == "train"}

@@ -197,6 +197,40 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
     predictions and plots; with ``out=None`` nothing is written. ``test=False`` (hyper-parameter
     search) neither decodes nor evaluates the test images: only train and val are touched.
     """
+    parts = assemble(config, callbacks=callbacks, progress=progress, resume=resume, test=test)
+    train(parts)
+    return finish(parts)
+
+
+@dataclass
+class Parts:
+    """What ``fit`` builds before any epoch runs (as MONAI's trainer receives its network, optimizer,
+    data and handlers built): the loop only runs them."""
+
+    cfg: TrainConfig
+    rundir: RunDir | None
+    device: str
+    bf16: bool
+    preprocess: D.Preprocess
+    classes: list[str]
+    subsets: dict
+    used_rows: list[dict]
+    saved_cfg: dict
+    frozen_info: dict
+    state: TrainState
+    callbacks: list
+    epoch_fn: object = None
+    probe_info: dict = field(default_factory=dict)
+
+    @property
+    def model(self):
+        return self.state.model
+
+
+def assemble(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bool = False,
+             test: bool = True) -> Parts:
+    """Build every part of a fit (data, model, strategy, optimizer, schedule, EMA, callbacks) and
+    write the run's config and split; bad input fails here, before anything is written."""
     rundir = _check_out(config, resume)
     if config.cache_dir is not None:
         _io.check_writable(config.cache_dir)
@@ -215,11 +249,12 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
     names = D.SUBSETS if test else ("train", "val")
     subsets, skipped = load_subsets(cfg, rows, classes, preprocess, device, progress, names=names)
     torch.manual_seed(cfg.seed)  # the head's init depends on the seed alone, not on what ran before
+    spec = M.resolve(cfg.model)
     model = M.create_model(cfg.model, weights=cfg.weights, num_classes=len(classes), dropout=cfg.dropout,
                            classes=classes)
     frozen_info = apply_strategy(model, cfg.strategy, cfg.freeze_until)
     used_rows = [r for s in names for r in subsets[s].rows]
-    saved_cfg = {**cfg.to_dict(), "timm_name": M.resolve(cfg.model).timm_name, "classes": classes,
+    saved_cfg = {**cfg.to_dict(), "timm_name": spec.timm_name, "classes": classes,
                  "positive": classes[1] if len(classes) == 2 else None, "bf16": bf16,
                  "preprocess": preprocess.to_dict()}
     model.to(device)
@@ -234,7 +269,7 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
                        val_sources=(val_names if len(val_names) > 1 else (), torch.as_tensor(val_ids)))
     state.scheduler = make_scheduler(cfg, opt, steps_per_epoch(n_epoch, cfg.batch_size, drop_last=cfg.compile))
     if cfg.strategy == "linear":
-        state.end_epoch = 1  # one convex fit; --epochs does not apply
+        state.end_epoch = 1  # one convex fit; the epochs option does not apply
     if cfg.ema:
         from timm.utils import ModelEmaV3
 
@@ -247,37 +282,47 @@ def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bo
         if skipped:
             _io.write_text(rundir / "skipped.txt", "\n".join(skipped) + "\n")
         rundir.write_config(saved_cfg)
-
-    mean, std = M.normalization(model)
-    probe_info = {}
-    if cfg.head_init == "probe" and state.epoch == 0:  # a resumed run has its head already
-        t0, first_size = time.perf_counter(), epoch_size(cfg, 0)
-        res, feat_s = _probe(state, subsets, mean, std, bf16, size=first_size)
-        P.load_into_fc(model.fc, res.weight, res.bias)
-        if state.ema is not None:
-            state.ema.set(model)  # the average starts from the probe head, not the random one
-        state.train_seconds += time.perf_counter() - t0  # part of what this run costs
-        probe_info = {"probe": _probe_summary(res, feat_s, first_size)}
     cbs = [C.TrackBest()] + ([C.Checkpoint(rundir, every=cfg.checkpoint_every), C.HistoryCSV(rundir)]
                              if rundir else [])
     cbs += ([C.ProgressLog()] if progress else []) + list(callbacks)
+    return Parts(cfg, rundir, device, bf16, preprocess, classes, subsets, used_rows, saved_cfg, frozen_info,
+                 state, C.ordered(cbs))
+
+
+def train(parts: Parts) -> None:
+    """The training itself: the probe head init (if asked), then the strategy's epochs."""
     from ..registry import STRATEGIES
 
-    epoch_fn = STRATEGIES.get(cfg.strategy)(state, subsets, mean, std, bf16)
-    _run_epochs(state, epoch_fn, C.ordered(cbs))
-    probe_info = probe_info or state.extra
+    cfg, state, subsets = parts.cfg, parts.state, parts.subsets
+    mean, std = M.normalization(state.model)
+    if cfg.head_init == "probe" and state.epoch == 0:  # a resumed run has its head already
+        t0, first_size = time.perf_counter(), epoch_size(cfg, 0)
+        res, feat_s = _probe(state, subsets, mean, std, parts.bf16, size=first_size)
+        P.load_into_fc(state.model.fc, res.weight, res.bias)
+        if state.ema is not None:
+            state.ema.set(state.model)  # the average starts from the probe head, not the random one
+        state.train_seconds += time.perf_counter() - t0  # part of what this run costs
+        parts.probe_info = {"probe": _probe_summary(res, feat_s, first_size)}
+    parts.epoch_fn = STRATEGIES.get(cfg.strategy)(state, subsets, mean, std, parts.bf16)
+    _run_epochs(state, parts.epoch_fn, parts.callbacks)
 
+
+def finish(parts: Parts) -> Run:
+    """The best-on-val weights as a ``Run``: calibrated on val if asked, evaluated, written."""
+    cfg, state, rundir, subsets, classes = parts.cfg, parts.state, parts.rundir, parts.subsets, parts.classes
+    model = state.model
     model.load_state_dict(state.best_state)  # final evaluation with the best-on-val weights
-    run = Run(model=model.eval(), config=saved_cfg, classes=classes, preprocess=preprocess, history=state.history,
-              split=used_rows, directory=rundir.path if rundir else None, device=device)
+    run = Run(model=model.eval(), config=parts.saved_cfg, classes=classes, preprocess=parts.preprocess,
+              history=state.history, split=parts.used_rows, directory=rundir.path if rundir else None,
+              device=parts.device)
     if cfg.calibrate:  # on val only; test sees the fitted temperature and threshold unchanged
         run.calibrate(subsets["val"], sensitivity=cfg.sensitivity)
     metrics = run.evaluate_subsets({s: subsets[s] for s in ("val", "test") if s in subsets}, write=rundir is not None)
     metrics.update({
         "train_seconds": round(state.train_seconds, 3), "epochs": state.history[-1]["epoch"],
-        "best_epoch": state.best["epoch"], "model": M.resolve(cfg.model).name, "timm_name": saved_cfg["timm_name"],
+        "best_epoch": state.best["epoch"], "model": M.resolve(cfg.model).name, "timm_name": parts.saved_cfg["timm_name"],
         "weights": cfg.weights, "image_size": cfg.image_size, "seed": cfg.seed, "strategy": cfg.strategy,
-        "classes": classes, **frozen_info, **probe_info,
+        "classes": classes, **parts.frozen_info, **(parts.probe_info or state.extra),
     })
     run.metrics = metrics
     if rundir is not None:
@@ -374,20 +419,8 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
         else model
     graphs = cfg.compile and cfg.compile_mode != "default" and device.startswith("cuda")
 
-    def step(xb, yb):
-        if graphs:  # CUDA graphs: tell the compiled step a new iteration starts (outputs are reused)
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast(bf16, device):
-            logits = fwd(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if state.scheduler is not None:
-            state.scheduler.step()
-        if state.ema is not None:
-            state.ema.update(model)
-        return loss.detach(), logits.detach()
+    step = make_step(fwd, opt, label_smoothing=cfg.label_smoothing, bf16=bf16, device=device, graphs=graphs,
+                     scheduler=state.scheduler, ema=state.ema, ema_source=model)
 
     def epoch_fn(epoch, g, callbacks):
         t0 = time.perf_counter()
@@ -416,6 +449,32 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
             _val_stats(state, proba, subsets["val"].y)
 
     return epoch_fn
+
+
+def make_step(model, optimizer, *, label_smoothing: float = 0.0, bf16: bool = False, device: str = "cpu",
+              graphs: bool = False, scheduler=None, ema=None, ema_source=None):
+    """The engine's training step on an augmented, normalised batch: forward (bf16 autocast if
+    asked), cross-entropy, backward, optimizer, schedule and EMA; returns (loss, logits), detached.
+    ``model`` may be the compiled module; ``ema_source`` is the module the average follows. The
+    benchmarks time this very function."""
+    ema_source = model if ema_source is None else ema_source
+
+    def step(xb, yb):
+        if graphs:  # CUDA graphs: tell the compiled step a new iteration starts (outputs are reused)
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(bf16, device):
+            logits = model(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if ema is not None:
+            ema.update(ema_source)
+        return loss.detach(), logits.detach()
+
+    return step
 
 
 def _shrink(xb, size: int):

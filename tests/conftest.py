@@ -68,3 +68,41 @@ def tiny_grid(tmp_path_factory, data_dir):
                        base=dict(epochs=1, limit=20), progress=False)
     assert [r["status"] for r in results] == ["done", "done"]
     return out
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: list[str], log_path: Path, *, env: dict | None = None, timeout: float = 120):
+    """``ct-transfer serve ARGS --port P`` in a subprocess on a free loopback port, waited for until
+    /api/health answers; returns (url, process). The caller terminates the process."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    env = {**os.environ, **(env or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "w") as log_fh:
+        proc = subprocess.Popen([sys.executable, "-m", "ct_transfer.cli", "serve", *args, "--port", str(port)],
+                                env=env, stdout=log_fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                return url, proc
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {Path(log_path).read_text()[-2000:]}")
+        time.sleep(0.25)

@@ -9,9 +9,6 @@ import csv
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -68,36 +65,16 @@ def _csv_answers(path: Path, classes, key="path"):
 
 
 def _web_answers(run_dir: Path, slices, classes, tmp: Path):
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-    with open(tmp / "serve.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "ct_transfer.cli", "serve", "--run", str(run_dir),
-                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    from .conftest import start_server
+
+    url, proc = start_server(["--run", str(run_dir)], tmp / "serve.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/api/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "serve.log").read_text()[-2000:]
-            time.sleep(0.25)
         files = [("files", (s.name, s.read_bytes(), "application/octet-stream")) for s in slices]
         answer = httpx.post(url + "/api/predict", files=files, data={"overlay": "false"}, timeout=300).json()
     finally:
         proc.terminate()
         proc.wait(timeout=20)
     return {r["name"]: ([r["probabilities"][c] for c in classes], r["label"]) for r in answer["results"]}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _export_answers(run, fmt: str, slices, tmp: Path):

@@ -193,12 +193,13 @@ def cmd_split(args):
     if args.groups and args.preset != "grouped":
         raise CTTransferError(f"--groups {args.groups}: only with --preset grouped")
     rows = D.split_folder(args.data, args.preset, args.seed, groups_file=args.groups, threshold=args.threshold)
+    # the duplicate check decodes every image: an unreadable one fails here, before anything is written
+    pairs = None if args.no_duplicates else D.pixel_duplicates_across_subsets(rows, args.data)
     D.write_split(rows, args.out)
     counts = D.split_counts(rows)
     for subset in D.SUBSETS:
         print(f"{subset:<6}" + "  ".join(f"{c}: {counts.get(subset, {}).get(c, 0)}" for c in classes))
-    if not args.no_duplicates:
-        pairs = D.pixel_duplicates_across_subsets(rows, args.data)
+    if pairs is not None:
         print(f"exact duplicates (same decoded pixels) across subsets: {len(pairs)}")
         for a, b in pairs:
             print(f"  {a} = {b}")

@@ -238,7 +238,7 @@ def _print_metrics(metrics, where):
 def cmd_train(args):
     from .engine import fit
 
-    run = fit(config_from_args(args), progress=not args.quiet, resume=args.resume)
+    run = fit(config_from_args(args), progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
     _print_metrics(run.metrics, args.out)
 
 
@@ -312,6 +312,11 @@ def _grid_lists(args, preset):
                 check(v)
             except ConfigError as exc:
                 raise CTTransferError(f"{flag} {show_list(values)}: {v}: {exc.why}") from None
+    files = [os.path.realpath(w) for w in weights if w not in ("none", "imagenet")]
+    twice = sorted({w for w, r in zip([w for w in weights if w not in ("none", "imagenet")], files)
+                    if files.count(r) > 1})
+    if twice:  # one file under two spellings would train the same cell twice
+        raise CTTransferError(f"--weights {show_list(weights)}: {', '.join(twice)} name the same file")
     bad = [s for s in seeds if not 0 <= s <= 2**31 - 1]
     if bad:
         raise CTTransferError(f"--seeds {show_list(seeds)}: {bad[0]}: choose integers in 0..{2**31 - 1}")
@@ -530,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train and evaluate one model")
     add_config_flags(p, required=("out",))
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (its checkpoints, "
+                   "metrics and external results are removed once the new run's data has loaded)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_train)
 

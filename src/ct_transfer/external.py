@@ -20,18 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def parse_class_map(text: str | dict | None) -> dict[str, str]:
-    """``"CT_COVID=COVID,CT_NonCOVID=non-COVID"`` -> {external folder: run class}."""
-    if text is None or isinstance(text, dict):
-        return dict(text or {})
-    out = {}
-    for part in (p.strip() for p in str(text).split(",") if p.strip()):
-        src, sep, dst = part.partition("=")
-        if not sep or not src.strip() or not dst.strip():
-            raise ConfigError("class_map", text, f"'{part}' is not FOLDER=CLASS")
-        out[src.strip()] = dst.strip()
-    if not out:
-        raise ConfigError("class_map", text, "empty; give FOLDER=CLASS pairs separated by commas")
-    return out
+    """``"CT_COVID=COVID,CT_NonCOVID=non-COVID"`` -> {external folder: run class} (the training
+    option's parser: one check for both)."""
+    from .config import parse_class_map as parse
+
+    return {} if text is None else parse(text)
 
 
 def external_rows(run_classes: list[str], data, *, class_map=None, split_file=None, subset=None) -> list[dict]:

@@ -248,6 +248,11 @@ def build_split(datasets, *, split_files=None, preset: str = "stratified", seed:
                 part = split_folder(folder, preset, seed, groups_file=groups_file)
             rows += [{**r, "source": name} for r in part] if name else part
     if class_map:
+        found = sorted({r["class"] for r in rows})
+        absent = [src for src in class_map if src not in found]
+        if absent:  # a typo would otherwise train a model with one class more
+            raise ConfigError("class_map", ",".join(f"{k}={v}" for k, v in class_map.items()),
+                              f"no class folder '{absent[0]}' in {', '.join(datasets)} (found: {', '.join(found)})")
         rows = apply_class_map(rows, class_map)
     rows = [r for r in rows if r["subset"] in subsets]
     if limit:

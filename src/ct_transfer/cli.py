@@ -246,30 +246,42 @@ def cmd_evaluate(args):
     from . import _io
     from .run import load_run
 
+    from .rundir import RunDir
+
     run = load_run(args.run)
     _io.check_writable(args.run)  # metrics and predictions are rewritten: fail before the work
-    if args.data and not args.split_file or args.class_map or args.name or args.subset:
-        # another dataset: external validation (the run's own files stay as they are)
-        rec = run.evaluate_external(args.data, name=args.name, class_map=args.class_map,
-                                    split_file=args.split_file, subset=args.subset)
-        print("95% intervals: Wilson (acc, sens, spec), bootstrap (f1, auc)")
-        print(_metric_line("ext", rec["metrics"]))
-        print(f"wrote {rec['path']} and predictions.csv")
-        return
-    run.evaluate(data=args.data, split_file=args.split_file)
-    run.write_outputs()
+    with RunDir(args.run).lock():  # one writer per run folder
+        if args.data and not args.split_file or args.class_map or args.name or args.subset:
+            # another dataset: external validation (the run's own files stay as they are)
+            rec = run.evaluate_external(args.data, name=args.name, class_map=args.class_map,
+                                        split_file=args.split_file, subset=args.subset)
+            print("95% intervals: Wilson (acc, sens, spec), bootstrap (f1, auc)")
+            print(_metric_line("ext", rec["metrics"]))
+            if not rec["independent"]:
+                print(f"NOT an external validation: {rec['independence']['why']}")
+            print(f"wrote {rec['path']} and predictions.csv")
+            return
+        run.evaluate(data=args.data, split_file=args.split_file)
+        run.write_outputs()
     _print_metrics(run.metrics, args.run)
 
 
 def cmd_calibrate(args):
+    from . import _io
+    from .rundir import RunDir
     from .run import load_run
 
     run = load_run(args.run)
-    cal = run.calibrate(sensitivity=args.sensitivity)
-    print(f"temperature {cal['temperature']:.4f}  threshold {cal['threshold']:.4f} ({cal['criterion']})  "
+    _io.check_writable(args.run)
+    with RunDir(args.run).lock():  # one writer per run folder
+        # fitted and evaluated first; predictor.json and the metrics are written only when both worked
+        cal = run.calibrate(sensitivity=args.sensitivity, save=False)
+        run.evaluate()
+        run.save_predictor()
+        run.write_outputs()
+    threshold = "argmax" if cal["threshold"] is None else f"{cal['threshold']:.4f}"
+    print(f"temperature {cal['temperature']:.4f}  threshold {threshold} ({cal['criterion']})  "
           f"val ECE {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f}")
-    run.evaluate()
-    run.write_outputs()
     _print_metrics(run.metrics, args.run)
     print(f"wrote the calibration into {Path(args.run) / 'predictor.json'} (predict, evaluate, serve and export use it)")
 

@@ -226,7 +226,7 @@ def output_stems(paths, names: list[str] | None = None) -> list[str]:
     import os
 
     def safe(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("._")[:80] or "image"
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:100].lstrip(".") or "image"  # never a hidden file
 
     base = [safe(names[i]) if names else safe(Path(p).stem) for i, p in enumerate(paths)]
     keys = [os.fsencode(os.path.realpath(p)) if not names else str(names[i]).encode("utf-8", "surrogateescape")

@@ -276,7 +276,8 @@ def _max_value(spec):
 
 def _tune_local(optuna, space, base, metric, trials, out_dir: Path, *, seed, settings) -> list[dict]:
     _, direction = METRICS[metric]
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial is said by our own one-line log below, not by Optuna's warning with a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     import sqlite3
 
     db = str(out_dir / "study.db")
@@ -310,6 +311,7 @@ def _tune_local(optuna, space, base, metric, trials, out_dir: Path, *, seed, set
             result = run_trial(params, base=base, metric=metric, report=report)
         except CTTransferError as exc:  # recorded: the search's error names it if no trial completes
             trial.set_user_attr("error", str(exc))
+            log.warning("trial %d failed: %s", trial.number, exc)
             raise
         trial.set_user_attr("epochs", result["epochs"])
         log.info("trial %d: %s = %.4f  %s", trial.number, metric, result["score"], params)

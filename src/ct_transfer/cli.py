@@ -346,7 +346,11 @@ def cmd_experiment(args):
 
     from . import _io
 
+    from .rundir import RunDir
+
     models, weights, seeds = _grid_lists(args, PRESETS[args.preset])
+    if RunDir(args.out).run_files():  # a grid folder holds runs/, never a run's own files
+        raise CTTransferError(f"{args.out}: is a run directory; choose another --out for the grid")
     _io.check_writable(args.out)
     preset_name = args.grid_split_preset or "paper"
     cfg = config_from_args(args, model=models[0], out=None, split_preset=preset_name)

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 CONFIG, SPLIT, HISTORY, METRICS = "config.json", "split.csv", "history.csv", "metrics.json"
 BEST, LAST, LAST_PREV = "best.pt", "last.pt", "last.prev.pt"
 LOCK = ".lock"
-RUN_FILES = (CONFIG, SPLIT, HISTORY, METRICS, BEST, LAST, LAST_PREV)  # any of them: the folder holds a run
+PREDICTOR = "predictor.json"  # inference.PREDICTOR_FILE (the fitted calibration and guard)
+RUN_FILES = (CONFIG, SPLIT, HISTORY, METRICS, BEST, LAST, LAST_PREV, PREDICTOR)  # any of them: a run is here
 
 
 class RunDir:

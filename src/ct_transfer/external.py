@@ -75,17 +75,19 @@ def default_name(data, subset: str | None = None) -> str:
 
 
 def evaluate_external(run, data, *, name: str | None = None, class_map=None, split_file=None,
-                      subset: str | None = None, write: bool = True, near_duplicates: bool = True) -> dict:
+                      subset: str | None = None, write: bool = True, near_duplicates: bool = True,
+                      allow_shared: bool = False) -> dict:
     """Evaluate ``run`` on ``data``; returns (and writes) ``{"name", "data", "metrics", ...}``.
 
-    A set that shares files with the run's own data (same resolved path or same bytes) is refused;
-    one with near-duplicates of them (the audit's pHash) is evaluated but labelled not independent
-    (``"independent": false`` in metrics.json, a warning on the serve card)."""
+    A set that shares files with the run's own data (same resolved path or same bytes) is refused
+    (``allow_shared=True``: evaluated and labelled instead, e.g. to compare prediction paths on known
+    images); one with near-duplicates of them (the audit's pHash) is evaluated but labelled not
+    independent (``"independent": false`` in metrics.json, a warning on the serve card)."""
     name = name or default_name(data, subset)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
         raise ConfigError("name", name, "use letters, digits, '.', '_' or '-' (it names a folder)")
     rows = external_rows(run.classes, data, class_map=class_map, split_file=split_file, subset=subset)
-    independence = check_independent(run, data, rows, near=near_duplicates)
+    independence = check_independent(run, data, rows, near=near_duplicates, allow_shared=allow_shared)
     x, y, kept, bad = D.load_subset(rows, "external", run.classes, data, run.preprocess, on_bad="skip")
     if len(kept) == 0:
         raise CTTransferError(f"{data}: no readable images")
@@ -126,7 +128,7 @@ def run_files(run) -> tuple[list[Path], list[dict]] | None:
     return [D.row_path(r, root) for r in rows], rows
 
 
-def check_independent(run, data, rows: list[dict], *, near: bool = True) -> dict:
+def check_independent(run, data, rows: list[dict], *, near: bool = True, allow_shared: bool = False) -> dict:
     """Is the external set apart from the run's data? Shared files (resolved path or sha256 of the
     bytes) are refused; near-duplicates (pHash distance <= the audit's threshold) are counted."""
     from .data import groups as G
@@ -142,6 +144,11 @@ def check_independent(run, data, rows: list[dict], *, near: bool = True) -> dict
         digests = D.content_digests([*map(str, run_paths), *map(str, ext_files)])
         by_digest = {digests[str(f)]: r for f, r in zip(run_paths, run_rows) if str(f) in digests}
         same = [(f, by_digest[digests[str(f)]]) for f in ext_files if digests.get(str(f)) in by_digest]
+    if same and allow_shared:
+        f, r = same[0]
+        return {"checked": True, "same_files": len(same), "independent": False, "near_duplicates": None,
+                "why": f"{len(same)} of its {len(ext_files)} images are the run's own data (e.g. {D.shown(f)} = "
+                       f"{r['path']} in the run's {r['subset']} subset); not an external validation"}
     if same:
         f, r = same[0]
         raise CTTransferError(f"{data}: {len(same)} of its {len(ext_files)} images are the run's own data "

@@ -503,6 +503,8 @@ def test_external_set_must_be_apart_from_the_training_data(tmp_path, rel_data, r
         assert main(["evaluate", "--run", str(run), "--data", str(data)]) == 2
         assert "the run's own data" in one_line(capsys)
     assert tree_hash(run) == before
+    rec = load_run(run).evaluate_external(copy, name="copy", write=False, allow_shared=True, near_duplicates=False)
+    assert rec["independent"] is False and rec["independence"]["same_files"] == 16  # the API's opt-in: labelled
     near = tmp_path / "near"
     for cls in ("COVID", "non-COVID"):
         (near / cls).mkdir(parents=True)

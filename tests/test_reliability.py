@@ -437,7 +437,7 @@ def test_two_concurrent_trains_on_one_folder(tmp_path, rel_data, capsys):
 
     out = tmp_path / "run"
     out.mkdir()
-    argv = ["train", "--data", str(rel_data), "--model", "EfficientNetLite0", "--epochs", "3", "--limit", "4",
+    argv = ["train", "--data", str(rel_data), "--model", "EfficientNetLite0", "--epochs", "1", "--limit", "4",
             "--image-size", "32", "--out", str(out), "--quiet"]
     first = subprocess.Popen([sys.executable, "-m", "ct_transfer.cli", *argv], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)

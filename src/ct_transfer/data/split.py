@@ -35,12 +35,6 @@ class Item:
     label: str
 
 
-def is_hidden(rel: str | os.PathLike) -> bool:
-    """A hidden file or folder anywhere in a relative path (``.ipynb_checkpoints/``, ``._x.png``
-    AppleDouble, ``.DS_Store``): OS or editor metadata, never data."""
-    return any(part.startswith(".") and part not in (".", "..") for part in Path(rel).parts)
-
-
 def shown(path) -> str:
     """A path for a message: undecodable bytes of a file name as ``\\xff`` escapes."""
     return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")

@@ -164,8 +164,8 @@ def _check_out(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> RunDi
     rundir = RunDir(cfg.out)
     present = rundir.run_files()
     if present and not resume and not overwrite:  # also a finished run whose last.pt is gone
-        raise CTTransferError(f"{cfg.out}: already holds a run ({', '.join(present)}); add --resume to continue it, "
-                              "--overwrite to replace it, or choose another --out")
+        raise CTTransferError(f"{cfg.out}: already holds a run ({', '.join(present)}); give resume=True to continue "
+                              "it, overwrite=True to replace it, or choose another out=")
     _io.check_writable(cfg.out)  # a real probe file: os.access says yes to root on a read-only mount
     return rundir
 
@@ -206,8 +206,8 @@ def _resumed_config(cfg: TrainConfig, rundir: RunDir) -> TrainConfig:
     if any(os.path.realpath(str(f)) not in allowed for f in given_files):  # the run's own split.csv is fine
         differ.append(f"split_file {show(cfg.split_file)} (the run has {show(saved.get('split_file'))})")
     if differ:
-        raise CTTransferError(f"{rundir.path}: --resume continues the run with its own options; these differ: "
-                              + "; ".join(differ) + ". Leave them out, or train a new run into another --out")
+        raise CTTransferError(f"{rundir.path}: resume=True continues the run with its own options; these differ: "
+                              + "; ".join(differ) + ". Leave them out, or train a new run into another out=")
     try:
         return TrainConfig.from_dict({**saved, "out": cfg.out, "epochs": cfg.epochs,
                                       "split_file": str(rundir / "split.csv"), "limit": None,

@@ -371,19 +371,21 @@ def test_recipe_and_space_yaml(tmp_path, entries, raw, which):
         assert "\n" not in msg and " at 0x" not in msg and (str(path) in msg or msg.startswith("recipe=")), msg
 
 
-NAMES = st.one_of(st.sampled_from(["=HYPERLINK(\"http://x\").png", "+cmd.png", "-1+1.png", "@SUM(A1).png",
+NAMES = st.one_of(st.sampled_from(["=HYPERLINK(\"x\").png", "+cmd.png", "-1+1.png", "@SUM(A1).png",
                                    "снимок.png", "検査 1.png", "a,b.png", 'q"uote.png', "new\nline.png",
                                    "tab\t.png", " lead.png", "x" * 200 + ".png", "é.PNG", ".hidden.png"]),
                   st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\x00" not in b
                                                             and b not in (b".", b"..")).map(lambda b: b + b".png"))
 
 
-@settings(FAST, max_examples=40)
+@settings(FAST, max_examples=15)  # each example copies a dataset and loads the run: ~5 s on a loaded CPU
 @given(name=NAMES)
 def test_file_names_in_split_and_predict(tmp_path, fuzz_data, fuzz_run, name):
     """Any file name: split and predict give a result that names the file, or one line; never exit 1."""
     import os
+    import tempfile
 
+    tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))  # one folder per example (tmp_path is per test)
     data = tmp_path / "data"
     shutil.copytree(fuzz_data, data)
     raw = name if isinstance(name, bytes) else name.encode("utf-8")

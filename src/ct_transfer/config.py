@@ -204,13 +204,15 @@ def _validate(c: TrainConfig) -> None:
                           ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("head_init", HEAD_INITS),
                           ("bn_stats", BN_STATS), ("tta", TTAS), ("balance", BALANCES), ("compile_mode", COMPILE_MODES), ("crop", CROPS), ("intensity", INTENSITIES),
                           ("augmentation", AUGMENTATIONS)):
-        if getattr(c, name) not in allowed:
-            raise ConfigError(name, getattr(c, name), f"choose {', '.join(allowed)}")
+        v = getattr(c, name)
+        if not isinstance(v, str) or v not in allowed:  # a recipe's list or mapping is not a choice
+            raise ConfigError(name, v, ("" if isinstance(v, str) else _kind(v, "a name"))
+                              + f"choose {', '.join(allowed)}")
     if c.sensitivity is not None:
         check_sensitivity(c.sensitivity)
     if c.split_groups is not None and c.split_preset != "grouped" and not c.split_file:
         raise ConfigError("split_groups", c.split_groups, "only with split_preset=grouped")
-    for name in ("out", "positive", "cache_dir"):
+    for name in ("out", "positive", "cache_dir", "split_groups"):
         v = getattr(c, name)
         if v is not None and not _text(v):
             raise ConfigError(name, v, "give a non-empty text value (or leave it out)")

@@ -383,8 +383,11 @@ def read_split(path: str | os.PathLike, data_dir: str | os.PathLike | dict | Non
         missing = [r["path"] for r in rows if not row_path(r, data_dir).is_file()]
         if missing:
             raise CTTransferError(f"{path}: {len(missing)} listed file(s) missing under {data_dir}, e.g. {missing[0]}")
-        for r in rows:
-            _row_real(r, data_dir)  # a link out of the data folder is refused
+        for i, r in enumerate(rows, 2):
+            try:
+                _row_real(r, data_dir)  # a link out of the data folder is refused
+            except CTTransferError as exc:
+                raise CTTransferError(f"{path}: line {i}: {exc}") from None
     if duplicates == "error":
         same = same_file_rows(rows, data_dir)
         if same:

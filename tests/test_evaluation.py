@@ -171,9 +171,11 @@ def test_external_one_line_errors(run_copy, tmp_path, data_dir, capsys):
     assert main(base + [str(UCSD), "--class-map", "CT_COVID=COVID"]) == 2
     _one_line_error(capsys, "no class folder 'CT_COVID'")
     other = tmp_path / "other"
-    for cls in ("CT_COVID", "CT_NonCOVID"):
+    used = {r["path"] for r in D.read_split(run_copy / "split.csv")}  # the run's own images are never external
+    fresh = [f for f in sorted((data_dir / "COVID").iterdir()) if f"COVID/{f.name}" not in used]
+    for cls, f in zip(("CT_COVID", "CT_NonCOVID"), fresh):
         (other / cls).mkdir(parents=True)
-        shutil.copy(next((data_dir / "COVID").iterdir()), other / cls / "x.png")
+        shutil.copy(f, other / cls / "x.png")
     assert main(base + [str(other)]) == 2
     _one_line_error(capsys, "not one of the run's classes")
     assert main(base + [str(other), "--class-map", "CT_COVID=COVID,CT_NonCOVID=non-COVID", "--name", "m"]) == 0

@@ -299,3 +299,133 @@ def test_experiment_lists(tmp_path_factory, fuzz_data, models, weights, seeds):
     assert_contract(rc, err, names=["--models", "--weights", "--seeds", "--epochs"])
     if rc == 0:
         assert (grid / "runs" / "EfficientNetLite0__none__seed0" / "metrics.json").is_file()
+
+
+# -- issue #22: split rows that name one file twice, recipe/space YAML, file names, DICOM rescale tags --
+
+ALIASES = st.sampled_from(["{p}", "./{p}", "{d}//{n}", "{d}/./{n}", "{d}/../{d}/{n}", "link/{n}", "../{p}",
+                           "/{p}", "{d}/{n}/", "out.png"])
+
+
+@pytest.fixture(scope="module")
+def alias_data(tmp_path_factory, fuzz_data):
+    """A dataset with a symlinked folder inside (``link`` -> ``COVID``) and a link leaving it."""
+    data = tmp_path_factory.mktemp("alias-data") / "data"
+    shutil.copytree(fuzz_data, data)
+    (data / "link").symlink_to(data / "COVID", target_is_directory=True)
+    (data / "out.png").symlink_to(sorted((fuzz_data / "COVID").iterdir())[0])  # outside: the original copy
+    return data
+
+
+@settings(FAST, max_examples=120)
+@given(rows=st.lists(st.tuples(st.integers(0, 5), ALIASES, st.sampled_from(["train", "val", "test"])),
+                     min_size=1, max_size=10))
+def test_split_rows_never_name_one_file_twice(tmp_path, alias_data, rows):
+    """Rows drawn from aliases of a few real files: read_split returns rows naming distinct files,
+    all inside the data folder, or one line naming the split file."""
+    names = sorted(p.name for p in (alias_data / "COVID").iterdir())
+    text = "path,class,subset\n"
+    for k, alias, subset in rows:
+        n = names[k % len(names)]
+        text += '"' + alias.format(p=f"COVID/{n}", d="COVID", n=n) + f'",COVID,{subset}\n'
+    path = tmp_path / "split.csv"
+    path.write_text(text, encoding="utf-8")
+    try:
+        got = D.read_split(path, alias_data)
+    except CTTransferError as exc:
+        assert str(exc).startswith(str(path) + ":") and "\n" not in str(exc), str(exc)
+        return
+    real = [(alias_data / r["path"]).resolve() for r in got]
+    assert len(set(real)) == len(real)  # never one file in two rows (two subsets)
+    assert all(alias_data.resolve() in p.parents for p in real)
+
+
+YAML_KEYS = st.sampled_from(["epochs", "batch_size", "lr", "dropout", "augment", "strategy", "image_size",
+                             "crop", "tta", "sensitivity", "nope", "1", "true", "null", "[a, b]", "{x: 1}", "model"])
+YAML_VALUES = st.sampled_from(["1", "8", '"8"', "'0.1'", "1e-4", "1.0e-4", ".nan", ".inf", "-1", "0", "true", "false",
+                               "null", "[1, 2]", "{a: 1}", "full", "frozen", '""', "&x 3", "*x", "!!python/name:os.system",
+                               "1e400", "0x10", "2147483648", "{type: int, low: 1, high: 3}",
+                               "{type: int, low: 1, high: 3, step: x}", "{type: loguniform, low: 0, high: 1}",
+                               "{type: choice, values: []}", "{type: choice, values: [2, 4]}",
+                               "{type: uniform, low: a, high: b}", "{type: int, low: 1.5, high: 3}"])
+
+
+@settings(FAST, max_examples=150)
+@given(entries=st.lists(st.tuples(YAML_KEYS, YAML_VALUES), max_size=5),
+       raw=st.one_of(st.none(), st.text(max_size=60)), which=st.sampled_from(["recipe", "space"]))
+def test_recipe_and_space_yaml(tmp_path, entries, raw, which):
+    """A recipe (train --recipe-file) or search space: valid config, or one line naming the file."""
+    from ct_transfer.recipes import config_from_recipe
+    from ct_transfer.tune import load_space
+
+    path = tmp_path / ("recipe.yaml" if which == "recipe" else "space.yaml")
+    path.write_text(raw if raw is not None else "".join(f"{k}: {v}\n" for k, v in entries), encoding="utf-8")
+    try:
+        if which == "recipe":
+            cfg = config_from_recipe(str(path), data="d", model="EfficientNetLite0")
+            assert isinstance(cfg.batch_size, int) and not isinstance(cfg.dropout, bool)
+        else:
+            load_space(path)
+    except CTTransferError as exc:
+        msg = str(exc)
+        assert "\n" not in msg and " at 0x" not in msg and (str(path) in msg or msg.startswith("recipe=")), msg
+
+
+NAMES = st.one_of(st.sampled_from(["=HYPERLINK(\"x\").png", "+cmd.png", "-1+1.png", "@SUM(A1).png",
+                                   "снимок.png", "検査 1.png", "a,b.png", 'q"uote.png', "new\nline.png",
+                                   "tab\t.png", " lead.png", "x" * 200 + ".png", "é.PNG", ".hidden.png"]),
+                  st.binary(min_size=1, max_size=12).filter(lambda b: b"/" not in b and b"\x00" not in b
+                                                            and b not in (b".", b"..")).map(lambda b: b + b".png"))
+
+
+@settings(FAST, max_examples=15)  # each example copies a dataset and loads the run: ~5 s on a loaded CPU
+@given(name=NAMES)
+def test_file_names_in_split_and_predict(tmp_path, fuzz_data, fuzz_run, name):
+    """Any file name: split and predict give a result that names the file, or one line; never exit 1."""
+    import os
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))  # one folder per example (tmp_path is per test)
+    data = tmp_path / "data"
+    shutil.copytree(fuzz_data, data)
+    raw = name if isinstance(name, bytes) else name.encode("utf-8")
+    target = os.fsencode(data / "COVID") + b"/" + raw
+    with open(target, "wb") as fh:
+        fh.write(sorted((fuzz_data / "COVID").iterdir())[0].read_bytes())
+    rc, _, err = cli(["split", "--data", data, "--out", tmp_path / "s.csv"])
+    assert_contract(rc, err)
+    if rc == 0:
+        rows = D.read_split(tmp_path / "s.csv", data)
+        assert len(rows) == len(D.scan_folder(data)[0])
+    before = tree_hash(fuzz_run)
+    rc, _, err = cli(["predict", "--run", fuzz_run, data / "COVID", "--out", tmp_path / "p.csv"])
+    assert_contract(rc, err)
+    assert tree_hash(fuzz_run) == before
+
+
+RESCALE = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**6, 10**6),
+                    st.sampled_from(["abc", "", "1\\2"]))
+
+
+@settings(FAST, max_examples=80)
+@given(slope=RESCALE, intercept=RESCALE)
+def test_dicom_rescale_tags(slope, intercept):
+    import io as _io
+
+    import pydicom
+
+    ds = pydicom.dcmread(CT_SMALL)
+    for tag, value in (("RescaleSlope", slope), ("RescaleIntercept", intercept)):
+        if value is None:
+            delattr(ds, tag)
+        else:
+            try:
+                setattr(ds, tag, value if isinstance(value, str) else repr(float(value))[:16])
+            except Exception:  # pydicom refuses some values itself: nothing to decode
+                return
+    buf = _io.BytesIO()
+    try:
+        ds.save_as(buf)
+    except Exception:
+        return
+    check_decoded("scan.dcm", buf.getvalue())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -284,3 +285,356 @@ def test_messages_are_never_cut_mid_word_and_show_no_reprs(tmp_path, rel_run, ca
     # a huge value is shortened in the message, with an ellipsis, not printed whole
     assert main(["split", "--data", "x" * 5000, "--out", str(tmp_path / "s.csv")]) == 2
     assert len(one_line(capsys)) < 700
+
+
+# -- issue #22: identity of files, options that mean what they say, outputs that never collide --------
+
+def _write_split(path: Path, rows) -> Path:
+    path.write_text("path,class,subset\n" + "".join(f"{p},{c},{s}\n" for p, c, s in rows), encoding="utf-8")
+    return path
+
+
+def test_a_leaked_split_is_refused_and_audit_reports_it_first(tmp_path, rel_data, capsys):
+    """One file in train and test, spelled three ways (as is, ./COVID//x, a symlink): an error naming
+    both lines; train writes nothing; audit --split-file reports the leak as its first line."""
+    covid = sorted(p.name for p in (rel_data / "COVID").iterdir())
+    other = sorted(p.name for p in (rel_data / "non-COVID").iterdir())
+    base = [(f"COVID/{n}", "COVID", s) for n, s in zip(covid[1:], ["train"] * 5 + ["val", "test"])]
+    base += [(f"non-COVID/{n}", "non-COVID", s) for n, s in zip(other, ["train"] * 6 + ["val", "test"])]
+    data = tmp_path / "data"
+    shutil.copytree(rel_data, data)
+    (data / "COVID" / "alias.png").symlink_to(data / "COVID" / covid[0])
+    for k, alias in enumerate([f"COVID/{covid[0]}", f"./COVID//{covid[0]}", "COVID/alias.png"]):
+        split = _write_split(tmp_path / f"leak{k}.csv", base + [(f"COVID/{covid[0]}", "COVID", "train"),
+                                                                 (alias, "COVID", "test")])
+        with pytest.raises(CTTransferError, match=r"lines \d+ and \d+ list the same file"):
+            D.read_split(split, data)
+        out = tmp_path / f"run{k}"
+        assert main(["train", "--data", str(data), "--model", "EfficientNetLite0", "--split-file", str(split),
+                     "--epochs", "1", "--out", str(out), "--quiet"]) == 2
+        assert "list the same file" in one_line(capsys)
+        assert not out.exists()
+    capsys.readouterr()
+    (data / "COVID" / "alias.png").unlink()  # scanning refuses two names of one file (tested below)
+    assert main(["audit", "--data", str(data), "--split-file", str(tmp_path / "leak1.csv"), "--out",
+                 str(tmp_path / "audit")]) == 0
+    first = capsys.readouterr().out.splitlines()[1]  # after the "hashing N images" log line
+    assert first.startswith("LEAK: split lines") and covid[0] in first, first
+    summary = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert summary["n_same_file_in_split"] == 1 and summary["same_file_in_split"][0]["subset_b"] == "test"
+
+
+def test_hidden_files_links_out_and_odd_names_are_never_data(tmp_path, rel_data, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(rel_data, data)
+    real = sorted((data / "COVID").iterdir())[0]
+    (data / "COVID" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(real, data / "COVID" / ".ipynb_checkpoints" / real.name)
+    (data / "COVID" / "._x.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS metadata, not a PNG
+    (data / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    items, classes = D.scan_folder(data)
+    assert classes == ["COVID", "non-COVID"] and len(items) == 16
+    assert not any("ipynb" in it.path or "._" in it.path for it in items)
+    assert main(["split", "--data", str(data), "--out", str(tmp_path / "s.csv")]) == 0
+    assert "ipynb" not in (tmp_path / "s.csv").read_text()
+    from ct_transfer.predict import collect_inputs
+
+    dicom = data / "COVID" / "sub" / "slice0001"  # DICOM without an extension, found by its preamble
+    dicom.parent.mkdir()
+    shutil.copy(Path(__import__("pydicom.data", fromlist=["x"]).get_testdata_file("CT_small.dcm")), dicom)
+    found = collect_inputs([str(data)])
+    assert dicom in found and len(found) == 17 and not any(p.name.startswith(".") or ".ipynb" in str(p) for p in found)
+    dicom.unlink()
+    capsys.readouterr()
+    # a link leaving the folder, and a file name that is not text: one line, and split writes nothing
+    for bad in ("link", "name"):
+        if bad == "link":
+            (data / "COVID" / "evil.png").symlink_to("/etc/passwd")
+        else:
+            (data / "COVID" / "evil.png").unlink()
+            Path(os.fsdecode(os.fsencode(data / "COVID") + b"/\xff\xfe.png")).write_bytes(real.read_bytes())
+        out = tmp_path / f"s-{bad}.csv"
+        assert main(["split", "--data", str(data), "--out", str(out)]) == 2
+        err = one_line(capsys)
+        assert ("outside the data folder" in err) if bad == "link" else ("not valid UTF-8" in err and "\\xff" in err)
+        assert not out.exists()
+    with pytest.raises(CTTransferError, match="not valid UTF-8"):
+        collect_inputs([str(data)])
+
+
+def test_split_writes_nothing_when_it_fails_and_grouped_limits_are_one_line(tmp_path, rel_data, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(rel_data, data)
+    (data / "COVID" / "empty.png").write_bytes(b"")
+    out = tmp_path / "s.csv"
+    assert main(["split", "--data", str(data), "--out", str(out)]) == 2
+    assert "empty.png" in one_line(capsys) and not out.exists()
+    (data / "COVID" / "empty.png").unlink()
+    assert main(["split", "--data", str(data), "--out", str(out), "--preset", "grouped", "--threshold", "100000"]) == 2
+    assert "--threshold 100000" in one_line(capsys)
+    assert main(["split", "--data", str(data), "--out", str(out), "--preset", "grouped"]) == 2  # 8 + 8 images
+    assert "at least 10 per class" in one_line(capsys) and not out.exists()
+
+
+def test_one_source_twice_and_class_map_typos_are_refused(tmp_path, rel_data, capsys):
+    with pytest.raises(ConfigError, match="given twice"):
+        from ct_transfer import TrainConfig
+
+        TrainConfig(data=[str(rel_data), str(rel_data) + "/./"], model="EfficientNetLite0")
+    base = ["train", "--data", str(rel_data), "--model", "EfficientNetLite0", "--epochs", "1", "--quiet"]
+    for extra, expect in ((["--class-map", "COVD=COVID"], "no class folder 'COVD'"),
+                          (["--class-map", "COVID=A,COVID=B"], "mapped twice"),
+                          (["--batch-size", "1"], "need at least 2 images per batch")):
+        out = tmp_path / "run"
+        assert main(base + extra + ["--out", str(out)]) == 2
+        assert expect in one_line(capsys) and not out.exists()
+
+
+def test_batch_size_one_trains_where_no_batchnorm_learns(tmp_path, rel_data):
+    """Frozen BatchNorm statistics: batch size 1 is allowed, and it really trains (weights move)."""
+    from ct_transfer import TrainConfig, fit
+
+    cfg = TrainConfig(data=str(rel_data), model="EfficientNetLite0", epochs=1, batch_size=1, bn_stats="frozen",
+                      limit=4, image_size=32, out=None)
+    run = fit(cfg, progress=False)
+    assert run.history[0]["train_loss"] > 0  # batches ran (before: every one-image batch was skipped, loss 0.0)
+
+
+def test_resume_refuses_other_options_and_train_refuses_any_run(tmp_path, rel_data, rel_run, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(rel_run, run)
+    before = tree_hash(run)
+    other = tmp_path / "other"
+    shutil.copytree(rel_data, other)
+    base = ["train", "--model", "EfficientNetLite0", "--epochs", "3", "--out", str(run), "--quiet"]
+    for extra, named in ((["--data", str(rel_data), "--resume", "--lr", "0.01"], "lr 0.01"),
+                         (["--data", str(other), "--resume"], "data"),
+                         (["--data", str(rel_data), "--resume", "--strategy", "frozen"], "strategy frozen")):
+        assert main(base + extra) == 2
+        err = one_line(capsys)
+        assert "these differ" in err and named in err, err
+    (run / "last.pt").unlink()
+    (run / "last.prev.pt").unlink()
+    before = tree_hash(run)
+    assert main(base + ["--data", str(rel_data)]) == 2  # a finished run without last.pt is still a run
+    err = one_line(capsys)
+    assert "already holds a run" in err and "--overwrite" in err, err
+    assert tree_hash(run) == before
+    (run / "external" / "old").mkdir(parents=True)
+    (run / "external" / "old" / "metrics.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    assert main(["train", "--data", str(rel_data), "--model", "EfficientNetLite0", "--epochs", "1", "--limit", "4",
+                 "--image-size", "32", "--out", str(run), "--quiet", "--overwrite"]) == 0
+    assert not (run / "external").exists() and (run / "notes.txt").read_text() == "mine"
+    assert json.loads((run / "config.json").read_text())["image_size"] == 32
+
+
+def test_two_concurrent_trains_on_one_folder(tmp_path, rel_data, capsys):
+    """The second writer is refused by RUN/.lock (naming the first's pid); the first finishes;
+    a stale lock (its process gone) and a killed writer's temporary files are cleaned on the next start."""
+    import os
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    argv = ["train", "--data", str(rel_data), "--model", "EfficientNetLite0", "--epochs", "1", "--limit", "4",
+            "--image-size", "32", "--out", str(out), "--quiet"]
+    first = subprocess.Popen([sys.executable, "-m", "ct_transfer.cli", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / ".lock").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (out / ".lock").exists(), first.communicate()
+        assert main(argv) == 2
+        err = one_line(capsys)
+        assert f"pid {first.pid}" in err and "another process" in err, err
+    finally:
+        _, first_err = first.communicate(timeout=600)
+    assert first.returncode == 0, first_err
+    assert not (out / ".lock").exists() and (out / "best.pt").is_file()
+    import socket
+
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    (out / ".lock").write_text(f"{dead} {socket.gethostname()}\n")
+    (out / "..last.pt.new.abc123.tmp").write_bytes(b"partial")
+    (out / ".last.pt.new").write_bytes(b"partial")
+    assert main(argv + ["--resume"]) == 0
+    assert not any(p.name.endswith(".tmp") or p.name in (".last.pt.new", ".lock") for p in out.iterdir())
+
+
+def test_explain_gives_each_input_its_own_output(tmp_path, rel_data, rel_run, capsys):
+    from ct_transfer.explain import output_stems
+
+    png = sorted((rel_data / "COVID").iterdir())
+    inputs = []
+    for folder, source in (("a", png[0]), ("b", png[1])):
+        (tmp_path / folder).mkdir()
+        shutil.copy(source, tmp_path / folder / "scan.png")
+        inputs.append(tmp_path / folder / "scan.png")
+    shutil.copy(Path(__import__("pydicom.data", fromlist=["x"]).get_testdata_file("CT_small.dcm")),
+                tmp_path / "a" / "scan.dcm")
+    inputs.append(tmp_path / "a" / "scan.dcm")
+    for name, source in (("снимок.png", png[2]), ("検査.png", png[3])):  # both become "_" in safe characters
+        shutil.copy(source, tmp_path / name)
+        inputs.append(tmp_path / name)
+    out = tmp_path / "ex"
+    assert main(["explain", "--run", str(rel_run), *map(str, inputs), "--out", str(out), "--method", "cam"]) == 0
+    written = sorted(out.iterdir())
+    assert len(written) == len(inputs) == 5, written
+    assert output_stems(inputs) == output_stems(list(reversed(inputs)))[::-1]  # stable, order-independent
+    assert output_stems([tmp_path / "Covid (7).png"]) == ["Covid_7_"]  # a unique name keeps its old form
+
+
+def test_external_set_must_be_apart_from_the_training_data(tmp_path, rel_data, rel_run, capsys):
+    """The run's own folder (or a byte copy) is refused, the run unchanged; JPEG re-encodes of its
+    images (near-duplicates) are evaluated but labelled not independent, in metrics.json and the card."""
+    from PIL import Image
+
+    from ct_transfer.run import load_run
+    from ct_transfer.serve import run_card
+
+    run = tmp_path / "run"
+    shutil.copytree(rel_run, run)
+    before = tree_hash(run)
+    copy = tmp_path / "copy"
+    shutil.copytree(rel_data, copy)
+    for data in (rel_data, copy):
+        assert main(["evaluate", "--run", str(run), "--data", str(data)]) == 2
+        assert "the run's own data" in one_line(capsys)
+    assert tree_hash(run) == before
+    rec = load_run(run).evaluate_external(copy, name="copy", write=False, allow_shared=True, near_duplicates=False)
+    assert rec["independent"] is False and rec["independence"]["same_files"] == 16  # the API's opt-in: labelled
+    near = tmp_path / "near"
+    for cls in ("COVID", "non-COVID"):
+        (near / cls).mkdir(parents=True)
+        for f in sorted((rel_data / cls).iterdir()):
+            Image.open(f).convert("L").save(near / cls / (f.stem + ".jpg"), quality=85)
+    assert main(["evaluate", "--run", str(run), "--data", str(near)]) == 0
+    assert "NOT an external validation" in capsys.readouterr().out
+    rec = json.loads((run / "external" / "near" / "metrics.json").read_text())
+    assert rec["independent"] is False and rec["independence"]["near_duplicates"] >= 1
+    card = run_card("r", load_run(run))
+    assert any("Not an external validation" in w for w in card["warnings"])
+    assert any("No external validation" in w for w in card["warnings"])  # near copies do not count as one
+
+
+def test_calibrate_checks_sensitivity_like_train_and_writes_nothing_on_failure(tmp_path, rel_run, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(rel_run, run)
+    before = tree_hash(run)
+    for value in ("nan", "1.5", "0", "-1"):
+        assert main(["calibrate", "--run", str(run), "--sensitivity", value]) == 2
+        assert "--sensitivity" in one_line(capsys)
+    assert tree_hash(run) == before
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "data": str(tmp_path / "gone")}))
+    before = tree_hash(run)
+    assert main(["calibrate", "--run", str(run)]) == 2  # the data folder is gone: nothing written
+    one_line(capsys)
+    assert tree_hash(run) == before
+
+
+def test_dicom_rescale_tags_are_checked(caplog):
+    import io
+    import logging
+
+    import pydicom
+
+    source = Path(__import__("pydicom.data", fromlist=["x"]).get_testdata_file("CT_small.dcm"))
+    for slope in (0, float("nan"), float("inf"), 1e308, -2e4):
+        ds = pydicom.dcmread(source)
+        ds.RescaleSlope = slope
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        with pytest.raises(CTTransferError, match="RescaleSlope .* is unusable"):
+            D.decode_any(buf.getvalue(), "x.dcm")
+    ds = pydicom.dcmread(source)
+    del ds.RescaleSlope, ds.RescaleIntercept
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with caplog.at_level(logging.WARNING, logger="ct_transfer"):
+        assert D.decode_any(buf.getvalue(), "x.dcm").shape == (128, 128, 3)
+    assert "no RescaleSlope/RescaleIntercept" in caplog.text
+
+
+def test_recipe_and_space_values_are_checked_where_they_enter(tmp_path, rel_data, capsys):
+    base = ["train", "--data", str(rel_data), "--model", "EfficientNetLite0", "--out", str(tmp_path / "r"),
+            "--quiet"]
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n" \
+           "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+    for text, expect in (('batch_size: "8"\n', "batch_size: 8: is text ('8'), not an integer"),
+                         ("dropout: false\n", "dropout: False: is false, not a number"),
+                         ("lr: .nan\n", "lr: nan: choose a finite number"),
+                         ("1: 2\n", "key 1 is int"),
+                         (bomb, "aliases")):
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(text)
+        assert main(base + ["--recipe-file", str(recipe)]) == 2
+        err = one_line(capsys)
+        assert str(recipe) in err and expect in err, err
+    assert not (tmp_path / "r").exists()
+    space = tmp_path / "space.yaml"
+    for text, expect in (("epochs: {type: int, low: 1, high: 3, step: x}\n", "step x"), (bomb, "aliases")):
+        space.write_text(text)
+        assert main(["tune", "--data", str(rel_data), "--model", "EfficientNetLite0", "--space", str(space),
+                     "--trials", "1", "--out", str(tmp_path / "t")]) == 2
+        assert expect in one_line(capsys)
+    assert not (tmp_path / "t").exists()
+
+
+def test_tune_that_fails_leaves_nothing(tmp_path, rel_data, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(rel_data, data)
+    for f in (data / "COVID").iterdir():
+        f.write_bytes(b"")  # every trial fails on decoding
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}\n")
+    out = tmp_path / "nested" / "q?x=1"
+    # a subprocess: Optuna's own log handler keeps the stderr of whichever test first used it
+    proc = subprocess.run([sys.executable, "-m", "ct_transfer.cli", "tune", "--data", str(data), "--model",
+                           "EfficientNetLite0", "--space", str(space), "--trials", "1", "--epochs", "1", "--image-size",
+                           "32", "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "no trial completed; trial 0 failed" in err and "cannot decode" in err and "trials.csv" not in err, err
+    assert not (tmp_path / "nested").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["data", "space.yaml"]
+
+
+def test_audit_against_a_one_class_folder_leaves_nothing(tmp_path, rel_data, capsys):
+    one = tmp_path / "one"
+    shutil.copytree(rel_data / "COVID", one / "COVID")
+    out = tmp_path / "audit"
+    assert main(["audit", "--data", str(rel_data), "--against", str(one), "--out", str(out)]) == 2
+    assert "need at least two class folders" in one_line(capsys) and not out.exists()
+
+
+def test_export_never_touches_an_unrelated_file(tmp_path, rel_run, capsys):
+    mine = tmp_path / ".m.onnx.tmp.onnx"  # the temporary name export used to take (and delete)
+    mine.write_text("my notes")
+    assert main(["export", "--run", str(rel_run), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert mine.read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.onnx.tmp.onnx", "m.onnx", "m.onnx.json"]
+
+
+def test_experiment_weights_files_with_one_name_get_their_own_runs(tmp_path):
+    from ct_transfer.experiment import run_name
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    weights = [str(tmp_path / "a" / "w.pt"), str(tmp_path / "b" / "w.pt"), "none"]
+    names = {run_name("EfficientNetLite0", w, 0, others=weights) for w in weights}
+    assert len(names) == 3
+    assert run_name("EfficientNetLite0", weights[0], 0, others=weights[:1]) == "EfficientNetLite0__file-w__seed0"
+
+
+def test_report_with_a_non_numeric_metric_is_one_line(tmp_path, tiny_grid, capsys):
+    grid = tmp_path / "grid"
+    shutil.copytree(tiny_grid, grid)
+    metrics = next((grid / "runs").iterdir()) / "metrics.json"
+    doc = json.loads(metrics.read_text())
+    doc["test"]["accuracy"] = "high"
+    metrics.write_text(json.dumps(doc))
+    assert main(["report", str(grid), "--out", str(tmp_path / "rep"), "--no-gallery"]) == 2
+    assert "test.accuracy is high, not a number" in one_line(capsys)

@@ -17,7 +17,7 @@ import numpy as np
 from . import _io
 from . import data as D
 from .data import groups as G
-from .errors import ConfigError
+from .errors import ConfigError, CTTransferError
 from .evaluate import save_figure
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,23 @@ def audit(data, out, *, split_file=None, against=None, threshold: int = G.DEFAUL
     """Audit ``data`` (folder per class); returns the summary also written to ``out/audit.json``."""
     if isinstance(threshold, bool) or not isinstance(threshold, int) or not 0 <= threshold <= 256:
         raise ConfigError("threshold", threshold, "choose an integer in 0..256 (Hamming distance of 256-bit hashes)")
-    out = _io.ensure_writable_dir(out)
+    from .rundir import RunDir
+
+    if RunDir(out).is_run():
+        raise CTTransferError(f"{out}: is a run directory; choose another folder for the audit")
     items, classes = D.scan_folder(data)
-    subset_of = {}
+    other_items = D.scan_folder(against)[0] if against else None  # a bad second folder fails before any write
+    subset_of, same_file = {}, []
     if split_file:
-        subset_of = {r["path"]: r["subset"] for r in D.read_split(split_file, data)}
+        rows = D.read_split(split_file, data, duplicates="keep")  # a file listed twice is reported, first
+        same_file = [{"a": a["path"], "subset_a": a["subset"], "line_a": i + 2, "b": b["path"],
+                      "subset_b": b["subset"], "line_b": j + 2} for (i, a), (j, b) in D.same_file_rows(rows, data)]
+        real = {D.file_identity(r, data): r["subset"] for r in reversed(rows)}
+        subset_of = {it.path: real.get(D.file_identity({"path": it.path}, data), "unused") for it in items}
+        for pair in same_file:  # a file in two subsets: both names, so the pair shows across subsets
+            subset_of[pair["a"]] = "+".join(sorted({pair["subset_a"], pair["subset_b"]},
+                                                   key=lambda s: D.SUBSETS.index(s)))
+    out = _io.ensure_writable_dir(out)
     paths = [it.path for it in items]
     info = [{"class": it.label, "subset": subset_of.get(it.path, "unused") if split_file else None} for it in items]
     log.info("audit: hashing %d images of %s", len(paths), data)
@@ -67,6 +79,7 @@ def audit(data, out, *, split_file=None, against=None, threshold: int = G.DEFAUL
 
     summary = {
         "data": str(data), "split_file": str(split_file) if split_file else None, "hash": HASH,
+        "same_file_in_split": same_file, "n_same_file_in_split": len(same_file),
         "threshold": threshold, "n_images": len(fps), "classes": classes,
         "exact_duplicate_sets": exact, "n_exact_pairs": sum(len(v) * (len(v) - 1) // 2 for v in exact),
         "n_near_pairs": len(pairs), "n_cross_class_pairs": sum(r["class_a"] != r["class_b"] for r in records),
@@ -88,7 +101,7 @@ def audit(data, out, *, split_file=None, against=None, threshold: int = G.DEFAUL
     summary["contact_sheet"] = _sheet(sheet_pairs, data, data, out / "contact_sheet.png",
                                       "closest cross-subset pairs" if split_file else "closest pairs")
     if against:
-        summary["against"] = _against(fps, info, against, threshold, data, out)
+        summary["against"] = _against(fps, info, against, other_items, threshold, data, out)
     summary["text"] = _text(summary)
     _io.write_json(out / "audit.json", summary)
     _io.write_text(out / "audit.md", _markdown(summary))
@@ -104,8 +117,7 @@ def _histogram(fps, threshold: int) -> dict:
     return {str(k): int(n) for k, n in enumerate(counts) if n}
 
 
-def _against(fps, info, other, threshold, data, out) -> dict:
-    items, _ = D.scan_folder(other)
+def _against(fps, info, other, items, threshold, data, out) -> dict:
     other_fps = G.fingerprints(other, [it.path for it in items], progress=True)
     pairs = G.close_pairs(fps, other_fps, threshold=threshold)
     records = [_pair_record(fps[i], other_fps[j], d, e, info[i], {"class": items[j].label}) for i, j, d, e in pairs]
@@ -144,7 +156,11 @@ def _sheet(records: list[dict], root_a, root_b, path: Path, title: str) -> str |
 
 
 def _text(s: dict) -> str:
-    lines = [f"{s['n_images']} images; {s['n_exact_pairs']} exact duplicate pair(s); {s['n_near_pairs']} near-duplicate "
+    lines = []
+    for p in s.get("same_file_in_split") or []:  # the worst leak there is: first
+        lines.append(f"LEAK: split lines {p['line_a']} and {p['line_b']} list the same file ({p['a']} in "
+                     f"{p['subset_a']}, {p['b']} in {p['subset_b']})")
+    lines += [f"{s['n_images']} images; {s['n_exact_pairs']} exact duplicate pair(s); {s['n_near_pairs']} near-duplicate "
              f"pair(s) at pHash distance <= {s['threshold']} ({s['n_cross_class_pairs']} across classes) in "
              f"{s['n_groups']} group(s), largest {s['largest_group']}"]
     for paths in s["exact_duplicate_sets"]:

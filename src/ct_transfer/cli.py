@@ -193,12 +193,13 @@ def cmd_split(args):
     if args.groups and args.preset != "grouped":
         raise CTTransferError(f"--groups {args.groups}: only with --preset grouped")
     rows = D.split_folder(args.data, args.preset, args.seed, groups_file=args.groups, threshold=args.threshold)
+    # the duplicate check decodes every image: an unreadable one fails here, before anything is written
+    pairs = None if args.no_duplicates else D.pixel_duplicates_across_subsets(rows, args.data)
     D.write_split(rows, args.out)
     counts = D.split_counts(rows)
     for subset in D.SUBSETS:
         print(f"{subset:<6}" + "  ".join(f"{c}: {counts.get(subset, {}).get(c, 0)}" for c in classes))
-    if not args.no_duplicates:
-        pairs = D.pixel_duplicates_across_subsets(rows, args.data)
+    if pairs is not None:
         print(f"exact duplicates (same decoded pixels) across subsets: {len(pairs)}")
         for a, b in pairs:
             print(f"  {a} = {b}")
@@ -237,7 +238,7 @@ def _print_metrics(metrics, where):
 def cmd_train(args):
     from .engine import fit
 
-    run = fit(config_from_args(args), progress=not args.quiet, resume=args.resume)
+    run = fit(config_from_args(args), progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
     _print_metrics(run.metrics, args.out)
 
 
@@ -245,30 +246,42 @@ def cmd_evaluate(args):
     from . import _io
     from .run import load_run
 
+    from .rundir import RunDir
+
     run = load_run(args.run)
     _io.check_writable(args.run)  # metrics and predictions are rewritten: fail before the work
-    if args.data and not args.split_file or args.class_map or args.name or args.subset:
-        # another dataset: external validation (the run's own files stay as they are)
-        rec = run.evaluate_external(args.data, name=args.name, class_map=args.class_map,
-                                    split_file=args.split_file, subset=args.subset)
-        print("95% intervals: Wilson (acc, sens, spec), bootstrap (f1, auc)")
-        print(_metric_line("ext", rec["metrics"]))
-        print(f"wrote {rec['path']} and predictions.csv")
-        return
-    run.evaluate(data=args.data, split_file=args.split_file)
-    run.write_outputs()
+    with RunDir(args.run).lock():  # one writer per run folder
+        if args.data and not args.split_file or args.class_map or args.name or args.subset:
+            # another dataset: external validation (the run's own files stay as they are)
+            rec = run.evaluate_external(args.data, name=args.name, class_map=args.class_map,
+                                        split_file=args.split_file, subset=args.subset)
+            print("95% intervals: Wilson (acc, sens, spec), bootstrap (f1, auc)")
+            print(_metric_line("ext", rec["metrics"]))
+            if not rec["independent"]:
+                print(f"NOT an external validation: {rec['independence']['why']}")
+            print(f"wrote {rec['path']} and predictions.csv")
+            return
+        run.evaluate(data=args.data, split_file=args.split_file)
+        run.write_outputs()
     _print_metrics(run.metrics, args.run)
 
 
 def cmd_calibrate(args):
+    from . import _io
+    from .rundir import RunDir
     from .run import load_run
 
     run = load_run(args.run)
-    cal = run.calibrate(sensitivity=args.sensitivity)
-    print(f"temperature {cal['temperature']:.4f}  threshold {cal['threshold']:.4f} ({cal['criterion']})  "
+    _io.check_writable(args.run)
+    with RunDir(args.run).lock():  # one writer per run folder
+        # fitted and evaluated first; predictor.json and the metrics are written only when both worked
+        cal = run.calibrate(sensitivity=args.sensitivity, save=False)
+        run.evaluate()
+        run.save_predictor()
+        run.write_outputs()
+    threshold = "argmax" if cal["threshold"] is None else f"{cal['threshold']:.4f}"
+    print(f"temperature {cal['temperature']:.4f}  threshold {threshold} ({cal['criterion']})  "
           f"val ECE {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f}")
-    run.evaluate()
-    run.write_outputs()
     _print_metrics(run.metrics, args.run)
     print(f"wrote the calibration into {Path(args.run) / 'predictor.json'} (predict, evaluate, serve and export use it)")
 
@@ -311,6 +324,11 @@ def _grid_lists(args, preset):
                 check(v)
             except ConfigError as exc:
                 raise CTTransferError(f"{flag} {show_list(values)}: {v}: {exc.why}") from None
+    files = [os.path.realpath(w) for w in weights if w not in ("none", "imagenet")]
+    twice = sorted({w for w, r in zip([w for w in weights if w not in ("none", "imagenet")], files)
+                    if files.count(r) > 1})
+    if twice:  # one file under two spellings would train the same cell twice
+        raise CTTransferError(f"--weights {show_list(weights)}: {', '.join(twice)} name the same file")
     bad = [s for s in seeds if not 0 <= s <= 2**31 - 1]
     if bad:
         raise CTTransferError(f"--seeds {show_list(seeds)}: {bad[0]}: choose integers in 0..{2**31 - 1}")
@@ -328,7 +346,11 @@ def cmd_experiment(args):
 
     from . import _io
 
+    from .rundir import RunDir
+
     models, weights, seeds = _grid_lists(args, PRESETS[args.preset])
+    if RunDir(args.out).run_files():  # a grid folder holds runs/, never a run's own files
+        raise CTTransferError(f"{args.out}: is a run directory; choose another --out for the grid")
     _io.check_writable(args.out)
     preset_name = args.grid_split_preset or "paper"
     cfg = config_from_args(args, model=models[0], out=None, split_preset=preset_name)
@@ -529,6 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train and evaluate one model")
     add_config_flags(p, required=("out",))
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (its checkpoints, "
+                   "metrics and external results are removed once the new run's data has loaded)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_train)
 

@@ -167,8 +167,13 @@ def _validate(c: TrainConfig) -> None:
     if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
         raise ConfigError("model", v, "required")
     for v in c.datasets:
-        if not isinstance(v, (str, os.PathLike)) or not str(v).strip():
+        if not isinstance(v, (str, os.PathLike)) or not str(v).strip() or "\x00" in str(v):
             raise ConfigError("data", v, "required")
+    real = [os.path.realpath(v) for v in c.datasets]
+    for k, v in enumerate(c.datasets):  # one folder twice (also spelled differently) is one source
+        if real[k] in real[:k]:
+            raise ConfigError("data", v, f"given twice (the same folder as {c.datasets[real.index(real[k])]}); "
+                              "give each dataset once")
     n_split = len([c.split_file] if isinstance(c.split_file, str) else c.split_file or [])
     if n_split > 1 and n_split != len(c.datasets):
         raise ConfigError("split_file", c.split_file, f"give one per dataset in data= ({len(c.datasets)}) or one file "
@@ -185,27 +190,29 @@ def _validate(c: TrainConfig) -> None:
         if v is None and name in optional_ints:
             continue
         if not _is_int(v) or not lo <= v <= hi:
-            raise ConfigError(name, v, f"choose an integer in {lo}..{hi}" + RANGE_WHY.get(name, ""))
-    if not isinstance(c.lr, (int, float)) or isinstance(c.lr, bool) or not math.isfinite(c.lr) or not 0 < c.lr <= 10:
-        raise ConfigError("lr", c.lr, "choose a finite number in (0, 10]")
-    if not isinstance(c.dropout, (int, float)) or not math.isfinite(c.dropout) or not 0 <= c.dropout < 1:
-        raise ConfigError("dropout", c.dropout, "choose a number in [0, 1)")
+            raise ConfigError(name, v, _kind(v, "an integer") + f"choose an integer in {lo}..{hi}"
+                              + RANGE_WHY.get(name, ""))
+    if not _is_number(c.lr) or not 0 < c.lr <= 10:
+        raise ConfigError("lr", c.lr, _kind(c.lr, "a number") + "choose a finite number in (0, 10]")
+    if not _is_number(c.dropout) or not 0 <= c.dropout < 1:
+        raise ConfigError("dropout", c.dropout, _kind(c.dropout, "a number") + "choose a number in [0, 1)")
     for name, lo, hi in (("weight_decay", 0.0, 1.0), ("label_smoothing", 0.0, 0.5)):
         v = getattr(c, name)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not lo <= v <= hi:
-            raise ConfigError(name, v, f"choose a number in [{lo}, {hi}]")
+        if not _is_number(v) or not lo <= v <= hi:
+            raise ConfigError(name, v, _kind(v, "a number") + f"choose a number in [{lo}, {hi}]")
     for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD),
                           ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("head_init", HEAD_INITS),
                           ("bn_stats", BN_STATS), ("tta", TTAS), ("balance", BALANCES), ("compile_mode", COMPILE_MODES), ("crop", CROPS), ("intensity", INTENSITIES),
                           ("augmentation", AUGMENTATIONS)):
-        if getattr(c, name) not in allowed:
-            raise ConfigError(name, getattr(c, name), f"choose {', '.join(allowed)}")
-    if c.sensitivity is not None and (not isinstance(c.sensitivity, (int, float)) or isinstance(c.sensitivity, bool)
-                                      or not math.isfinite(c.sensitivity) or not 0 < c.sensitivity <= 1):
-        raise ConfigError("sensitivity", c.sensitivity, "choose a number in (0, 1]")
+        v = getattr(c, name)
+        if not isinstance(v, str) or v not in allowed:  # a recipe's list or mapping is not a choice
+            raise ConfigError(name, v, ("" if isinstance(v, str) else _kind(v, "a name"))
+                              + f"choose {', '.join(allowed)}")
+    if c.sensitivity is not None:
+        check_sensitivity(c.sensitivity)
     if c.split_groups is not None and c.split_preset != "grouped" and not c.split_file:
         raise ConfigError("split_groups", c.split_groups, "only with split_preset=grouped")
-    for name in ("out", "positive", "cache_dir"):
+    for name in ("out", "positive", "cache_dir", "split_groups"):
         v = getattr(c, name)
         if v is not None and not _text(v):
             raise ConfigError(name, v, "give a non-empty text value (or leave it out)")
@@ -222,8 +229,13 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("cache_dir", c.cache_dir, "exists and is not a folder")
     if c.out is not None and os.path.exists(c.out) and not os.path.isdir(c.out):
         raise ConfigError("out", c.out, "exists and is not a folder")
-    if not isinstance(c.ema, (int, float)) or isinstance(c.ema, bool) or not math.isfinite(c.ema) or not 0 <= c.ema < 1:
-        raise ConfigError("ema", c.ema, "choose a decay in [0, 1) (0 = off; e.g. 0.995)")
+    if not _is_number(c.ema) or not 0 <= c.ema < 1:
+        raise ConfigError("ema", c.ema, _kind(c.ema, "a number") + "choose a decay in [0, 1) (0 = off; e.g. 0.995)")
+    if c.batch_size == 1 and c.strategy in ("full", "partial") and c.bn_stats == "train":
+        # BatchNorm in train mode normalises each channel over the batch: one image gives zero
+        # variance, PyTorch refuses it, and an epoch of such batches would train nothing
+        raise ConfigError("batch_size", 1, f"strategy {c.strategy} trains BatchNorm layers, which need at least 2 "
+                          "images per batch; choose 2 or more (or bn_stats=frozen)")
     if c.ema and c.strategy not in ("full", "partial"):
         raise ConfigError("ema", c.ema, "only with strategy full or partial")
     if c.head_init == "probe" and c.strategy not in ("full", "partial"):
@@ -232,21 +244,54 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("freeze_until", c.freeze_until, "only with strategy=partial")
 
 
+def check_sensitivity(value) -> float:
+    """The one check of a target sensitivity (train --sensitivity, calibrate --sensitivity, API)."""
+    if not _is_number(value) or not 0 < value <= 1:
+        raise ConfigError("sensitivity", value, _kind(value, "a number") + "choose a number in (0, 1]")
+    return float(value)
+
+
+def _is_number(v) -> bool:
+    """A finite int or float; a bool is not a number here (``dropout: false`` in a recipe)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _kind(v, expected: str) -> str:
+    """Why a value of the wrong type is wrong, before the allowed range: a recipe's ``batch_size: "8"``
+    is text, not the integer 8 its message would otherwise show."""
+    if isinstance(v, str):
+        return f"is text ({v!r}), not {expected}; "
+    if isinstance(v, bool):
+        return f"is {str(v).lower()}, not {expected}; "
+    if v is None or not isinstance(v, (int, float)):
+        return f"is {type(v).__name__}, not {expected}; "
+    return ""
+
+
 def parse_class_map(text) -> dict[str, str]:
-    """'A=B,C=D' -> {'A': 'B', 'C': 'D'} (a dataset's class folder name -> the run's class name)."""
+    """'A=B,C=D' -> {'A': 'B', 'C': 'D'} (a dataset's class folder name -> the run's class name).
+    Each folder is mapped once: a repeated source is an error, not a silent overwrite."""
     if isinstance(text, dict):
-        return {str(k): str(v) for k, v in text.items()}
-    out = {}
-    for part in str(text).split(","):
-        if not part.strip():
-            continue
-        src, sep, dst = part.partition("=")
-        if not sep or not src.strip() or not dst.strip():
-            raise ConfigError("class_map", text, "write FOLDER=CLASS pairs separated by commas, "
-                                                 "e.g. CT_COVID=COVID,CT_NonCOVID=non-COVID")
-        out[src.strip()] = dst.strip()
+        pairs = [(str(k), str(v)) for k, v in text.items()]
+    else:
+        if not isinstance(text, str):
+            raise ConfigError("class_map", text, "write FOLDER=CLASS pairs separated by commas")
+        pairs = []
+        for part in text.split(","):
+            if not part.strip():
+                continue
+            src, sep, dst = part.partition("=")
+            if not sep or not src.strip() or not dst.strip():
+                raise ConfigError("class_map", text, f"'{part.strip()}' is not FOLDER=CLASS; write FOLDER=CLASS pairs "
+                                  "separated by commas, e.g. CT_COVID=COVID,CT_NonCOVID=non-COVID")
+            pairs.append((src.strip(), dst.strip()))
+    out: dict[str, str] = {}
+    for src, dst in pairs:
+        if src in out:
+            raise ConfigError("class_map", text, f"folder '{src}' is mapped twice ({out[src]}, {dst}); map each once")
+        out[src] = dst
     if not out:
-        raise ConfigError("class_map", text, "empty")
+        raise ConfigError("class_map", text, "empty; give FOLDER=CLASS pairs separated by commas")
     return out
 
 

@@ -7,7 +7,9 @@ is one call of ``run_cell``: in this process, in a pool of ``jobs`` processes, o
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 import traceback
 from pathlib import Path
@@ -30,8 +32,12 @@ PRESETS = {
 }
 
 
-def run_name(model: str, weights: str, seed: int, strategy: str = "full") -> str:
+def run_name(model: str, weights: str, seed: int, strategy: str = "full", *, others=()) -> str:
+    """The cell's folder name. A weights file is named by its stem; when another weights file of the
+    grid (``others``) has the same stem, a short hash of its resolved path tells them apart."""
     w = weights if weights in ("none", "imagenet") else "file-" + Path(weights).stem
+    if w.startswith("file-") and any(o != weights and Path(o).stem == Path(weights).stem for o in others):
+        w += "-" + hashlib.sha1(os.path.realpath(weights).encode("utf-8", "surrogateescape")).hexdigest()[:8]
     suffix = "" if strategy == "full" else f"__{strategy}"
     return f"{model}__{w}__seed{seed}{suffix}"
 
@@ -130,7 +136,7 @@ def run_grid(data: str, out: str, models: list[str], weights: list[str], seeds: 
     results: dict[int, dict] = {}
     specs: list[dict] = []
     for k, (model, w, seed) in enumerate(cells, 1):
-        run_dir = grid_dir / "runs" / run_name(model, w, seed, strategy)
+        run_dir = grid_dir / "runs" / run_name(model, w, seed, strategy, others=weights)
         head = f"[{k}/{len(cells)}] {model} weights={w} seed={seed}"
         if run_status(run_dir, base.get("epochs")) == "done":
             log.info("%s: done already, skipped", head)
@@ -178,7 +184,9 @@ def run_cell(spec: dict) -> dict:
     log.info("%s: %s", head, "resuming" if status == "partial" else "starting")
     (run_dir / "error.txt").unlink(missing_ok=True)
     try:
-        run = fit(TrainConfig(**cfg_values), progress=spec.get("progress", True), resume=status == "partial")
+        # a failed or never-checkpointed cell starts again over its own leftovers
+        run = fit(TrainConfig(**cfg_values), progress=spec.get("progress", True), resume=status == "partial",
+                  overwrite=status != "partial")
         acc = run.metrics["test"]["accuracy"]
         log.info("%s: test accuracy %.4f, %.0f s training", head, acc, run.metrics["train_seconds"])
         if spec.get("external") is not None:

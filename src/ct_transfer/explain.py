@@ -206,13 +206,34 @@ def explain_files(run, paths: list[Path], *, method: str, out_dir, target_layer:
     EXPLAINERS.check(method)
     check_layer(run, find_layer(run.model, target_layer), target_layer, method)  # before any decoding
     out_dir = ensure_writable_dir(out_dir)
+    stems = output_stems(paths, names)
     results = []
     for i, p in enumerate(paths):
         image = D.read_input(p, run.preprocess.window)
         ex = explain_images(run, [image], method=method, target_layer=target_layer)[0]
-        stem = names[i] if names else re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(p).stem)
-        target = out_dir / f"{stem}_{method}.png"
+        target = out_dir / f"{stems[i]}_{method}.png"
         save_figure(overlay_figure(image, ex.heatmap, ex.title), target, dpi=80)
         results.append({"path": str(p), "pred": ex.label, "prob": ex.probability, "overlay": str(target),
                         "heatmap": ex.heatmap})
     return results
+
+
+def output_stems(paths, names: list[str] | None = None) -> list[str]:
+    """One output name per input, never shared: the file's stem in safe characters, and where two
+    inputs would get the same name (``a/scan.png`` and ``b/scan.png``, ``scan.png`` and ``scan.dcm``,
+    two non-Latin names) a stable short hash of the input's resolved path is added to each."""
+    import hashlib
+    import os
+
+    def safe(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:100].lstrip(".") or "image"  # never a hidden file
+
+    base = [safe(names[i]) if names else safe(Path(p).stem) for i, p in enumerate(paths)]
+    keys = [os.fsencode(os.path.realpath(p)) if not names else str(names[i]).encode("utf-8", "surrogateescape")
+            for i, p in enumerate(paths)]
+    folded = [b.lower() for b in base]  # case-insensitive file systems: Scan and scan collide too
+    out = []
+    for b, f, key in zip(base, folded, keys):
+        clash = sum(1 for g, k in zip(folded, keys) if g == f and k != key) > 0
+        out.append(f"{b}-{hashlib.sha1(key).hexdigest()[:8]}" if clash else b)
+    return out

@@ -120,7 +120,13 @@ def export(run, out, *, format: str | None = None, n_check: int = 32) -> dict:
 def _export_onnx(wrapper, x, out: Path) -> np.ndarray:
     import onnxruntime as ort
 
-    tmp = out.with_name(f".{out.name}.tmp.onnx")
+    import os
+    import tempfile
+
+    # a unique name in the target folder: never an existing file of the user's (it is removed after)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name[:100]}.", suffix=".tmp.onnx", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
         torch.onnx.export(wrapper, (x[:2],), str(tmp), input_names=["image"], output_names=["probabilities"],
                           dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)

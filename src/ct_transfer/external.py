@@ -20,18 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def parse_class_map(text: str | dict | None) -> dict[str, str]:
-    """``"CT_COVID=COVID,CT_NonCOVID=non-COVID"`` -> {external folder: run class}."""
-    if text is None or isinstance(text, dict):
-        return dict(text or {})
-    out = {}
-    for part in (p.strip() for p in str(text).split(",") if p.strip()):
-        src, sep, dst = part.partition("=")
-        if not sep or not src.strip() or not dst.strip():
-            raise ConfigError("class_map", text, f"'{part}' is not FOLDER=CLASS")
-        out[src.strip()] = dst.strip()
-    if not out:
-        raise ConfigError("class_map", text, "empty; give FOLDER=CLASS pairs separated by commas")
-    return out
+    """``"CT_COVID=COVID,CT_NonCOVID=non-COVID"`` -> {external folder: run class} (the training
+    option's parser: one check for both)."""
+    from .config import parse_class_map as parse
+
+    return {} if text is None else parse(text)
 
 
 def external_rows(run_classes: list[str], data, *, class_map=None, split_file=None, subset=None) -> list[dict]:
@@ -82,12 +75,19 @@ def default_name(data, subset: str | None = None) -> str:
 
 
 def evaluate_external(run, data, *, name: str | None = None, class_map=None, split_file=None,
-                      subset: str | None = None, write: bool = True) -> dict:
-    """Evaluate ``run`` on ``data``; returns (and writes) ``{"name", "data", "metrics", ...}``."""
+                      subset: str | None = None, write: bool = True, near_duplicates: bool = True,
+                      allow_shared: bool = False) -> dict:
+    """Evaluate ``run`` on ``data``; returns (and writes) ``{"name", "data", "metrics", ...}``.
+
+    A set that shares files with the run's own data (same resolved path or same bytes) is refused
+    (``allow_shared=True``: evaluated and labelled instead, e.g. to compare prediction paths on known
+    images); one with near-duplicates of them (the audit's pHash) is evaluated but labelled not
+    independent (``"independent": false`` in metrics.json, a warning on the serve card)."""
     name = name or default_name(data, subset)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
         raise ConfigError("name", name, "use letters, digits, '.', '_' or '-' (it names a folder)")
     rows = external_rows(run.classes, data, class_map=class_map, split_file=split_file, subset=subset)
+    independence = check_independent(run, data, rows, near=near_duplicates, allow_shared=allow_shared)
     x, y, kept, bad = D.load_subset(rows, "external", run.classes, data, run.preprocess, on_bad="skip")
     if len(kept) == 0:
         raise CTTransferError(f"{data}: no readable images")
@@ -95,7 +95,8 @@ def evaluate_external(run, data, *, name: str | None = None, class_map=None, spl
     result = run.score(labels, outputs, rows)
     record = {"name": name, "data": str(data), "split_file": str(split_file) if split_file else None,
               "subset": subset, "class_map": parse_class_map(class_map) or None, "skipped": bad,
-              "temperature": run.temperature, "threshold": run.threshold, "metrics": result}
+              "temperature": run.temperature, "threshold": run.threshold, "metrics": result,
+              "independent": independence["independent"], "independence": independence}
     if write:
         if run.directory is None:
             raise CTTransferError("this run has no directory; save it first (Run.save) or pass write=False")
@@ -104,9 +105,66 @@ def evaluate_external(run, data, *, name: str | None = None, class_map=None, spl
         _io.write_json(folder / "metrics.json", record)
         record["path"] = str(folder / "metrics.json")
     log.info("external %s: %d images, accuracy %.4f", name, result["n"], result["accuracy"])
+    if not independence["independent"]:
+        log.warning("external %s is NOT independent of the run's data: %s", name, independence["why"])
     return record
 
 
 class _Subset:
     def __init__(self, x, y, rows):
         self.x, self.y, self.rows = x, y, rows
+
+
+def run_files(run) -> tuple[list[Path], list[dict]] | None:
+    """The run's own images (every subset of its split) as files, or None when its data folder is gone."""
+    data = run.config.get("data")
+    if not data or not run.split:
+        return None
+    root = D.data_root(data)
+    roots = list(root.values()) if isinstance(root, dict) else [root]
+    if any(not Path(r).is_dir() for r in roots):
+        return None
+    rows = [r for r in run.split if D.row_path(r, root).is_file()]
+    return [D.row_path(r, root) for r in rows], rows
+
+
+def check_independent(run, data, rows: list[dict], *, near: bool = True, allow_shared: bool = False) -> dict:
+    """Is the external set apart from the run's data? Shared files (resolved path or sha256 of the
+    bytes) are refused; near-duplicates (pHash distance <= the audit's threshold) are counted."""
+    from .data import groups as G
+
+    ext_files = [Path(data) / r["path"] for r in rows]
+    mine = run_files(run)
+    if mine is None:
+        return {"checked": False, "independent": True, "why": "the run's data folder is not here: not checked"}
+    run_paths, run_rows = mine
+    real = {str(Path(f).resolve()): r for f, r in zip(run_paths, run_rows)}
+    same = [(f, real[str(f.resolve())]) for f in ext_files if str(f.resolve()) in real]
+    if not same:
+        digests = D.content_digests([*map(str, run_paths), *map(str, ext_files)])
+        by_digest = {digests[str(f)]: r for f, r in zip(run_paths, run_rows) if str(f) in digests}
+        same = [(f, by_digest[digests[str(f)]]) for f in ext_files if digests.get(str(f)) in by_digest]
+    if same and allow_shared:
+        f, r = same[0]
+        return {"checked": True, "same_files": len(same), "independent": False, "near_duplicates": None,
+                "why": f"{len(same)} of its {len(ext_files)} images are the run's own data (e.g. {D.shown(f)} = "
+                       f"{r['path']} in the run's {r['subset']} subset); not an external validation"}
+    if same:
+        f, r = same[0]
+        raise CTTransferError(f"{data}: {len(same)} of its {len(ext_files)} images are the run's own data "
+                              f"(e.g. {D.shown(f)} = {r['path']} in the run's {r['subset']} subset); an external "
+                              "set must not share files with the training data")
+    record = {"checked": True, "same_files": 0, "independent": True, "why": "no shared or near-duplicate images",
+              "near_duplicates": None, "threshold": G.DEFAULT_THRESHOLD}
+    if near:
+        fa = [G.fingerprint(f, r["path"]) for f, r in zip(run_paths, run_rows)]
+        fb = G.fingerprints(data, [r["path"] for r in rows])
+        pairs = G.close_pairs(fa, fb, threshold=G.DEFAULT_THRESHOLD)
+        record["near_duplicates"] = len(pairs)
+        record["pairs"] = [{"run": fa[i].path, "subset": run_rows[i]["subset"], "external": fb[j].path,
+                            "distance": d} for i, j, d, _ in pairs[:20]]
+        if pairs:
+            images = len({j for _, j, _, _ in pairs})
+            record.update(independent=False, why=f"{images} of its {len(rows)} images are near-duplicates of the "
+                          f"run's images (pHash distance <= {G.DEFAULT_THRESHOLD}); not an external validation")
+    return record

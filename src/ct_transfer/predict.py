@@ -6,24 +6,40 @@ import json
 from pathlib import Path
 
 from . import _io
-from .data import DEFAULT_WINDOW, DICOM_EXTENSIONS, IMAGE_EXTENSIONS, read_dicom, read_input  # noqa: F401
+from .data import DEFAULT_WINDOW, DICOM_EXTENSIONS, IMAGE_EXTENSIONS, is_dicom, read_dicom, read_input  # noqa: F401
 from .errors import ConfigError, CTTransferError
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; folders searched recursively for images and DICOM files."""
+    """Files as given; folders searched recursively for images and DICOM files (by extension, or by
+    the ``DICM`` preamble: DICOM files often have no extension). Hidden files and folders
+    (``.ipynb_checkpoints/``, ``._x.png``, ``.DS_Store``) are skipped; names must be UTF-8 text."""
+    import os
+
+    from .data.split import check_name, shown
+
     out = []
     for item in inputs:
         p = Path(item)
+        check_name(p)
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS + DICOM_EXTENSIONS)
+            found = []
+            for folder, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in files:
+                    f = Path(folder) / name
+                    if name.startswith(".") or not f.is_file():
+                        continue
+                    if f.suffix.lower() in IMAGE_EXTENSIONS + DICOM_EXTENSIONS or is_dicom(f):
+                        check_name(f)
+                        found.append(f)
             if not found:
-                raise CTTransferError(f"{p}: folder holds no images or DICOM files")
-            out.extend(found)
+                raise CTTransferError(f"{shown(p)}: folder holds no images or DICOM files")
+            out.extend(sorted(found))
         elif p.is_file():
             out.append(p)
         else:
-            raise CTTransferError(f"{p}: no such file or folder")
+            raise CTTransferError(f"{shown(p)}: no such file or folder")
     return out
 
 

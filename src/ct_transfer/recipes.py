@@ -9,7 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import TrainConfig
-from .errors import ConfigError, CTTransferError
+from . import _io
+from .errors import ConfigError, CTTransferError, show
 
 # Each recipe lists only what differs from TrainConfig's defaults (which are the paper's protocol).
 RECIPES: dict[str, dict] = {
@@ -43,6 +44,45 @@ RECIPES: dict[str, dict] = {
 _NOT_IN_RECIPES = {"data", "model", "out", "recipe"}  # what a run is about, not how it is trained
 
 
+MAX_YAML_BYTES = 1 << 20  # a recipe or search space is a few lines
+
+
+def read_yaml(path, *, what: str = "YAML file"):
+    """A small YAML (or JSON) file through one reader: anchors/aliases refused (an alias bomb expands
+    to gigabytes once used), keys must be text, any failure one line naming the file."""
+    import yaml
+
+    path = Path(path)
+    text = _io.read_text(path, what=what, max_bytes=MAX_YAML_BYTES + 1)
+    if len(text.encode("utf-8", "replace")) > MAX_YAML_BYTES:
+        raise CTTransferError(f"{path}: {what} is larger than {MAX_YAML_BYTES // 1024} KB")
+
+    class _NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise CTTransferError(f"{path}: line {event.start_mark.line + 1}: YAML aliases (*name) are not "
+                                      f"allowed in a {what}; write the value out")
+            return super().compose_node(parent, index)
+
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            values = yaml.load(text, Loader=_NoAliases)  # noqa: S506 (a SafeLoader subclass)
+    except CTTransferError:
+        raise
+    except RecursionError:
+        raise CTTransferError(f"{path}: not a readable {what} (nested too deeply)") from None
+    except Exception as exc:  # yaml/json raise many types
+        raise CTTransferError(f"{path}: not a readable {what} ({' '.join(str(exc).split())[:100]})") from None
+    if isinstance(values, dict):
+        odd = [k for k in values if not isinstance(k, str)]
+        if odd:
+            raise CTTransferError(f"{path}: key {show(odd[0])} is {type(odd[0]).__name__}, not an option name (text)")
+    return values
+
+
 def load_recipe(recipe: str) -> dict:
     """A recipe name or a .yaml/.yml/.json file -> validated ``{field: value}``."""
     if recipe in RECIPES:
@@ -52,16 +92,7 @@ def load_recipe(recipe: str) -> dict:
         raise ConfigError("recipe", recipe, f"choose {', '.join(RECIPES)} or a .yaml/.json recipe file")
     if not path.is_file():
         raise CTTransferError(f"{path}: recipe file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
-
-            values = yaml.safe_load(text)
-    except Exception as exc:  # yaml/json raise many types
-        raise CTTransferError(f"{path}: not a readable recipe file ({' '.join(str(exc).split())[:100]})") from None
+    values = read_yaml(path, what="recipe file")
     if not isinstance(values, dict):
         raise CTTransferError(f"{path}: a recipe file holds a mapping of option: value")
     known = {f.name for f in fields(TrainConfig)} - _NOT_IN_RECIPES
@@ -72,10 +103,17 @@ def load_recipe(recipe: str) -> dict:
 
 
 def config_from_recipe(recipe: str | None, /, **options) -> TrainConfig:
-    """``TrainConfig`` from a recipe, with ``options`` overriding it."""
+    """``TrainConfig`` from a recipe, with ``options`` overriding it. A bad value that came from the
+    recipe file is reported as ``FILE: key: value: why`` (not as a command-line flag)."""
     if recipe is None:
         return TrainConfig(**options)
-    return TrainConfig(**{**load_recipe(recipe), **options, "recipe": recipe})
+    values = load_recipe(recipe)
+    try:
+        return TrainConfig(**{**values, **options, "recipe": recipe})
+    except ConfigError as exc:
+        if exc.param in values and exc.param not in options:
+            raise CTTransferError(f"{recipe}: {exc.param}: {show(values[exc.param])}: {exc.why}") from None
+        raise
 
 
 def write_recipe(path, values: dict) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from . import data as D
 from . import models as M
-from .errors import CTTransferError
+from .errors import ConfigError, CTTransferError
 from .evaluate import compute_metrics, confusion_matrix_figure, curves_figure, save_figure, write_predictions
 from .inference import PREDICTOR_FILE, Calibration, Prediction, Predictor, read_calibration, softmax
 from .rundir import RunDir
@@ -154,7 +154,13 @@ class Run:
         """Fit temperature scaling and a decision threshold on val (Youden's J, or the most specific
         threshold reaching ``sensitivity``); stored in the predictor (``predictor.json``)."""
         from . import calibration as cal
+        from .config import check_sensitivity
 
+        if sensitivity is not None:  # the same check as train's --sensitivity, before any work
+            sensitivity = check_sensitivity(sensitivity)
+            if len(self.classes) != 2:
+                raise ConfigError("sensitivity", sensitivity, f"a decision threshold needs two classes; this run has "
+                                  f"{len(self.classes)} ({', '.join(self.classes)}): leave it out")
         if val is None:
             if not self.split:
                 raise CTTransferError(f"{self.directory}: this run has no split.csv; cannot find its val subset")
@@ -188,12 +194,13 @@ class Run:
         return path
 
     def evaluate_external(self, data, *, name: str | None = None, class_map=None, split_file=None,
-                          subset: str | None = None, write: bool = True) -> dict:
-        """Metrics on another folder-per-class dataset; written to ``RUN/external/NAME/``."""
+                          subset: str | None = None, write: bool = True, allow_shared: bool = False) -> dict:
+        """Metrics on another folder-per-class dataset; written to ``RUN/external/NAME/``. A set sharing
+        files with the run's data is refused (``allow_shared``: labelled not independent instead)."""
         from .external import evaluate_external
 
         return evaluate_external(self, data, name=name, class_map=class_map, split_file=split_file,
-                                 subset=subset, write=write)
+                                 subset=subset, write=write, allow_shared=allow_shared)
 
     # -- files -----------------------------------------------------------------------------
     def write_outputs(self, directory=None) -> None:

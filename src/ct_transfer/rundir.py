@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 
 CONFIG, SPLIT, HISTORY, METRICS = "config.json", "split.csv", "history.csv", "metrics.json"
 BEST, LAST, LAST_PREV = "best.pt", "last.pt", "last.prev.pt"
+LOCK = ".lock"
+PREDICTOR = "predictor.json"  # inference.PREDICTOR_FILE (the fitted calibration and guard)
+RUN_FILES = (CONFIG, SPLIT, HISTORY, METRICS, BEST, LAST, LAST_PREV, PREDICTOR)  # any of them: a run is here
 
 
 class RunDir:
@@ -29,6 +32,45 @@ class RunDir:
     # -- what is there ---------------------------------------------------------------------
     def is_run(self) -> bool:
         return (self.path / CONFIG).is_file()
+
+    def run_files(self) -> list[str]:
+        """The run files present (a finished run whose ``last.pt`` is gone still holds a run)."""
+        return [name for name in RUN_FILES if (self.path / name).exists()]
+
+    def clear_run_files(self) -> None:
+        """``overwrite``: remove the previous run's files (its checkpoints, metrics, predictions and
+        external results) so nothing of it is mistaken for the new run's; other files stay."""
+        import shutil
+
+        old = [self.path / n for n in (*RUN_FILES, "skipped.txt", "reliability.png", "confusion_matrix.png")]
+        old += sorted(self.path.glob("predictions_*.csv"))
+        try:
+            for f in old:
+                if f.is_file() or f.is_symlink():
+                    f.unlink()
+            if (self.path / "external").is_dir():
+                shutil.rmtree(self.path / "external")
+        except OSError as exc:
+            raise CTTransferError(f"{self.path}: cannot remove the previous run's files ({_io.why(exc)})") from None
+
+    def remove_temporary(self) -> list[str]:
+        """Temporary files a killed writer left (``.NAME.XXXX.tmp`` of ``_io.atomic_open``,
+        ``.last.pt.new``); called with the lock held, so no live writer owns them."""
+        removed = []
+        for f in list(self.path.glob(".*.tmp")) + [self.path / f".{LAST}.new"]:
+            try:
+                if f.is_file():
+                    f.unlink()
+                    removed.append(f.name)
+            except OSError:
+                pass
+        if removed:
+            log.info("%s: removed %d temporary file(s) left by an interrupted run", self.path, len(removed))
+        return removed
+
+    def lock(self) -> "RunLock":
+        """One writer per run folder: ``RUN/.lock`` names the writing process (pid and host)."""
+        return RunLock(self.path / LOCK)
 
     def check(self) -> "RunDir":
         if not self.is_run():
@@ -86,7 +128,8 @@ class RunDir:
         _io.save_checkpoint(state, self.path / BEST)
 
     def save_last(self, state: dict) -> None:
-        """New ``last.pt``; the previous one becomes ``last.prev.pt`` (a fallback for resume)."""
+        """New ``last.pt``; the previous one becomes ``last.prev.pt`` (a fallback for resume). A kill
+        between the steps leaves ``.last.pt.new``, removed at the next start (``remove_temporary``)."""
         tmp = self.path / f".{LAST}.new"
         _io.save_checkpoint(state, tmp)
         try:
@@ -132,3 +175,79 @@ def record_failure(run_dir, msg: str, details: str = "") -> None:
             _io.write_text(run_dir / "error.log", details)
     except (OSError, CTTransferError):
         pass
+
+
+class RunLock:
+    """``RUN/.lock`` created exclusively (``O_EXCL``) with ``pid host`` inside; a second writer is
+    refused with the holder's name. A lock whose process is gone (same host, pid not running) is
+    stale: it is replaced, with a log line. Released (removed) on exit, also after an error."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.held = False
+
+    @staticmethod
+    def _me() -> str:
+        import socket
+
+        return f"{os.getpid()} {socket.gethostname()}"
+
+    def _holder(self) -> tuple[int | None, str]:
+        try:
+            pid, _, host = self.path.read_text(encoding="utf-8", errors="replace").strip().partition(" ")
+            return int(pid), host.strip()
+        except (OSError, ValueError):
+            return None, ""
+
+    def acquire(self) -> "RunLock":
+        import socket
+
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pid, host = self._holder()
+                if pid is not None and host == socket.gethostname() and not _alive(pid):
+                    log.warning("%s: stale lock of process %d (no longer running) replaced", self.path, pid)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if pid is None:  # being written this instant, or damaged: say so rather than guess
+                    raise CTTransferError(f"{self.path.parent}: locked by another process ({self.path} unreadable); "
+                                          f"if no ct-transfer process uses this run, remove {self.path}")
+                raise CTTransferError(f"{self.path.parent}: another process (pid {pid} on {host or 'an unknown host'}) "
+                                      f"is writing this run; wait for it to finish (or remove {self.path} if that "
+                                      "process is gone)")
+            except OSError as exc:
+                raise CTTransferError(f"{self.path.parent}: cannot write here ({_io.why(exc)})") from None
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(self._me() + "\n")
+            self.held = True
+            return self
+        raise CTTransferError(f"{self.path}: cannot take the lock (another process keeps replacing it)")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                if self.path.read_text(encoding="utf-8").strip() == self._me():
+                    self.path.unlink()
+            except OSError:
+                pass
+            self.held = False
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    except OSError:
+        return True
+    return True

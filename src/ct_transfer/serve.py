@@ -124,7 +124,8 @@ def read_external(directory) -> list[dict]:
             log.warning("%s: skipped (%s)", path, exc)
             continue
         out.append({"name": str(doc.get("name") or folder.name), "data": str(doc.get("data", "")),
-                    "metrics": _metric_row(metrics)})
+                    "metrics": _metric_row(metrics), "independent": doc.get("independent") is not False,
+                    "why": str((doc.get("independence") or {}).get("why", ""))})
     return out
 
 
@@ -148,8 +149,9 @@ def run_card(name: str, run: Run) -> dict:
     cfg, metrics = run.config, run.metrics or {}
     internal = {s: _metric_row(metrics[s]) for s in ("val", "test") if isinstance(metrics.get(s), dict)}
     external = read_external(run.directory)
-    warnings = []
-    if not external:
+    warnings = [f"Not an external validation: '{e['name']}' shares near-duplicate images with the training data "
+                f"({e['why']})." for e in external if not e["independent"]]
+    if not any(e["independent"] for e in external):
         warnings.append("No external validation: the metrics below come from held-out images of the "
                         "training dataset only. Expect lower accuracy on another hospital's scans.")
     if not internal:

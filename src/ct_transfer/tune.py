@@ -23,7 +23,7 @@ from pathlib import Path
 from . import _io
 from . import data as D
 from .config import TrainConfig
-from .errors import ConfigError, CTTransferError
+from .errors import ConfigError, CTTransferError, show
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,9 @@ def load_space(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CTTransferError(f"{path}: search space file not found")
-    try:
-        import yaml
+    from .recipes import read_yaml
 
-        space = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except Exception as exc:  # yaml raises many types
-        raise CTTransferError(f"{path}: not a readable YAML file ({' '.join(str(exc).split())[:100]})") from None
+    space = read_yaml(path, what="search space file")
     if not isinstance(space, dict) or not space:
         raise CTTransferError(f"{path}: a search space is a mapping of option: range (see docs/distributed.md)")
     return {name: _check_entry(path, name, spec) for name, spec in space.items()}
@@ -82,7 +79,16 @@ def _check_entry(path, name, spec):
         raise CTTransferError(f"{path}: {name}: an integer option; use type: int")
     out = {"type": kind, "low": low, "high": high}
     if kind == "int":
-        out.update(low=int(low), high=int(high), step=int(spec.get("step", 1)), log=bool(spec.get("log", False)))
+        step, use_log = spec.get("step", 1), spec.get("log", False)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise CTTransferError(f"{path}: {name}: step {show(step)}: choose an integer >= 1")
+        if not isinstance(use_log, bool):
+            raise CTTransferError(f"{path}: {name}: log {show(use_log)}: choose true or false")
+        if low != int(low) or high != int(high):
+            raise CTTransferError(f"{path}: {name}: int needs whole numbers 'low' and 'high'")
+        if use_log and step != 1:
+            raise CTTransferError(f"{path}: {name}: log: true needs step 1")
+        out.update(low=int(low), high=int(high), step=step, log=use_log)
     for v in (out["low"], out["high"]):
         _check_value(path, name, v)
     return out
@@ -92,7 +98,7 @@ def _check_value(path, name, value) -> None:
     try:
         TrainConfig(data="-", model="-", **{name: value})
     except ConfigError as exc:
-        raise CTTransferError(f"{path}: {name}: {value}: {exc.why}") from None
+        raise CTTransferError(f"{path}: {name}: {show(value)}: {exc.why}") from None
     except TypeError as exc:
         raise CTTransferError(f"{path}: {name}: {exc}") from None
 
@@ -205,7 +211,44 @@ def tune(*, data: str, model: str, space_file: str, trials: int, out: str, metri
     TrainConfig(data=data, model=model, **base)  # the fixed options are valid before any trial
     if not Path(data).is_dir():
         raise CTTransferError(f"{data}: dataset folder not found")
-    out_dir = _io.ensure_writable_dir(Path(out))
+    out_dir = Path(out)
+    fresh = not (out_dir / "study.db").exists() and not (out_dir / "ray").exists()
+    created = _created_paths(out_dir)
+    out_dir = _io.ensure_writable_dir(out_dir)
+    try:
+        return _tune(out_dir, data, model, space, trials, metric, base, executor, address, cpus_per_trial,
+                     gpus_per_trial, search_seed, optuna)
+    except Exception:  # not KeyboardInterrupt: a killed search resumes from its study
+        if fresh:  # a new search that failed leaves nothing behind (a resumed one keeps its study)
+            _remove_outputs(out_dir, created)
+        raise
+
+
+def _created_paths(out_dir: Path) -> list[Path]:
+    """The folders ``ensure_writable_dir`` is about to make (removed again if the search fails)."""
+    made = []
+    p = out_dir
+    while not p.exists() and p.parent != p:
+        made.append(p)
+        p = p.parent
+    return made
+
+
+def _remove_outputs(out_dir: Path, created: list[Path]) -> None:
+    import shutil
+
+    for name in ("tune.json", "split.csv", "study.db", "best.yaml", "trials.csv", "search.md", "search.png"):
+        (out_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "ray", ignore_errors=True)
+    for folder in created:  # innermost first; only if still empty
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def _tune(out_dir, data, model, space, trials, metric, base, executor, address, cpus_per_trial, gpus_per_trial,
+          search_seed, optuna) -> dict:
     given = dict(base)  # the user's fixed options, as given: best.yaml carries them
     split = search_split(out_dir, data, split_file=base.pop("split_file", None),
                          split_preset=base.pop("split_preset", "stratified"), split_seed=base.get("split_seed", 0),
@@ -233,9 +276,15 @@ def _max_value(spec):
 
 def _tune_local(optuna, space, base, metric, trials, out_dir: Path, *, seed, settings) -> list[dict]:
     _, direction = METRICS[metric]
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # ERROR: a failed trial is said by our own one-line log below, not by Optuna's warning with a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    import sqlite3
+
+    db = str(out_dir / "study.db")
+    # the file is opened by sqlite3 itself: a folder name with '?' or '#' would be parsed as part of a URL
+    storage = optuna.storages.RDBStorage("sqlite://", engine_kwargs={"creator": lambda: sqlite3.connect(db)})
     study = optuna.create_study(
-        study_name="tune", storage=f"sqlite:///{out_dir / 'study.db'}", load_if_exists=True, direction=direction,
+        study_name="tune", storage=storage, load_if_exists=True, direction=direction,
         sampler=optuna.samplers.TPESampler(seed=seed),
         pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
     key = {k: settings[k] for k in ("data", "model", "space", "metric")}
@@ -258,7 +307,12 @@ def _tune_local(optuna, space, base, metric, trials, out_dir: Path, *, seed, set
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        result = run_trial(params, base=base, metric=metric, report=report)
+        try:
+            result = run_trial(params, base=base, metric=metric, report=report)
+        except CTTransferError as exc:  # recorded: the search's error names it if no trial completes
+            trial.set_user_attr("error", str(exc))
+            log.warning("trial %d failed: %s", trial.number, exc)
+            raise
         trial.set_user_attr("epochs", result["epochs"])
         log.info("trial %d: %s = %.4f  %s", trial.number, metric, result["score"], params)
         return result["score"]
@@ -270,7 +324,8 @@ def _tune_local(optuna, space, base, metric, trials, out_dir: Path, *, seed, set
         value = t.value if t.value is not None else (t.intermediate_values[max(t.intermediate_values)]
                                                      if t.intermediate_values else None)
         records.append({"trial": t.number, "state": t.state.name, "score": value, "params": dict(t.params),
-                        "epochs": t.user_attrs.get("epochs", max(t.intermediate_values, default=0))})
+                        "epochs": t.user_attrs.get("epochs", max(t.intermediate_values, default=0)),
+                        "error": t.user_attrs.get("error")})
     return records
 
 
@@ -350,7 +405,10 @@ def write_outputs(out_dir: Path, records: list[dict], space: dict, metric: str, 
     _, direction = METRICS[metric]
     complete = [r for r in records if r["state"] == "COMPLETE" and r["score"] is not None]
     if not complete:
-        raise CTTransferError(f"{out_dir}: no trial completed (see trials.csv)")
+        errors = [r for r in records if r.get("error")]
+        why = f"; trial {errors[0]['trial']} failed: {errors[0]['error']}" if errors else \
+            f" ({', '.join(sorted({r['state'].lower() for r in records})) or 'none ran'})"
+        raise CTTransferError(f"{out_dir}: no trial completed{why}")
     sign = 1 if direction == "maximize" else -1
     best = max(complete, key=lambda r: (sign * r["score"], -r["trial"]))  # ties: the earlier trial
     fixed = {k: v for k, v in space.items() if not isinstance(v, dict)}

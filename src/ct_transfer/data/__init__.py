@@ -7,7 +7,8 @@ from .decode import (DEFAULT_WINDOW, DICOM_EXTENSIONS, IMAGE_EXTENSIONS, as_rgb_
 from .preprocess import Preprocess, resize_array
 from .split import (DEFAULT_POSITIVE, PAPER_PER_CLASS, SAMPLE_FIELDS, SUBSETS, Item, apply_class_map, build_split, carve_test, class_order,
                     data_root, limit_rows, make_split, pixel_duplicates_across_subsets, row_path, source_ids, source_names, source_weights, read_split, resolve_classes, scan_folder, split_counts,
-                    split_folder,                     write_split)
+                    split_folder, write_split, check_name, content_digests, file_identity,
+                    normalise_path, resolve_inside, same_file_rows, shown)
 from .steps import CROPS, INTENSITIES, Clahe, CropForeground, PercentileIntensity
 from .transforms import (AUGMENTATIONS, Compose, Normalize, RandomAffine, RandomBlur, RandomBrightness,
                          RandomContrastGamma, RandomJPEG, RandomNoise, RandomResizedCrop, ToFloat, augmentation,
@@ -22,4 +23,6 @@ __all__ = [
     "RandomBrightness", "ToFloat", "batch_transform", "paper_augmentation",
     "apply_class_map", "build_split", "SAMPLE_FIELDS", "carve_test", "row_path", "source_ids", "source_names", "source_weights", "CROPS", "INTENSITIES", "Clahe", "CropForeground", "PercentileIntensity", "AUGMENTATIONS", "RandomBlur",
     "RandomContrastGamma", "RandomJPEG", "RandomNoise", "RandomResizedCrop", "augmentation", "domain_augmentation",
+    "check_name", "content_digests", "file_identity", "normalise_path", "resolve_inside",
+    "same_file_rows", "shown",
 ]

@@ -7,6 +7,7 @@ difference between the classes of the original SARS-CoV-2 download cannot leak i
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import CTTransferError, first_line
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
@@ -139,6 +142,7 @@ def _dicom_to_array(data: bytes, name: str, window) -> np.ndarray:
     if rows * cols > MAX_PIXELS or rows * cols * frames * samples > 4 * MAX_PIXELS:
         raise CTTransferError(f"{name}: DICOM image is {cols}x{rows} px x {frames} frame(s), more than the "
                               f"{MAX_PIXELS:,} px per slice ({4 * MAX_PIXELS:,} in all) allowed")
+    check_rescale(ds, name)
     try:
         pixels = ds.pixel_array
         hu = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
@@ -156,6 +160,34 @@ def _dicom_to_array(data: bytes, name: str, window) -> np.ndarray:
     hu = np.nan_to_num(hu, nan=lo, posinf=lo + width, neginf=lo)
     gray = np.rint(np.clip((hu - lo) / width, 0.0, 1.0) * 255.0).astype(np.uint8)
     return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+MAX_RESCALE_SLOPE = 1e4  # CT slopes are ~1 (0.5..2 seen); beyond this the HU values are meaningless
+MAX_RESCALE_INTERCEPT = 1e6
+
+
+def check_rescale(ds, name: str) -> None:
+    """The stored-value -> HU mapping must be usable: a slope of 0, a non-finite or absurd slope or
+    intercept is a one-line error (every pixel would land on one value or outside any window). A CT
+    slice without rescale tags (and without a Modality LUT) is decoded with its stored values taken
+    as HU, and a warning says so: some exporters store HU directly, others raw detector values."""
+    has_slope, has_intercept = "RescaleSlope" in ds, "RescaleIntercept" in ds
+    if not has_slope and not has_intercept:
+        if "ModalityLUTSequence" not in ds:
+            log.warning("%s: DICOM has no RescaleSlope/RescaleIntercept: its stored values are taken as HU "
+                        "(check the window if the image looks wrong)", name)
+        return
+    try:
+        slope = float(ds.RescaleSlope) if has_slope else 1.0
+        intercept = float(ds.RescaleIntercept) if has_intercept else 0.0
+    except (TypeError, ValueError, OverflowError):
+        raise CTTransferError(f"{name}: DICOM RescaleSlope/RescaleIntercept are not numbers") from None
+    if not np.isfinite(slope) or slope == 0 or abs(slope) > MAX_RESCALE_SLOPE:
+        raise CTTransferError(f"{name}: DICOM RescaleSlope {slope:g} is unusable (choose a finite, non-zero value "
+                              f"up to {MAX_RESCALE_SLOPE:g}; CT slopes are about 1)")
+    if not np.isfinite(intercept) or abs(intercept) > MAX_RESCALE_INTERCEPT:
+        raise CTTransferError(f"{name}: DICOM RescaleIntercept {intercept:g} is unusable (CT intercepts are about "
+                              "-1024)")
 
 
 def read_dicom(path, window=DEFAULT_WINDOW) -> np.ndarray:

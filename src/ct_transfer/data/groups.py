@@ -37,13 +37,28 @@ class Fingerprint:
     phash: str  # 256-bit perceptual hash, hex
 
 
+_SEEN: dict = {}  # (resolved path, size, mtime) -> (sha256, phash): a run's images are hashed once per process
+_SEEN_MAX = 200_000
+
+
 def fingerprint(file: str | os.PathLike, name: str | None = None) -> Fingerprint:
     import imagehash
     from PIL import Image
 
+    try:
+        st = os.stat(file)
+        key = (os.path.realpath(file), st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key in _SEEN:
+        return Fingerprint(name if name is not None else str(file), *_SEEN[key])
     arr = read_image(file)
     digest = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
     ph = imagehash.phash(Image.fromarray(arr).convert("L"), hash_size=HASH_SIZE)
+    if key is not None:
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        _SEEN[key] = (digest, str(ph))
     return Fingerprint(name if name is not None else str(file), digest, str(ph))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,28 +35,70 @@ class Item:
     label: str
 
 
+def shown(path) -> str:
+    """A path for a message: undecodable bytes of a file name as ``\\xff`` escapes."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+def check_name(path) -> None:
+    """A file name must be text (UTF-8): it goes into CSV and JSON files and onto the web page."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CTTransferError(f"{shown(path)}: file name is not valid UTF-8 text; rename the file") from None
+
+
+def resolve_inside(root, rel: str) -> Path:
+    """``root/rel`` with symlinks resolved; a file that resolves outside ``root`` is refused (a link
+    to /etc/passwd or to another dataset is not part of this one)."""
+    base = Path(os.path.realpath(root))
+    real = Path(os.path.realpath(Path(root) / rel))
+    if real != base and base not in real.parents:
+        raise CTTransferError(f"{shown(Path(root) / rel)}: is a link to {shown(real)}, outside the data folder "
+                              f"{shown(root)}; copy the file in instead")
+    return real
+
+
 def scan_folder(root: str | os.PathLike) -> tuple[list[Item], list[str]]:
-    """List ``root/<class>/**/<image>``; returns the items (sorted) and the class names (sorted)."""
+    """List ``root/<class>/**/<image>``; returns the items (sorted) and the class names (sorted).
+
+    Hidden files and folders are skipped (OS metadata, notebook checkpoints); a file that links
+    outside ``root``, or two names of one file (a symlink to another listed file), are errors."""
     root = Path(root)
     if not root.is_dir():
-        raise CTTransferError(f"{root}: dataset folder not found")
+        raise CTTransferError(f"{shown(root)}: dataset folder not found")
     try:
         class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         items: list[Item] = []
         empty = []
+        seen: dict[Path, str] = {}
         for class_dir in class_dirs:
-            files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            check_name(class_dir)
+            files = []
+            for folder, dirs, names in os.walk(class_dir):  # symlinked sub-folders are not followed
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files += [Path(folder) / n for n in names
+                          if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+            files = sorted(f for f in files if f.is_file())
             if not files:
-                empty.append(str(class_dir))
-            items.extend(Item(p.relative_to(root).as_posix(), class_dir.name) for p in files)
+                empty.append(shown(class_dir))
+            for f in files:
+                check_name(f)
+                rel = f.relative_to(root).as_posix()
+                real = resolve_inside(root, rel)
+                if real in seen:
+                    raise CTTransferError(f"{shown(root)}: {seen[real]} and {rel} are the same file ({shown(real)}); "
+                                          "keep one")
+                seen[real] = rel
+                items.append(Item(rel, class_dir.name))
     except OSError as exc:
-        raise CTTransferError(f"{root}: cannot list ({(exc.strerror or str(exc)).lower()})") from None
+        raise CTTransferError(f"{shown(root)}: cannot list ({(exc.strerror or str(exc)).lower()})") from None
     if empty:
         raise CTTransferError(f"{', '.join(empty)}: class folder holds no images ({'/'.join(IMAGE_EXTENSIONS)})")
     classes = [d.name for d in class_dirs]
     if len(classes) < 2:
         found = classes[0] if classes else "none"
-        raise CTTransferError(f"{root}: need at least two class folders, found {len(classes)} ({found})")
+        raise CTTransferError(f"{shown(root)}: need at least two class folders, found {len(classes)} ({found})")
     return items, classes
 
 
@@ -120,6 +163,13 @@ def _grouped_split(items: list[Item], groups: list[str], seed: int) -> list[dict
     order = sorted(range(len(items)), key=lambda i: items[i].path)  # independent of the listing order
     labels = [items[i].label for i in order]
     group_ids = [groups[i] for i in order]
+    per_class = defaultdict(set)
+    for label, g in zip(labels, group_ids):
+        per_class[label].add(g)
+    few = sorted((len(g), c) for c, g in per_class.items() if len(g) < 10)
+    if few:  # ten folds: fewer groups than that cannot fill val and test with every class
+        raise ConfigError("preset", "grouped", f"class {few[0][1]} has {few[0][0]} independent group(s) of images; "
+                          "a grouped split needs at least 10 per class (use the stratified preset or more images)")
     folds = StratifiedGroupKFold(n_splits=10, shuffle=True, random_state=seed)
     subset = ["train"] * len(order)
     for fold, (_, held) in enumerate(folds.split(np.zeros(len(order)), labels, group_ids)):
@@ -135,6 +185,11 @@ def _grouped_split(items: list[Item], groups: list[str], seed: int) -> list[dict
 def split_folder(data_dir, preset: str = "stratified", seed: int = 0, *, groups_file=None,
                  threshold: int | None = None) -> list[dict]:
     """Scan ``data_dir`` and split it; ``grouped`` first finds near-duplicate (and patient) groups."""
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int)
+                                  or not 0 <= threshold <= 256):
+        raise ConfigError("threshold", threshold, "choose an integer in 0..256 (Hamming distance of 256-bit hashes)")
+    if preset not in PRESETS:
+        raise ConfigError("preset", preset, f"choose {', '.join(PRESETS)}")
     items, _ = scan_folder(data_dir)
     groups = None
     if preset == "grouped":
@@ -187,6 +242,11 @@ def build_split(datasets, *, split_files=None, preset: str = "stratified", seed:
                 part = split_folder(folder, preset, seed, groups_file=groups_file)
             rows += [{**r, "source": name} for r in part] if name else part
     if class_map:
+        found = sorted({r["class"] for r in rows})
+        absent = [src for src in class_map if src not in found]
+        if absent:  # a typo would otherwise train a model with one class more
+            raise ConfigError("class_map", ",".join(f"{k}={v}" for k, v in class_map.items()),
+                              f"no class folder '{absent[0]}' in {', '.join(datasets)} (found: {', '.join(found)})")
         rows = apply_class_map(rows, class_map)
     rows = [r for r in rows if r["subset"] in subsets]
     if limit:
@@ -290,8 +350,17 @@ def write_split(rows: list[dict], path: str | os.PathLike) -> None:
     _io.write_csv(path, [{k: r.get(k, "") for k in fields} for r in rows], fields)
 
 
-def read_split(path: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> list[dict]:
-    """Read a split CSV; with ``data_dir`` every listed file must exist there."""
+def normalise_path(text: str) -> str:
+    """One spelling per relative path: ``./COVID//x.png`` -> ``COVID/x.png``."""
+    return posixpath.normpath(text) if text else text
+
+
+def read_split(path: str | os.PathLike, data_dir: str | os.PathLike | dict | None = None, *,
+               duplicates: str = "error") -> list[dict]:
+    """Read a split CSV; with ``data_dir`` every listed file must exist there (inside it: a link
+    leaving the folder is refused). Paths are normalised; a file listed twice (also as
+    ``./COVID//x.png`` or through a symlink) is an error naming both lines, unless
+    ``duplicates="keep"`` (the audit reports them instead)."""
     path = Path(path)
     rows = _io.read_csv(path, required=("path", "class", "subset"), what="split file")
     for r in rows:  # a patient column (UCSD's SPLIT.csv) is the grouping, and stays the patient id
@@ -305,14 +374,87 @@ def read_split(path: str | os.PathLike, data_dir: str | os.PathLike | None = Non
     bad = [r["subset"] for r in rows if r["subset"] not in SUBSETS]
     if bad:
         raise CTTransferError(f"{path}: unknown subset '{bad[0][:40]}' (use train, val, test)")
-    unsafe = [r["path"] for r in rows if Path(r["path"]).is_absolute() or ".." in Path(r["path"]).parts]
+    unsafe = [r["path"] for r in rows if Path(r["path"]).is_absolute() or ".." in Path(normalise_path(r["path"])).parts]
     if unsafe:
         raise CTTransferError(f"{path}: paths must be relative to the dataset folder, e.g. not {unsafe[0][:80]}")
+    for r in rows:
+        r["path"] = normalise_path(r["path"])
     if data_dir is not None:
         missing = [r["path"] for r in rows if not row_path(r, data_dir).is_file()]
         if missing:
             raise CTTransferError(f"{path}: {len(missing)} listed file(s) missing under {data_dir}, e.g. {missing[0]}")
+        for i, r in enumerate(rows, 2):
+            try:
+                _row_real(r, data_dir)  # a link out of the data folder is refused
+            except CTTransferError as exc:
+                raise CTTransferError(f"{path}: line {i}: {exc}") from None
+    if duplicates == "error":
+        same = same_file_rows(rows, data_dir)
+        if same:
+            (i, a), (j, b) = same[0]
+            also = f" (and {len(same) - 1} more)" if len(same) > 1 else ""
+            raise CTTransferError(f"{path}: lines {i + 2} and {j + 2} list the same file ({a['path']} in "
+                                  f"{a['subset']}, {b['path']} in {b['subset']}){also}; each file belongs to one "
+                                  "subset")
     return rows
+
+
+def _row_real(row: dict, data_dir) -> Path:
+    if isinstance(data_dir, dict):
+        src = row.get("source") or ""
+        if src not in data_dir:
+            raise CTTransferError(f"{row['path']}: unknown source '{src}' (sources: {', '.join(data_dir)})")
+        return resolve_inside(data_dir[src], row["path"])
+    return resolve_inside(data_dir, row["path"])
+
+
+def file_identity(row: dict, data_dir=None):
+    """What identifies a split row's file: its resolved path (symlinks followed) when the data folder
+    is known, else its source and normalised relative path."""
+    if data_dir is None:
+        return (row.get("source") or "", normalise_path(row["path"]))
+    return str(_row_real(row, data_dir))
+
+
+def same_file_rows(rows: list[dict], data_dir=None) -> list[tuple[tuple[int, dict], tuple[int, dict]]]:
+    """Pairs ``((i, row_i), (j, row_j))`` of rows naming one file (first occurrence, repeat)."""
+    first: dict = {}
+    pairs = []
+    for j, r in enumerate(rows):
+        key = file_identity(r, data_dir)
+        if key in first:
+            pairs.append((first[key], (j, r)))
+        else:
+            first[key] = (j, r)
+    return pairs
+
+
+def content_digests(files) -> dict[str, str]:
+    """``{file: sha256 of its bytes}`` for the files whose size another file shares (only those can
+    be byte-identical, so a dataset is read once at most)."""
+    by_size: dict[int, list[str]] = defaultdict(list)
+    for f in files:
+        try:
+            by_size[os.stat(f).st_size].append(str(f))
+        except OSError:
+            continue
+    out = {}
+    for same in by_size.values():
+        if len(same) > 1:
+            for f in same:
+                out[f] = _sha256(f)
+    return out
+
+
+def _sha256(file) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError as exc:
+        raise CTTransferError(f"{shown(file)}: cannot read ({(exc.strerror or str(exc)).lower()})") from None
+    return h.hexdigest()
 
 
 def split_counts(rows: list[dict]) -> dict[str, dict[str, int]]:

@@ -8,9 +8,12 @@ unbroken one. Everything besides the step (checkpoints, history, progress, stopp
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +23,7 @@ from .. import models as M
 from .. import _io
 from .._io import ensure_writable_dir
 from ..config import TrainConfig
-from ..errors import CTTransferError, first_line
+from ..errors import CTTransferError, first_line, show
 from ..inference import autocast, predict_proba
 from ..rundir import RunDir
 from ..run import Run
@@ -93,10 +96,12 @@ def pool_size(sources: torch.Tensor | None, n: int) -> int:
     return int(len(counts) * counts.min())
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool = False, sources=None):
+def _batches(n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool = False, sources=None,
+             single: bool = False):
     """Shuffled index batches. ``drop_last``: only full batches (static shapes for compiled/graphed
     steps; the dropped images change every epoch with the shuffle). ``sources``: draw the epoch from
-    ``balanced_pool`` instead of every image once."""
+    ``balanced_pool`` instead of every image once. ``single``: one-image batches are kept
+    (batch size 1, allowed only where no BatchNorm layer learns batch statistics)."""
     pool = None if sources is None else balanced_pool(sources, generator)
     if pool is not None:
         n = len(pool)
@@ -107,7 +112,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator, *, drop_last: 
         idx = perm[start:start + batch_size]
         if drop_last and len(idx) < batch_size and n >= batch_size:
             return
-        if len(idx) > 1 or n == 1:  # a lone last image would break BatchNorm
+        if len(idx) > 1 or n == 1 or single:  # a lone last image would break BatchNorm
             yield idx
 
 
@@ -152,54 +157,107 @@ def make_scheduler(cfg: TrainConfig, opt, steps: int):
     return None
 
 
-def _check_out(cfg: TrainConfig, resume: bool) -> RunDir | None:
+def _check_out(cfg: TrainConfig, resume: bool, overwrite: bool = False) -> RunDir | None:
     """Fail before any work: an occupied run directory, or one that cannot be written."""
     if cfg.out is None:
         return None
     rundir = RunDir(cfg.out)
-    if (rundir / "last.pt").exists() and not resume:
-        raise CTTransferError(f"{cfg.out}: already holds a run; give resume=True to continue it or choose another out=")
+    present = rundir.run_files()
+    if present and not resume and not overwrite:  # also a finished run whose last.pt is gone
+        raise CTTransferError(f"{cfg.out}: already holds a run ({', '.join(present)}); give resume=True to continue "
+                              "it, overwrite=True to replace it, or choose another out=")
     _io.check_writable(cfg.out)  # a real probe file: os.access says yes to root on a read-only mount
     return rundir
 
 
+# Options a resumed run may change: how and where it runs, not what it learns. Epochs may grow.
+RESUMABLE = {"out", "epochs", "threads", "device", "cache_dir", "checkpoint_every", "on_bad", "recipe",
+             "split_file", "limit", "calibrate", "sensitivity"}
+
+
 def _resumed_config(cfg: TrainConfig, rundir: RunDir) -> TrainConfig:
-    """A resumed run uses its own saved config and split (already limited), with the new epochs."""
+    """A resumed run uses its own saved config and split (already limited), with the new epochs.
+    An option given with another value than the run's is refused, naming it (an option left at its
+    default takes the run's value: the command line cannot tell it from one not given)."""
+    from dataclasses import fields
+
     saved = rundir.read_config()
+    defaults = TrainConfig.__dataclass_fields__
+    differ = []
+    for f in fields(TrainConfig):
+        if f.name in RESUMABLE or f.name not in saved:
+            continue
+        given, old = getattr(cfg, f.name), saved[f.name]
+        if f.name == "data":
+            same = [os.path.realpath(d) for d in cfg.datasets] == \
+                [os.path.realpath(str(d)) for d in ([old] if isinstance(old, str) else list(old or []))]
+        elif f.name == "model":
+            same = _same_model(given, old)
+        else:
+            default = f.default if f.default is not MISSING else None
+            same = given == old or given == default
+        if not same:
+            differ.append(f"{f.name} {show(given)} (the run has {show(old)})")
+    given_files = [f for f in cfg.split_files if f]
+    saved_files = saved.get("split_file") or []
+    saved_files = [saved_files] if isinstance(saved_files, str) else list(saved_files)
+    allowed = {os.path.realpath(str(f)) for f in saved_files if f not in ("", "-")} | {
+        os.path.realpath(rundir / "split.csv")}
+    if any(os.path.realpath(str(f)) not in allowed for f in given_files):  # the run's own split.csv is fine
+        differ.append(f"split_file {show(cfg.split_file)} (the run has {show(saved.get('split_file'))})")
+    if differ:
+        raise CTTransferError(f"{rundir.path}: resume=True continues the run with its own options; these differ: "
+                              + "; ".join(differ) + ". Leave them out, or train a new run into another out=")
     try:
         return TrainConfig.from_dict({**saved, "out": cfg.out, "epochs": cfg.epochs,
-                                      "split_file": str(rundir / "split.csv"), "limit": None})
+                                      "split_file": str(rundir / "split.csv"), "limit": None,
+                                      **{k: getattr(cfg, k) for k in ("threads", "device", "cache_dir", "on_bad",
+                                                                      "checkpoint_every", "calibrate", "sensitivity")
+                                         if getattr(cfg, k) != defaults[k].default}})
     except (TypeError, ValueError) as exc:
         raise CTTransferError(f"{rundir / 'config.json'}: not a valid run config ({exc})") from None
 
 
+def _same_model(a, b) -> bool:
+    if a == b:
+        return True
+    try:
+        return M.resolve(a).timm_name == M.resolve(b).timm_name
+    except Exception:  # an unknown name: only the same text is the same model
+        return False
+
+
 def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bool = False,
-        test: bool = True) -> Run:
+        test: bool = True, overwrite: bool = False) -> Run:
     """Train ``config.model`` on ``config.data``; returns the trained ``Run`` (see ``_fit``).
     ``config.threads`` applies to this fit only: the process's torch thread count and random
-    state are put back."""
+    state are put back. ``overwrite``: replace a run already in ``config.out`` (refused otherwise,
+    unless ``resume``). One writer per run folder: ``RUN/.lock`` is held while the run is written."""
     threads = torch.get_num_threads()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
         # the fit seeds torch's global generator (head init, dropout per epoch, exact on resume);
         # forking it gives the caller's random state back unchanged afterwards
         with torch.random.fork_rng(devices=devices):
-            return _fit(config, callbacks=callbacks, progress=progress, resume=resume, test=test)
+            return _fit(config, callbacks=callbacks, progress=progress, resume=resume, test=test,
+                        overwrite=overwrite)
     finally:
         torch.set_num_threads(threads)
 
 
 def _fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bool = False,
-         test: bool = True) -> Run:
+         test: bool = True, overwrite: bool = False) -> Run:
     """Train ``config.model`` on ``config.data``; returns the trained ``Run`` (best-on-val weights).
 
     With ``config.out`` the run directory gets config, split, history, checkpoints, metrics,
     predictions and plots; with ``out=None`` nothing is written. ``test=False`` (hyper-parameter
     search) neither decodes nor evaluates the test images: only train and val are touched.
     """
-    parts = assemble(config, callbacks=callbacks, progress=progress, resume=resume, test=test)
-    train(parts)
-    return finish(parts)
+    with contextlib.ExitStack() as stack:  # holds the run folder's lock from the first check to the last write
+        parts = assemble(config, callbacks=callbacks, progress=progress, resume=resume, test=test,
+                         overwrite=overwrite, stack=stack)
+        train(parts)
+        return finish(parts)
 
 
 @dataclass
@@ -228,10 +286,17 @@ class Parts:
 
 
 def assemble(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bool = False,
-             test: bool = True) -> Parts:
+             test: bool = True, overwrite: bool = False, stack: contextlib.ExitStack | None = None) -> Parts:
     """Build every part of a fit (data, model, strategy, optimizer, schedule, EMA, callbacks) and
-    write the run's config and split; bad input fails here, before anything is written."""
-    rundir = _check_out(config, resume)
+    write the run's config and split; bad input fails here, before anything is written. With
+    ``stack``, the run folder's lock is entered on it (held until the caller's stack closes)."""
+    stack = stack if stack is not None else contextlib.ExitStack()
+    locked = config.out is not None and Path(config.out).is_dir()
+    if locked:  # first: a second writer is told who holds the run (a new folder is locked once made)
+        stack.enter_context(RunDir(config.out).lock())
+    rundir = _check_out(config, resume, overwrite)
+    if locked:
+        rundir.remove_temporary()
     if config.cache_dir is not None:
         _io.check_writable(config.cache_dir)
     if resume and rundir is not None and rundir.is_run():
@@ -277,7 +342,11 @@ def assemble(config: TrainConfig, *, callbacks=(), progress: bool = True, resume
     if resume and rundir is not None:
         _restore(state, rundir, device)  # before any write: a bad checkpoint leaves the run as it was
     if rundir is not None:
-        ensure_writable_dir(rundir.path)
+        if not locked:
+            ensure_writable_dir(rundir.path)
+            stack.enter_context(rundir.lock())
+        if overwrite and not resume:
+            rundir.clear_run_files()
         D.write_split(used_rows, rundir / "split.csv")
         if skipped:
             _io.write_text(rundir / "skipped.txt", "\n".join(skipped) + "\n")
@@ -430,7 +499,8 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         size = epoch_size(cfg, epoch)
-        for idx in _batches(len(x_tr), cfg.batch_size, g, drop_last=cfg.compile, sources=state.train_pool):
+        for idx in _batches(len(x_tr), cfg.batch_size, g, drop_last=cfg.compile, sources=state.train_pool,
+                            single=cfg.batch_size == 1):
             xb = train_tf(x_tr[idx], g)
             if size != xb.shape[-1]:  # progressive resizing: augment at full size, then shrink
                 xb = _shrink(xb, size)
@@ -559,7 +629,7 @@ def _frozen_epochs(state: TrainState, subsets, mean, std, bf16):
         f = feats[epoch % len(feats)]
         model.train()
         tl, tc, seen = 0.0, 0, 0
-        for idx in _batches(len(f), cfg.batch_size, g, sources=state.train_pool):
+        for idx in _batches(len(f), cfg.batch_size, g, sources=state.train_pool, single=cfg.batch_size == 1):
             logits = model.head(f[idx])
             loss = F.cross_entropy(logits, y_tr[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)

@@ -7,7 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 from .. import _io
-from ..errors import CTTransferError, first_line
+from ..errors import CTTransferError, first_line, show
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,30 @@ def _require(data: dict, keys, path: Path) -> None:
     missing = [k for k in keys if k not in data]
     if missing:
         raise CTTransferError(f"{path}: missing key(s) {', '.join(missing)}")
+
+
+METRIC_NUMBERS = ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "ece", "n")
+RUN_NUMBERS = ("train_seconds", "epochs", "best_epoch", "image_size")
+
+
+def _check_numbers(metrics: dict, path: Path, subsets=("val", "test")) -> None:
+    """Every value the report computes with is a number (or null): a string there is a one-line
+    error naming the file and key, not a TypeError deep in the statistics."""
+    def bad(where, v):
+        return v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))
+
+    for key in RUN_NUMBERS:
+        if bad(key, metrics.get(key)):
+            raise CTTransferError(f"{path}: {key} is {show(metrics[key])}, not a number")
+    if bad("seed", metrics.get("seed")) or isinstance(metrics.get("seed"), float):
+        raise CTTransferError(f"{path}: seed is {show(metrics.get('seed'))}, not an integer")
+    for subset in subsets:
+        m = metrics.get(subset) if subset else metrics
+        if subset and not isinstance(m, dict):
+            raise CTTransferError(f"{path}: '{subset}' must be an object of metrics")
+        for key in METRIC_NUMBERS:
+            if bad(key, m.get(key)):
+                raise CTTransferError(f"{path}: {subset + '.' if subset else ''}{key} is {show(m[key])}, not a number")
 
 
 def read_history(path: Path) -> list[dict]:
@@ -55,6 +79,7 @@ def read_external(run_dir: Path) -> list[dict]:
         if not isinstance(metrics, dict):
             raise CTTransferError(f"{path}: 'metrics' must be an object")
         _require(metrics, ("accuracy",), path)
+        _check_numbers(metrics, path, subsets=(None,))
         out.append({"name": str(data.get("name") or folder.name), "data": str(data.get("data", "")),
                     "metrics": metrics, "path": path})
     return out
@@ -71,6 +96,7 @@ def read_run(run_dir: Path) -> dict:
     config = read_json(run_dir / "config.json")
     _require(metrics, ("model", "seed", "val", "test"), run_dir / "metrics.json")
     _require(config, ("weights",), run_dir / "config.json")
+    _check_numbers(metrics, run_dir / "metrics.json")
     return {"dir": run_dir, "name": run_dir.name, "model": metrics["model"],
             "weights": condition(config["weights"]), "seed": metrics["seed"],
             "strategy": metrics.get("strategy", "full"), "metrics": metrics,

@@ -62,7 +62,7 @@ function renderCard() {
   card.append(el("h2", { text: `Run ${run.name}` }), dl);
   for (const w of run.warnings) card.append(el("p", { class: "warning", text: w }));
   const rows = Object.entries(run.internal).map(([s, m]) => [`internal ${s}`, m]);
-  for (const e of run.external) rows.push([`external: ${e.name}`, e.metrics]);
+  for (const e of run.external) rows.push([`${e.independent === false ? "NOT external (near-duplicates)" : "external"}: ${e.name}`, e.metrics]);
   if (rows.length) {
     card.append(el("h3", { text: "Metrics (95% intervals where recorded)" }), metricsTable(rows));
   }

@@ -349,7 +349,7 @@ def cmd_experiment(args):
     from .rundir import RunDir
 
     models, weights, seeds = _grid_lists(args, PRESETS[args.preset])
-    if RunDir(args.out).run_files():  # a grid folder holds runs/, never a run's own files
+    if set(RunDir(args.out).run_files()) - {"split.csv"}:  # a grid holds runs/ and its split, no run's files
         raise CTTransferError(f"{args.out}: is a run directory; choose another --out for the grid")
     _io.check_writable(args.out)
     preset_name = args.grid_split_preset or "paper"

@@ -106,3 +106,8 @@ def zero_zip(mb: int = 400, name: str = "zeros.dcm") -> bytes:
             for _ in range(mb):
                 fh.write(block)
     return buf.getvalue()
+
+
+# docs/serve.md states it: with the default limits, a server's resident memory never rises more than
+# this above what it holds once its runs are loaded and it has answered one request
+MEMORY_BOUND_MB = 1024

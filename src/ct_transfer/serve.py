@@ -771,6 +771,13 @@ def serve(run_paths, *, host: str = "127.0.0.1", port: int = 8000, limits: Limit
     if not _is_loopback(host):
         log.warning("serving on %s: anyone who can reach this machine can upload scans (no login, no TLS)", host)
     log.info("ct-transfer serve: http://%s:%d/ (API docs at /docs); Ctrl+C stops", host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False,
-                http=_http_protocol(limits.header_timeout_s), timeout_keep_alive=limits.keep_alive_s,
-                limit_concurrency=limits.max_connections)
+    uvicorn.Server(server_config(app, host=host, port=port, limits=limits)).run()
+
+
+def server_config(app, *, host: str, port: int, limits: Limits = Limits()):
+    """uvicorn's configuration for ``app``: the header deadline, keep-alive and connection limits."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          http=_http_protocol(limits.header_timeout_s), timeout_keep_alive=limits.keep_alive_s,
+                          limit_concurrency=limits.max_connections)

@@ -100,11 +100,11 @@ def zero_png(side: int = 6300) -> bytes:
 def zero_zip(mb: int = 400, name: str = "zeros.dcm") -> bytes:
     """A zip of one member of ``mb`` MB of zeros (about 0.4 MB compressed for 400)."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        with zf.open(name, "w", force_zip64=True) as fh:
-            block = bytes(2**20)
-            for _ in range(mb):
-                fh.write(block)
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf, \
+            zf.open(name, "w", force_zip64=True) as fh:
+        block = bytes(2**20)
+        for _ in range(mb):
+            fh.write(block)
     return buf.getvalue()
 
 

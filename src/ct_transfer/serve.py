@@ -8,9 +8,13 @@ viewer loads Swagger UI from a CDN, so it needs a connection); and the app is an
 ordinary ASGI object, so tests run the real server on a loopback port and drive it with any HTTP
 client or a real browser.
 
-Safety: binds to 127.0.0.1 unless told otherwise; the request body is capped while it streams in
-(413); zips are checked for member count and declared and actual uncompressed size before and
-while reading (zip bombs); images larger than ``data.decode.MAX_PIXELS`` are refused from their
+Safety: binds to 127.0.0.1 unless told otherwise and answers only to its own names and origin
+(``Hosts``: DNS rebinding and cross-origin posts get 403); the request body is capped while it
+streams in (413) and must keep arriving (408), a connection must send its headers in time; each
+request has a budget of images, uncompressed bytes (all files and zips together) and decoded pixels
+(``Limits``, ``Budget``), its files are read and decoded one at a time, and at most
+``Limits.max_concurrent`` uploads are read and analysed at once, which bounds the server's memory
+(docs/serve.md, "Memory bound"); images larger than ``data.decode.MAX_PIXELS`` are refused from their
 header (decompression bombs); uploads are held in memory, or for large multipart parts in the
 anonymous spooled temp files of Starlette (removed on close), never written anywhere else; every
 user-fixable problem is a one-line message with a 4xx status, and any other failure is logged
@@ -307,7 +311,9 @@ def declared_pixels(data: bytes, name: str) -> int:
 
     try:
         with Image.open(io.BytesIO(data)) as image:  # reads the header only
-            return image.size[0] * image.size[1]
+            pixels = image.size[0] * image.size[1]
+        # above the per-image limit the decoder refuses the file from its header, with its own message
+        return pixels if pixels <= D.decode.MAX_PIXELS else 0
     except Exception:  # noqa: BLE001 (not an image: the decoder says so)
         return 0
 
@@ -566,6 +572,7 @@ def create_app(runs: dict[str, Served], *, limits: Limits = Limits(), hosts: Hos
     from typing import Literal
 
     from fastapi import FastAPI, File, Form, UploadFile
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.concurrency import run_in_threadpool
@@ -583,6 +590,12 @@ def create_app(runs: dict[str, Served], *, limits: Limits = Limits(), hosts: Hos
     @app.exception_handler(CTTransferError)
     async def _user_error(request, exc):
         return JSONResponse({"detail": " ".join(str(exc).split())}, status_code=getattr(exc, "status", 422))
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_field(request, exc):  # one line, like every other refusal: "method: Input should be ..."
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+                 for e in exc.errors()]
+        return JSONResponse({"detail": " ".join("; ".join(parts).split())[:500]}, status_code=422)
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -667,8 +680,7 @@ def _api_models() -> dict:
         errors: list[FileError] = Field(description="files that could not be decoded (the others are answered)")
 
     class Problem(BaseModel):
-        detail: str | list[dict] = Field(description="one-line message for the user (a list of field errors "
-                                                      "when a form field itself is malformed)")
+        detail: str = Field(description="one-line message for the user")
 
     return {"Answer": Answer, "Problem": Problem}
 

@@ -601,7 +601,7 @@ def test_slow_clients_are_timed_out(runs):
         thread.join(timeout=10)
 
 
-FORMULA_NAMES = ['=HYPERLINK("http://x.example","y").png', "-2+3.png", "+cmd.png", "@SUM(A1).png"]
+FORMULA_NAMES = ['=HYPERLINK("evil.example","click").png', "-2+3.png", "+cmd.png", "@SUM(A1).png"]
 
 
 def test_formula_like_file_names_are_text_in_predict_csv(runs, slices, tmp_path, monkeypatch):

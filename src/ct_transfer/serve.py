@@ -64,6 +64,8 @@ class Limits:
     max_request_pixels: int = 64_000_000  # decoded pixels of one request (a 512 x 512 CT slice: 0.26 M)
     max_concurrent: int = 2  # uploads read, decoded and analysed at once, process-wide
     explain_px: int = 512  # longest side of the image the heat map and overlay are computed on
+    model_batch: int = 16  # images per forward pass (activation memory grows with it)
+    explain_batch: int = 4  # images per Grad-CAM/LRP pass (a backward pass keeps every activation)
     preview_px: int = 320  # longest side of the overlay sent back
     queue_timeout_s: float = 120.0  # an upload waiting longer for a slot gets 503
     body_idle_s: float = 20.0  # a request body that pauses longer gets 408
@@ -383,16 +385,17 @@ def analyse(served: Served, uploads, *, method: str = "gradcam", overlay: bool =
     del inputs
     results = []
     with served.lock:  # one model, shared hooks: one request at a time per run
-        predictions = run.predictor.as_predictions(run.predictor.outputs(x))
+        predictions = run.predictor.as_predictions(run.predictor.outputs(x, batch_size=limits.model_batch))
         for i, (name, pred) in enumerate(zip(names, predictions)):
             results.append({"name": name, "label": pred.label, "probabilities": pred.probabilities,
                             "shift_score": pred.shift_score, "in_distribution": pred.in_distribution,
                             "size": sizes[i], "input": png_data_url(x[i].permute(1, 2, 0).numpy())})
         if overlay:  # a few at a time: each overlay becomes a small PNG before the next ones are made
-            for start in range(0, len(results), 8):
-                explanations = run.explain(shown[start:start + 8], method=method)
-                shown[start:start + 8] = [None] * len(explanations)
-                for row, ex in zip(results[start:start + 8], explanations):
+            step = limits.explain_batch
+            for start in range(0, len(results), step):
+                explanations = run.explain(shown[start:start + step], method=method)
+                shown[start:start + step] = [None] * len(explanations)
+                for row, ex in zip(results[start:start + step], explanations):
                     row.update(overlay=png_data_url(ex.overlay, limits.preview_px), explained_class=ex.label)
     return {"run": served.name, "classes": run.classes, "method": method if overlay else None,
             "threshold": run.threshold, "temperature": run.temperature,

@@ -8,11 +8,13 @@ file runs in about a minute; docs/reliability.md records the counts and times.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import shutil
 import string
+import zipfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -429,3 +431,109 @@ def test_dicom_rescale_tags(slope, intercept):
     except Exception:
         return
     check_decoded("scan.dcm", buf.getvalue())
+
+
+# -- HTTP requests to the server ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory, fuzz_run):
+    """``ct-transfer serve`` on the fuzz run (a real process, 8 MB upload limit), warmed up, with the
+    resident memory it holds then."""
+    import httpx
+
+    from .serving import memory_mb, serve_process
+
+    log_path = tmp_path_factory.mktemp("fuzz-serve") / "serve.log"
+    with serve_process([fuzz_run], log_path=log_path, args=["--max-upload-mb", "8"]) as server:
+        image = min((Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sarscov2-ct" / "COVID")
+                    .iterdir())
+        resp = httpx.post(server["url"] + "/api/predict", files=[("files", (image.name, image.read_bytes()))],
+                          timeout=300)
+        assert resp.status_code == 200, resp.text
+        server["baseline_mb"] = memory_mb(server["proc"].pid)["rss"]
+        yield server
+    assert "Traceback" not in log_path.read_text()
+
+
+@functools.cache
+def _payload(kind: str) -> bytes:
+    from .serving import zero_png, zero_zip
+
+    real = min((Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sarscov2-ct" / "COVID")
+               .iterdir()).read_bytes()
+    if kind == "real":
+        return real
+    if kind == "dicom":
+        return CT_SMALL.read_bytes()
+    if kind == "truncated":
+        return real[:len(real) // 3]
+    if kind == "zero_big":
+        return zero_png(6300)
+    if kind == "zero_small":
+        return zero_png(700)
+    if kind == "zip_bomb":
+        return zero_zip(300)
+    if kind == "zip_zeros":
+        return zero_zip(60, name="zeros.png")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        if kind == "zip_real":
+            zf.writestr("scans/a.png", real)
+            zf.writestr("scans/IM0001", CT_SMALL.read_bytes())
+            zf.writestr("__MACOSX/._a.png", b"x")
+        elif kind == "zip_many":
+            for i in range(210):
+                zf.writestr(f"{i}.png", real)
+        elif kind == "zip_empty":
+            zf.writestr("notes.txt", "no images")
+    return buf.getvalue()
+
+
+KINDS = ["real", "dicom", "truncated", "zero_big", "zero_small", "zip_bomb", "zip_zeros", "zip_real",
+         "zip_many", "zip_empty", "random", "empty"]
+NAME_CHARS = st.sampled_from(list("ab=+-@.() _'\"%") + ["é", "中", "\t"])
+UPLOAD = st.tuples(st.text(NAME_CHARS, max_size=10), st.sampled_from(["", ".png", ".dcm", ".zip", ".txt"]),
+                   st.sampled_from(KINDS), st.binary(max_size=512))
+
+
+@settings(FAST, max_examples=20)
+@given(uploads=st.lists(UPLOAD, min_size=0, max_size=4),
+       host=st.sampled_from([None, None, "localhost", "evil.example", "127.0.0.1.nip.io"]),
+       origin=st.sampled_from([None, None, "self", "null", "http://evil.example"]),
+       fields=st.fixed_dictionaries({}, optional={"overlay": st.sampled_from(["true", "false", "maybe"]),
+                                                  "method": st.sampled_from(["gradcam", "cam", "saliency", ""]),
+                                                  "run": st.sampled_from(["run", "nope", ""])}),
+       raw=st.one_of(st.none(), st.binary(max_size=300)))
+def test_http_requests_get_an_answer_or_one_line_and_stay_under_the_memory_bound(
+        fuzz_server, uploads, host, origin, fields, raw):
+    import httpx
+
+    from .serving import MEMORY_BOUND_MB, memory_mb, reset_peak
+
+    url, pid = fuzz_server["url"], fuzz_server["proc"].pid
+    reset_peak(pid)
+    headers = {}
+    if host:
+        headers["host"] = host
+    if origin:
+        headers["origin"] = url if origin == "self" else origin
+    if raw is not None:  # a body that is not what its content type says
+        resp = httpx.post(url + "/api/predict", content=raw, timeout=300,
+                          headers={**headers, "content-type": "multipart/form-data; boundary=xyz"})
+    else:
+        files = [("files", (stem + ext, data if kind == "random" else b"" if kind == "empty" else _payload(kind),
+                            "application/octet-stream")) for stem, ext, kind, data in uploads]
+        resp = httpx.post(url + "/api/predict", files=files or None, data=fields, headers=headers, timeout=300)
+    assert resp.status_code in (200, 400, 403, 404, 408, 413, 422), (resp.status_code, resp.text[:300])
+    body = resp.json()
+    if resp.status_code == 200:
+        assert body["results"] and set(body["results"][0]["probabilities"]) == set(body["classes"])
+        for r in body["results"]:
+            assert r["label"] in body["classes"] and abs(sum(r["probabilities"].values()) - 1) < 1e-4
+        assert all("\n" not in e["error"] for e in body["errors"])
+    else:
+        assert isinstance(body["detail"], str) and "\n" not in body["detail"] and "Traceback" not in body["detail"]
+    if host == "evil.example" or origin in ("null", "http://evil.example"):
+        assert resp.status_code == 403
+    peak = memory_mb(pid)["peak"]
+    assert peak - fuzz_server["baseline_mb"] <= MEMORY_BOUND_MB, (fuzz_server["baseline_mb"], peak)

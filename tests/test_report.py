@@ -226,3 +226,27 @@ def test_paper_rows_and_join():
     assert [j["model"] for j in joined][-1] == "EfficientNetLite0" and joined[-1]["paper"] is None
     assert next(j for j in joined if j["model"] == "EfficientNetV2L")["ours"] == {"model": "EfficientNetV2L"}
     assert next(j for j in joined if j["model"] == "DenseNet201")["ours"] is None
+
+
+XSS = '<script>alert(1)</script><img src=x onerror=alert(2)>[click](javascript:alert(3))'
+
+
+def test_strings_from_runs_are_escaped_in_report_html(tiny_grid, tmp_path):
+    """A model name, a run's external set and its data path carrying HTML and a javascript: link:
+    report.html shows them as text (Jinja2 autoescape before Markdown), nothing of them is live."""
+    grid = tmp_path / "grid"
+    shutil.copytree(tiny_grid, grid)
+    for metrics_path in (grid / "runs").glob("*/metrics.json"):
+        metrics = json.loads(metrics_path.read_text())
+        metrics_path.write_text(json.dumps({**metrics, "model": XSS}))
+    target = grid / "runs" / RUN / "external" / "evil"
+    target.mkdir(parents=True)
+    (target / "metrics.json").write_text(json.dumps({**EXTERNAL, "name": XSS, "data": "/x/`` <b>y</b> ``"}))
+    R.write_report(grid, grid / "report")
+    html = (grid / "report" / "report.html").read_text()
+    md = (grid / "report" / "report.md").read_text()
+    for live in ("<script>alert", "<img src=x", "onerror=alert(2)>", 'href="javascript:', "<b>y</b>"):
+        assert live not in html, live
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # shown as text
+    assert html.count("&lt;script&gt;") >= 3  # summary line, tables, external section
+    assert "<script>" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md

@@ -33,6 +33,8 @@ from ct_transfer.cli import build_parser, main
 from ct_transfer.evaluate import compute_metrics
 from ct_transfer.run import load_run
 
+from .serving import memory_mb, reset_peak, zero_png, zero_zip
+
 ROOT = Path(__file__).resolve().parents[1]
 CT = get_testdata_file("CT_small.dcm")
 UCSD = ROOT.parent / "shared" / "datasets" / "ucsd-covid-ct-dev"
@@ -264,7 +266,8 @@ def test_bad_uploads_are_4xx_with_a_message_and_the_server_keeps_serving(server,
         ("bomb.png", png_claiming(10_000, 10_000), 422, "more than the 40,000,000 px allowed (decompression bomb?)"),
         ("bigger-bomb.png", png_claiming(100_000, 100_000), 422, "decompression bomb"),
         ("many.zip", many.getvalue(), 413, "many.zip: zip has 2001 entries"),
-        ("zeros.zip", huge.getvalue(), 413, "zeros.zip: zip unpacks to 528 MB, more than the 512 MB allowed"),
+        ("zeros.zip", huge.getvalue(), 413, ("zeros.zip: zip unpacks to 528 MB, more than the 256 MB left of the "
+                                             "256 MB allowed per request")),
         ("broken.zip", b"PK\x03\x04" + bytes(100), 422, "broken.zip: not a readable zip file"),
         ("large.png", os.urandom((MAX_UPLOAD_MB + 1) * 2**20), 413, f"larger than the {MAX_UPLOAD_MB} MB allowed"),
     ]
@@ -477,3 +480,161 @@ def test_browser_upload_predict_sort_csv_and_errors(browser, server, runs, slice
     assert dropped.locator("td.pred").inner_text() == expected.label
     assert page_errors == []
     page.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile use (issue #22): memory bound, Host/Origin, slow clients, formula cells
+# ---------------------------------------------------------------------------------------------
+
+from .serving import MEMORY_BOUND_MB
+
+
+def test_hostile_uploads_stay_under_the_memory_bound(server, slices):
+    """The issue's uploads: a 38 KB all-zero 6300x6300 PNG three times in one request, the same from
+    three clients at once, and three 0.4 MB zips of 400 MB each. The server's peak resident memory
+    (VmHWM, reset before) stays within MEMORY_BOUND_MB of what it held before."""
+    pid = server["proc"].pid
+    assert post(server, slices[:1], run="plain").status_code == 200  # warm: Grad-CAM imported
+    before = memory_mb(pid)["rss"]
+    if not reset_peak(pid):
+        pytest.skip("/proc/PID/clear_refs cannot be written here: the peak cannot be reset")
+    png = zero_png(6300)
+    assert len(png) < 40_000
+    resp = post(server, [(f"zero{i}.png", png) for i in range(3)], run="plain")
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    [answered] = body["results"]  # 39.7 M px each: the request's 64 M px decode budget admits one
+    assert answered["name"] == "zero0.png" and answered["size"] == [6300, 6300]
+    assert max(decode_data_url(answered["overlay"]).shape[:2]) == 320
+    assert [e["name"] for e in body["errors"]] == ["zero1.png", "zero2.png"]
+    assert all("would pass the 64,000,000 px one request may decode" in e["error"] for e in body["errors"])
+    with ThreadPoolExecutor(max_workers=3) as pool:  # two analysis slots: the third waits
+        statuses = list(pool.map(lambda _: post(server, [(f"z{i}.png", png) for i in range(3)]).status_code,
+                                 range(3)))
+    assert statuses == [200, 200, 200]
+    bomb = zero_zip(400)
+    assert len(bomb) < 500_000
+    resp = post(server, [(f"bomb{i}.zip", bomb) for i in range(3)])
+    assert resp.status_code == 413
+    assert resp.json()["detail"] == ("bomb0.zip: zip unpacks to 400 MB, more than the 256 MB left of the 256 MB "
+                                     "allowed per request (zip bomb?)")
+    # the budget is the request's, not each zip's: 3 x 100 MB passes one at a time, not together
+    hundred = zero_zip(100)
+    resp = post(server, [(f"z{i}.zip", hundred) for i in range(3)])
+    assert resp.status_code == 413 and resp.json()["detail"].startswith(
+        "z2.zip: zip unpacks to 100 MB, more than the 56 MB left of the 256 MB allowed per request")
+    peak = memory_mb(pid)["peak"]
+    assert peak - before <= MEMORY_BOUND_MB, (before, peak)
+    assert httpx.get(server["url"] + "/api/health").status_code == 200
+
+
+def test_rebinding_host_and_cross_origin_requests_are_refused(server, slices):
+    url, port = server["url"], server["url"].rsplit(":", 1)[1]
+    evil = {"host": "evil.example"}
+    for method, path in (("GET", "/api/runs"), ("GET", "/"), ("POST", "/api/predict")):
+        resp = httpx.request(method, url + path, headers=evil)
+        assert resp.status_code == 403
+        assert resp.json() == {"detail": "Host evil.example: not a name this server answers to (a DNS-rebinding "
+                                         "page?); start it with --allow-host evil.example to allow it"}
+    for origin in ("http://evil.example", "null", f"http://localhost:{int(port) + 1}"):
+        resp = httpx.post(url + "/api/predict", headers={"origin": origin}, timeout=60,
+                          files=[("files", (slices[0].name, slices[0].read_bytes()))], data={"overlay": "false"})
+        assert resp.status_code == 403, origin
+        assert resp.json()["detail"].startswith(f"Origin {origin}: requests from another web page's origin")
+    # the server's own names: loopback names, with or without port, and its own origin
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+        assert httpx.get(url + "/api/health", headers={"host": host}).status_code == 200, host
+    resp = httpx.post(url + "/api/predict", headers={"origin": url}, timeout=60,
+                      files=[("files", (slices[0].name, slices[0].read_bytes()))], data={"overlay": "false"})
+    assert resp.status_code == 200
+
+
+def test_allowed_hosts_and_the_cli_flag(capsys, runs):
+    from ct_transfer.serve import Hosts
+
+    default = Hosts()
+    assert [default.allows(h) for h in ("localhost", "127.0.0.1", "::1", "app.localhost", "evil.example",
+                                        "192.168.1.5")] == [True, True, True, True, False, False]
+    lan = Hosts("0.0.0.0", ("ct.lab.example",))
+    assert [lan.allows(h) for h in ("192.168.1.5", "ct.lab.example", "evil.example")] == [True, True, False]
+    assert Hosts("127.0.0.1", ("*",)).allows("anything.example")
+    assert main(["serve", "--run", str(runs["plain"]), "--allow-host", "http://x.example/"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ct-transfer: error: --allow-host http://x.example/: give a host name or address (e.g. ct.lab.example), "
+        "without scheme, port or path, or * for any")
+
+
+def test_slow_clients_are_timed_out(runs):
+    """A connection that never finishes its headers is closed; a body that stops arriving gets 408."""
+    import uvicorn
+
+    from ct_transfer.serve import Limits, Served, create_app, server_config
+
+    limits = Limits(header_timeout_s=1, body_idle_s=1, keep_alive_s=1)
+    port = free_port()
+    srv = uvicorn.Server(server_config(create_app({"plain": Served("plain", load_run(runs["plain"]))},
+                                                  limits=limits), host="127.0.0.1", port=port, limits=limits))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        while not srv.started:
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing
+            t0 = time.monotonic()
+            assert sock.recv(1024) == b""  # closed by the server
+            assert time.monotonic() - t0 < 8
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
+            answer = b""
+            while b"}" not in answer:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b'"detail": "the request body arrived too slowly (no data for 1 s' in answer
+        assert httpx.get(f"http://127.0.0.1:{port}/api/health").status_code == 200
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+# browsers send a file name's quotes as %22 (HTML's form encoding), so the names avoid them
+FORMULA_NAMES = ["=HYPERLINK(A1,B1).png", "-2+3.png", "+cmd.png", "@SUM(A1).png"]
+
+
+def test_formula_like_file_names_are_text_in_predict_csv(runs, slices, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in FORMULA_NAMES:
+        shutil.copy(slices[0], tmp_path / name)
+    assert main(["predict", "--run", str(runs["plain"]), "--out", "p.csv", "--", *FORMULA_NAMES]) == 0
+    with open(tmp_path / "p.csv", newline="") as fh:
+        raw = list(csv.reader(fh))
+    assert [r[0] for r in raw[1:]] == ["'" + n for n in FORMULA_NAMES]  # shown as text by spreadsheets
+    assert all(float(r[raw[0].index("prob_COVID")]) >= 0 for r in raw[1:])  # numbers stay numbers
+    assert [r["path"] for r in _io.read_csv(tmp_path / "p.csv")] == FORMULA_NAMES  # read back as written
+
+
+def test_browser_csv_download_neutralises_formula_names(browser, server, slices, tmp_path):
+    files = []
+    for name in FORMULA_NAMES:
+        shutil.copy(slices[0], tmp_path / name)
+        files.append(str(tmp_path / name))
+    page = browser.new_page(accept_downloads=True)
+    page.goto(server["url"] + "/")
+    page.wait_for_selector("#card h2")
+    page.uncheck("#overlay")
+    page.set_input_files("#files", files)
+    page.wait_for_function(f"document.querySelectorAll('#results tbody tr').length === {len(files)}",
+                           timeout=120_000)
+    with page.expect_download() as download:
+        page.click("#csv")
+    with open(download.value.path(), newline="") as fh:
+        raw = list(csv.reader(fh))
+    page.close()
+    header = raw[0]
+    assert sorted(r[header.index("file")] for r in raw[1:]) == sorted("'" + n for n in FORMULA_NAMES)
+    for r in raw[1:]:  # probabilities stay plain numbers
+        assert 0 <= float(r[header.index("prob_COVID")]) <= 1 and not r[header.index("prob_COVID")].startswith("'")

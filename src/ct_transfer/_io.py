@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -107,12 +108,59 @@ def read_json(path, *, what: str = "JSON file") -> dict:
     return obj
 
 
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets (OWASP's
+# list; the full-width forms too, which some spreadsheet locales accept as formula signs).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r", "\uff1d", "\uff0b", "\uff0d", "\uff20")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _formula_like(text: str) -> bool:
+    """Starts like a formula, after any quotes we added (so that quoting is reversible)."""
+    return text.lstrip("'").startswith(FORMULA_STARTS)
+
+
+def csv_safe(value):
+    """A cell a spreadsheet shows as text: a non-numeric string that could be read as a formula
+    (``=HYPERLINK(...)``, ``-2+3``, ``@SUM``) gets a leading ``'``; numbers, numeric strings like
+    ``-600`` and other values are unchanged. ``csv_unsafe`` undoes it exactly."""
+    if isinstance(value, str) and _formula_like(value) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def csv_unsafe(text: str) -> str:
+    return text[1:] if text.startswith("'") and _formula_like(text[1:]) else text
+
+
 def write_csv(path, rows: list[dict], fieldnames: list[str] | None = None) -> None:
+    """Rows as CSV, every text cell (header included) made safe for spreadsheets (``csv_safe``);
+    ``read_csv`` gives the original text back."""
     fieldnames = fieldnames or (list(rows[0]) if rows else [])
     with atomic_open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=fieldnames, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
+        plain = csv.writer(fh, lineterminator="\n")
+        # the minimal quoting does not quote a lone CR when the line ends in LF: such rows are quoted whole
+        quoted = csv.writer(fh, lineterminator="\n", quoting=csv.QUOTE_ALL)
+        for cells in ([csv_safe(f) for f in fieldnames],
+                      *([csv_safe(row.get(f, "")) for f in fieldnames] for row in _checked(rows, fieldnames))):
+            (quoted if any(isinstance(c, str) and "\r" in c for c in cells) else plain).writerow(cells)
+
+
+def _checked(rows, fieldnames):
+    for row in rows:
+        extra = set(row) - set(fieldnames)
+        if extra:  # as csv.DictWriter does
+            raise ValueError(f"dict contains fields not in fieldnames: {', '.join(map(repr, extra))}")
+        yield row
+
+
+def _row(header: list[str], cells: list[str]) -> dict:
+    """One row as ``csv.DictReader`` makes it: extra cells under ``None``, missing ones ``None``."""
+    row = dict(zip(header, cells))
+    if len(cells) > len(header):
+        row[None] = cells[len(header):]
+    for key in header[len(cells):]:
+        row[key] = None
+    return row
 
 
 def read_csv(path, *, required: tuple[str, ...] = (), what: str = "CSV file") -> list[dict]:
@@ -123,11 +171,12 @@ def read_csv(path, *, required: tuple[str, ...] = (), what: str = "CSV file") ->
         text = path.read_bytes().decode("utf-8-sig")
         if "\x00" in text:
             raise ValueError("binary content")
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        rows = [dict(r) for r in reader]
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = [csv_unsafe(f) for f in next(reader, [])]
+        rows = [_row(header, [csv_unsafe(c) for c in cells]) for cells in reader if cells]
     except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
         raise CTTransferError(f"{path}: not a readable {what} ({_why(exc)})") from None
-    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    missing = [c for c in required if c not in header]
     if missing:
         raise CTTransferError(f"{path}: {what} needs the columns {', '.join(required)}")
     for i, r in enumerate(rows, 2):

@@ -483,7 +483,8 @@ def cmd_serve(args):
 
     if not 0 < args.max_upload_mb <= 4096:
         raise CTTransferError(f"--max-upload-mb {args.max_upload_mb}: choose 1..4096")
-    serve(args.run, host=args.host, port=args.port, limits=Limits(max_request_bytes=args.max_upload_mb * 2**20))
+    serve(args.run, host=args.host, port=args.port, limits=Limits(max_request_bytes=args.max_upload_mb * 2**20),
+          allow_hosts=tuple(args.allow_host or ()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-upload-mb", type=int, default=100, help="largest request body in MB (default 100)")
+    p.add_argument("--allow-host", action="append", metavar="NAME",
+                   help="a host name browsers may use to reach the server besides localhost and --host "
+                        "(repeat; * for any). Other Host headers are refused (DNS rebinding)")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -8,9 +8,13 @@ viewer loads Swagger UI from a CDN, so it needs a connection); and the app is an
 ordinary ASGI object, so tests run the real server on a loopback port and drive it with any HTTP
 client or a real browser.
 
-Safety: binds to 127.0.0.1 unless told otherwise; the request body is capped while it streams in
-(413); zips are checked for member count and declared and actual uncompressed size before and
-while reading (zip bombs); images larger than ``data.decode.MAX_PIXELS`` are refused from their
+Safety: binds to 127.0.0.1 unless told otherwise and answers only to its own names and origin
+(``Hosts``: DNS rebinding and cross-origin posts get 403); the request body is capped while it
+streams in (413) and must keep arriving (408), a connection must send its headers in time; each
+request has a budget of images, uncompressed bytes (all files and zips together) and decoded pixels
+(``Limits``, ``Budget``), its files are read and decoded one at a time, and at most
+``Limits.max_concurrent`` uploads are read and analysed at once, which bounds the server's memory
+(docs/serve.md, "Memory bound"); images larger than ``data.decode.MAX_PIXELS`` are refused from their
 header (decompression bombs); uploads are held in memory, or for large multipart parts in the
 anonymous spooled temp files of Starlette (removed on close), never written anywhere else; every
 user-fixable problem is a one-line message with a 4xx status, and any other failure is logged
@@ -22,6 +26,7 @@ on the shared model are not thread-safe); decoding runs outside the lock in the 
 
 # no `from __future__ import annotations`: FastAPI reads the route annotations at runtime and
 # they name classes imported inside create_app
+import asyncio
 import base64
 import io
 import ipaddress
@@ -49,13 +54,25 @@ WEB = Path(__file__).with_name("web")
 
 @dataclass(frozen=True, kw_only=True)
 class Limits:
-    """What one request may carry. Pixel limits come from the decoder (``D.decode.MAX_PIXELS``)."""
+    """What one request may carry and how the server protects itself. Pixel limits per image come
+    from the decoder (``D.decode.MAX_PIXELS``); docs/serve.md gives the memory bound they imply."""
 
     max_request_bytes: int = 100 * 2**20  # whole multipart body
     max_images: int = 200  # files, zip members included, per request
     max_zip_members: int = 2000  # entries in one zip, folders and skipped files included
-    max_zip_bytes: int = 512 * 2**20  # uncompressed total of one zip
+    max_unpacked_bytes: int = 256 * 2**20  # uncompressed bytes of one request: every file and zip member
+    max_request_pixels: int = 64_000_000  # decoded pixels of one request (a 512 x 512 CT slice: 0.26 M)
+    max_concurrent: int = 2  # uploads read, decoded and analysed at once, process-wide
+    explain_px: int = 512  # longest side of the image the heat map and overlay are computed on
+    model_batch: int = 16  # images per forward pass (activation memory grows with it)
+    explain_batch: int = 4  # images per Grad-CAM/LRP pass (a backward pass keeps every activation)
     preview_px: int = 320  # longest side of the overlay sent back
+    queue_timeout_s: float = 120.0  # an upload waiting longer for a slot gets 503
+    body_idle_s: float = 20.0  # a request body that pauses longer gets 408
+    body_total_s: float = 300.0  # ... or that takes longer in all
+    header_timeout_s: float = 20.0  # a connection must send a request's headers within this
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 64  # open connections and requests at once (uvicorn answers 503 beyond)
 
 
 class UploadError(CTTransferError):
@@ -165,7 +182,7 @@ def run_card(name: str, run: Run) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Uploads
+# Uploads: read lazily, one file at a time, against the request's budget
 # ---------------------------------------------------------------------------------------------
 
 
@@ -177,51 +194,130 @@ def _wanted_member(info: zipfile.ZipInfo) -> bool:
     return suffix in D.IMAGE_EXTENSIONS + D.DICOM_EXTENSIONS or suffix == ""  # DICOM often has none
 
 
-def expand_zip(data: bytes, name: str, limits: Limits) -> list[tuple[str, bytes]]:
-    """The image/DICOM members of a zip, read in memory with the zip-bomb limits."""
+class Budget:
+    """What one request has used so far: files, uncompressed bytes (plain files and zip members
+    together, across every zip) and decoded pixels. Counting the whole request, not each zip,
+    is what keeps three small zip bombs from adding up."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.images = self.bytes = self.pixels = 0
+
+    def add_images(self, n: int) -> None:
+        if self.images + n > self.limits.max_images:
+            raise UploadError(f"more than {self.limits.max_images} images in one request; send fewer", 413)
+        self.images += n
+
+    def bytes_left(self) -> int:
+        return self.limits.max_unpacked_bytes - self.bytes
+
+    def add_bytes(self, n: int, name: str) -> None:
+        self.bytes += n
+        if self.bytes > self.limits.max_unpacked_bytes:
+            raise UploadError(f"{name}: the upload unpacks to more than the {_mb(self.limits.max_unpacked_bytes)} "
+                              "allowed per request, all files and zips together (zip bomb?)", 413)
+
+    def take_pixels(self, n: int, name: str) -> None:
+        """A file whose pixels would pass the request's budget is refused (the others are answered)."""
+        if self.pixels + n > self.limits.max_request_pixels:
+            raise CTTransferError(f"{name}: {n:,} px would pass the {self.limits.max_request_pixels:,} px one request "
+                                  "may decode; send it in another request")
+        self.pixels += n
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.0f} MB"
+
+
+def _is_zip(name: str, head: bytes) -> bool:
+    return name.lower().endswith(".zip") or (head[:4] == b"PK\x03\x04" and not D.decode.is_dicom_bytes(head))
+
+
+def _zip_members(fh, name: str, limits: Limits, budget: Budget):
+    """The image/DICOM members of a zip, read one at a time with the zip-bomb limits; sizes in the
+    header are checked before reading and the bytes actually read are counted while reading."""
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
+        zf = zipfile.ZipFile(fh)
         infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UploadError(f"{name}: not a readable zip file ({exc})") from None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise UploadError(f"{name}: not a readable zip file ({' '.join(str(exc).split())})") from None
     if len(infos) > limits.max_zip_members:
         raise UploadError(f"{name}: zip has {len(infos)} entries, more than the {limits.max_zip_members} "
                           "allowed", 413)
     members = [i for i in infos if _wanted_member(i)]
+    if not members:
+        raise UploadError(f"{name}: zip holds no images or DICOM files")
+    budget.add_images(len(members))
     declared = sum(i.file_size for i in members)
-    if declared > limits.max_zip_bytes:
-        raise UploadError(f"{name}: zip unpacks to {declared / 2**20:.0f} MB, more than the "
-                          f"{limits.max_zip_bytes // 2**20} MB allowed (zip bomb?)", 413)
-    out, total = [], 0
+    if declared > budget.bytes_left():
+        raise UploadError(f"{name}: zip unpacks to {_mb(declared)}, more than the {_mb(budget.bytes_left())} "
+                          f"left of the {_mb(limits.max_unpacked_bytes)} allowed per request (zip bomb?)", 413)
     for info in members:
         try:
-            with zf.open(info) as fh:  # sizes in the header can lie: read at most what is left
-                content = fh.read(limits.max_zip_bytes - total + 1)
-        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError) as exc:
-            raise UploadError(f"{name}/{info.filename}: cannot read from the zip ({exc})") from None
-        total += len(content)
-        if total > limits.max_zip_bytes:
-            raise UploadError(f"{name}: zip unpacks to more than the {limits.max_zip_bytes // 2**20} MB "
-                              "allowed (zip bomb?)", 413)
-        out.append((f"{name}/{info.filename}", content))
-    if not out:
-        raise UploadError(f"{name}: zip holds no images or DICOM files")
-    return out
+            with zf.open(info) as member:  # sizes in the header can lie: read at most what is left
+                content = member.read(budget.bytes_left() + 1)
+        except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError, EOFError) as exc:
+            raise UploadError(f"{name}/{info.filename}: cannot read from the zip "
+                              f"({' '.join(str(exc).split())})") from None
+        budget.add_bytes(len(content), name)
+        yield f"{name}/{info.filename}", content
+        del content  # before the next member is read: one member's bytes at a time
 
 
-def expand_uploads(files: list[tuple[str, bytes]], limits: Limits) -> list[tuple[str, bytes]]:
-    """(name, bytes) per uploaded file, zips replaced by their image members."""
-    if not files:
+def iter_uploads(uploads, limits: Limits, budget: Budget):
+    """(name, bytes) per image, zips replaced by their members, read lazily so that only one file's
+    bytes are held at a time. ``uploads``: (name, file object or bytes) pairs."""
+    if not uploads:
         raise UploadError("no file uploaded")
-    items = []
-    for name, data in files:
-        if name.lower().endswith(".zip") or (data[:4] == b"PK\x03\x04" and not D.decode.is_dicom_bytes(data)):
-            items.extend(expand_zip(data, name, limits))
-        else:
-            items.append((name, data))
-        if len(items) > limits.max_images:
-            raise UploadError(f"more than {limits.max_images} images in one request; send fewer", 413)
-    return items
+    for name, fh in uploads:
+        fh = io.BytesIO(fh) if isinstance(fh, (bytes, bytearray)) else fh
+        fh.seek(0)
+        head = fh.read(132)
+        fh.seek(0)
+        if _is_zip(name, head):
+            yield from _zip_members(fh, name, limits, budget)
+            continue
+        budget.add_images(1)
+        data = fh.read(budget.bytes_left() + 1)
+        budget.add_bytes(len(data), name)
+        yield name, data
+        del data
+
+
+DICOM_HEADER_BYTES = 256 * 2**10  # where a DICOM file must state its image size
+
+
+def declared_pixels(data: bytes, name: str) -> int:
+    """The pixels a file will decode to, from its header alone (0 when it cannot tell: the decoder
+    then says why the file is unreadable). DICOM: every frame, as the decoder reads them all; its
+    size must be stated in the first ``DICOM_HEADER_BYTES`` (Rows and Columns come long before the
+    pixels), because pydicom parses a large file without a readable header element by element
+    (seconds per MB of zeros) before it can fail."""
+    if D.decode.is_dicom_bytes(data) or name.lower().endswith(D.DICOM_EXTENSIONS):
+        import pydicom
+
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data[:DICOM_HEADER_BYTES]), stop_before_pixels=True, force=True)
+            rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+            frames = max(1, int(ds.get("NumberOfFrames", 1) or 1))
+            samples = max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+        except Exception:  # noqa: BLE001 (a damaged header: see below)
+            rows = cols = 0
+        if rows and cols:
+            return rows * cols * frames * samples
+        if len(data) > DICOM_HEADER_BYTES:
+            raise CTTransferError(f"{name}: not a readable DICOM file (no image size in its first "
+                                  f"{DICOM_HEADER_BYTES // 1024} KB)")
+        return 0
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # reads the header only
+            pixels = image.size[0] * image.size[1]
+        # above the per-image limit the decoder refuses the file from its header, with its own message
+        return pixels if pixels <= D.decode.MAX_PIXELS else 0
+    except Exception:  # noqa: BLE001 (not an image: the decoder says so)
+        return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,36 +336,67 @@ def png_data_url(arr: np.ndarray, max_side: int | None = None) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def analyse(served: Served, items: list[tuple[str, bytes]], *, method: str = "gradcam", overlay: bool = True,
-            limits: Limits = Limits()) -> dict:
-    """Decode, predict (calibrated) and explain uploaded files; per-file decoding errors are listed.
+def bounded(arr: np.ndarray, max_side: int) -> np.ndarray:
+    """``arr`` with its longest side at most ``max_side`` (aspect kept; smaller images unchanged)."""
+    from PIL import Image
 
-    Raises ``UploadError`` (422) when no file could be decoded.
+    h, w = arr.shape[:2]
+    if max(h, w) <= max_side:
+        return arr
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(arr).resize(size, Image.BILINEAR), dtype=np.uint8)
+
+
+def analyse(served: Served, uploads, *, method: str = "gradcam", overlay: bool = True,
+            limits: Limits = Limits()) -> dict:
+    """Decode, predict (calibrated) and explain uploaded files; per-file problems are listed.
+
+    Memory: files are read and decoded one at a time; each full-resolution image is reduced at once
+    to the model's input (what ``predict`` computes from it) and a copy whose longest side is
+    ``limits.explain_px`` (what the heat map and overlay are drawn on), so a request holds small
+    arrays only, whatever the size of its images. Raises ``UploadError`` (4xx) for the request as a
+    whole: over a limit, or no file could be decoded.
     """
+    import torch
+
     if method not in METHODS:
         raise UploadError(f"method={method}: choose {', '.join(METHODS)}", 400)
     run = served.run
-    arrays, names, errors = [], [], []
-    for name, data in items:
+    budget = Budget(limits)
+    inputs, shown, names, sizes, errors = [], [], [], [], []
+    for name, data in iter_uploads(uploads, limits, budget):
         try:
-            arrays.append(D.decode_any(data, name, run.preprocess.window))
-            names.append(name)
+            budget.take_pixels(declared_pixels(data, name), name)
+            arr = D.decode_any(data, name, run.preprocess.window)
         except CTTransferError as exc:
             errors.append({"name": name, "error": " ".join(str(exc).split())})
-    if not arrays:
+            continue
+        finally:
+            del data
+        inputs.append(run.predictor.load_images([arr]))  # exactly what predict computes from it
+        shown.append(bounded(arr, limits.explain_px) if overlay else None)
+        names.append(name)
+        sizes.append([int(arr.shape[1]), int(arr.shape[0])])
+        del arr
+    if not inputs:
         raise UploadError("; ".join(e["error"] for e in errors[:5]) + (" …" if len(errors) > 5 else ""))
-    with served.lock:  # one model, shared hooks: one request at a time per run
-        outputs = run.predictor.predict_outputs(arrays)
-        explanations = run.explain(arrays, method=method) if overlay else [None] * len(arrays)
+    x = torch.cat(inputs)
+    del inputs
     results = []
-    for name, arr, pred, ex in zip(names, arrays, run.predictor.as_predictions(outputs), explanations):
-        row = {"name": name, "label": pred.label, "probabilities": pred.probabilities,
-               "shift_score": pred.shift_score, "in_distribution": pred.in_distribution,
-               "size": [int(arr.shape[1]), int(arr.shape[0])],
-               "input": png_data_url(run.preprocess.load(arr))}
-        if ex is not None:
-            row.update(overlay=png_data_url(ex.overlay, limits.preview_px), explained_class=ex.label)
-        results.append(row)
+    with served.lock:  # one model, shared hooks: one request at a time per run
+        predictions = run.predictor.as_predictions(run.predictor.outputs(x, batch_size=limits.model_batch))
+        for i, (name, pred) in enumerate(zip(names, predictions)):
+            results.append({"name": name, "label": pred.label, "probabilities": pred.probabilities,
+                            "shift_score": pred.shift_score, "in_distribution": pred.in_distribution,
+                            "size": sizes[i], "input": png_data_url(x[i].permute(1, 2, 0).numpy())})
+        if overlay:  # a few at a time: each overlay becomes a small PNG before the next ones are made
+            step = limits.explain_batch
+            for start in range(0, len(results), step):
+                explanations = run.explain(shown[start:start + step], method=method)
+                shown[start:start + step] = [None] * len(explanations)
+                for row, ex in zip(results[start:start + step], explanations):
+                    row.update(overlay=png_data_url(ex.overlay, limits.preview_px), explained_class=ex.label)
     return {"run": served.name, "classes": run.classes, "method": method if overlay else None,
             "threshold": run.threshold, "temperature": run.temperature,
             "positive_class": run.classes[1] if len(run.classes) == 2 else None,
@@ -281,26 +408,110 @@ def analyse(served: Served, items: list[tuple[str, bytes]], *, method: str = "gr
 # ---------------------------------------------------------------------------------------------
 
 
-class _Guard:
-    """Pure ASGI middleware: caps the request body while it streams in (413) and turns any
-    unexpected exception into a generic 500 (trace in the server log, never in the response)."""
+class Hosts:
+    """The ``Host`` names this server answers to: loopback names, the address it is bound to, and
+    the names it was asked to allow (``allow_host``). A DNS-rebinding page reaches the server under
+    its own name (``Host: evil.example``), which is not among them. An IP literal cannot be
+    rebound, so a server bound to every address (``0.0.0.0``) accepts its IP addresses too."""
 
-    def __init__(self, app, *, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+    def __init__(self, bind: str = "127.0.0.1", allow: tuple[str, ...] = ()):
+        self.any = "*" in allow
+        self.any_ip = bind in ("0.0.0.0", "::", "")
+        self.names = {_bare_host(h) for h in (*self.LOOPBACK, bind, *allow) if h and h != "*"}
+
+    def allows(self, host: str) -> bool:
+        if self.any or host in self.names or host.endswith(".localhost"):  # *.localhost is loopback in browsers
+            return True
+        return self.any_ip and _is_ip(host)
+
+
+def _bare_host(value: str) -> str:
+    """``Host`` header or origin netloc -> the lower-case host without port, brackets or final dot."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [::1]:8000
+        return value[1:value.find("]")] if "]" in value else value
+    if value.count(":") == 1:
+        value = value.split(":", 1)[0]
+    return value.rstrip(".")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+class _Guard:
+    """Pure ASGI middleware in front of everything:
+
+    - ``Host`` must be a name this server answers to and ``Origin``, when sent, this server's own
+      origin (403 otherwise: DNS rebinding, cross-origin posts);
+    - uploads (POST) wait for one of ``limits.max_concurrent`` analysis slots *before* their body is
+      read, so at most that many bodies are being read and decoded at once (503 after
+      ``limits.queue_timeout_s``); a waiting request holds only what the server's socket buffers;
+    - the body is capped while it streams in (413) and must keep arriving (408 after
+      ``limits.body_idle_s`` without data or ``limits.body_total_s`` in all);
+    - any unexpected exception becomes a generic 500 (trace in the server log, never in the response).
+    """
+
+    def __init__(self, app, *, limits: Limits, hosts: Hosts):
+        self.app, self.limits, self.hosts = app, limits, hosts
+        self.max_bytes = limits.max_request_bytes
+        self.slots = None  # made in the server's event loop, on first use
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = refused = False
+        headers = {}
+        for key, value in scope.get("headers") or []:
+            headers.setdefault(key, value)
+        problem = self._refused(headers)
+        if problem:
+            return await _json(send, 403, problem)
+        if scope.get("method") != "POST":
+            return await self._handle(scope, receive, send, headers)
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.limits.max_concurrent)
+        try:
+            await asyncio.wait_for(self.slots.acquire(), self.limits.queue_timeout_s)
+        except asyncio.TimeoutError:
+            return await _json(send, 503, f"the server is busy with {self.limits.max_concurrent} other uploads "
+                                          "for too long; try again in a moment")
+        try:
+            await self._handle(scope, receive, send, headers)
+        finally:
+            self.slots.release()
+
+    def _refused(self, headers: dict) -> str | None:
+        raw_host = headers.get(b"host")
+        host = _bare_host(raw_host.decode("latin-1")) if raw_host is not None else None
+        if host is not None and not self.hosts.allows(host):
+            shown = " ".join(raw_host.decode("latin-1").split())[:100]
+            return (f"Host {shown}: not a name this server answers to (a DNS-rebinding page?); "
+                    f"start it with --allow-host {_bare_host(shown) or 'NAME'} to allow it")
+        origin = headers.get(b"origin")
+        if origin is not None:
+            text = " ".join(origin.decode("latin-1").split())[:100]
+            scheme, _, netloc = text.partition("://")
+            if scheme not in ("http", "https") or raw_host is None or netloc.lower() != raw_host.decode("latin-1").lower():
+                return f"Origin {text or 'null'}: requests from another web page's origin are refused"
+        return None
+
+    async def _handle(self, scope, receive, send, headers):
+        loop = asyncio.get_running_loop()
+        started = refused = body_done = False
 
         async def send_tracked(message):
             nonlocal started
-            if refused:  # the 413 already went out; drop what the app answers to the cut-off body
+            if refused:  # the 4xx already went out; drop what the app answers to the cut-off body
                 return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        headers = dict(scope.get("headers") or [])
         try:
             declared = int(headers.get(b"content-length", b"0") or 0)
         except ValueError:
@@ -308,21 +519,34 @@ class _Guard:
         if declared > self.max_bytes:
             return await _json(send_tracked, 413, self._too_large())
         seen = 0
+        deadline = loop.time() + self.limits.body_total_s
 
-        async def receive_capped():
-            nonlocal seen, refused
-            message = await receive()
+        async def refuse(status, text):
+            nonlocal refused
+            # answer now: the body parser turns any error of its stream into a generic 400
+            if not started and not refused:
+                await _json(send_tracked, status, text)
+            refused = True
+            raise UploadError(text, status)
+
+        async def receive_guarded():
+            nonlocal seen, body_done
+            if body_done:  # after the body: the app waits for a disconnect, no timeout applies
+                return await receive()
+            wait = min(self.limits.body_idle_s, deadline - loop.time())
+            try:
+                message = await asyncio.wait_for(receive(), max(wait, 0.001))
+            except asyncio.TimeoutError:
+                await refuse(408, f"the request body arrived too slowly (no data for {self.limits.body_idle_s:g} s, "
+                                  f"or not complete within {self.limits.body_total_s:g} s)")
             seen += len(message.get("body", b""))
-            if seen > self.max_bytes and not refused:
-                # answer now: the body parser turns any error of its stream into a generic 400
-                if not started:
-                    await _json(send_tracked, 413, self._too_large())
-                refused = True
-                raise UploadError(self._too_large(), 413)
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            if seen > self.max_bytes:
+                await refuse(413, self._too_large())
             return message
 
         try:
-            await self.app(scope, receive_capped, send_tracked)
+            await self.app(scope, receive_guarded, send_tracked)
         except UploadError:  # the cut-off body, already answered
             pass
         except Exception:
@@ -344,12 +568,14 @@ async def _json(send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def create_app(runs: dict[str, Served], *, limits: Limits = Limits()):
-    """The FastAPI app serving ``runs`` (from ``load_runs``): page, run cards and ``/api/predict``."""
+def create_app(runs: dict[str, Served], *, limits: Limits = Limits(), hosts: Hosts | None = None):
+    """The FastAPI app serving ``runs`` (from ``load_runs``): page, run cards and ``/api/predict``.
+    ``hosts``: the ``Host`` names it answers to (default: loopback names only)."""
     require_extras()
     from typing import Literal
 
     from fastapi import FastAPI, File, Form, UploadFile
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
     from starlette.concurrency import run_in_threadpool
@@ -362,11 +588,17 @@ def create_app(runs: dict[str, Served], *, limits: Limits = Limits()):
     app = FastAPI(title="ct-transfer serve", version=__version__,
                   description="Classify CT slices with trained ct-transfer runs. Research use only, "
                               "not a medical device.")
-    app.add_middleware(_Guard, max_bytes=limits.max_request_bytes)
+    app.add_middleware(_Guard, limits=limits, hosts=hosts or Hosts())
 
     @app.exception_handler(CTTransferError)
     async def _user_error(request, exc):
         return JSONResponse({"detail": " ".join(str(exc).split())}, status_code=getattr(exc, "status", 422))
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_field(request, exc):  # one line, like every other refusal: "method: Input should be ..."
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ())[1:]) or 'request'}: {e.get('msg', 'invalid')}"
+                 for e in exc.errors()]
+        return JSONResponse({"detail": " ".join("; ".join(parts).split())[:500]}, status_code=422)
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -407,13 +639,14 @@ def create_app(runs: dict[str, Served], *, limits: Limits = Limits()):
         served = runs.get(run or names[0])
         if served is None:
             raise UploadError(f"run={run}: not served here; choose {', '.join(names)}", 404)
+        # the parts stay where Starlette put them (memory, or a spooled temp file above 1 MB) and are
+        # read one at a time by ``analyse`` in a worker thread, never all at once
+        uploads = [(Path(f.filename or "upload").name or "upload", f.file) for f in files]
         try:
-            uploaded = [(Path(f.filename or "upload").name or "upload", await f.read()) for f in files]
+            return await run_in_threadpool(analyse, served, uploads, method=method, overlay=overlay, limits=limits)
         finally:
             for f in files:
                 await f.close()
-        items = expand_uploads(uploaded, limits)
-        return await run_in_threadpool(analyse, served, items, method=method, overlay=overlay, limits=limits)
 
     return app
 
@@ -450,8 +683,7 @@ def _api_models() -> dict:
         errors: list[FileError] = Field(description="files that could not be decoded (the others are answered)")
 
     class Problem(BaseModel):
-        detail: str | list[dict] = Field(description="one-line message for the user (a list of field errors "
-                                                      "when a form field itself is malformed)")
+        detail: str = Field(description="one-line message for the user")
 
     return {"Answer": Answer, "Problem": Problem}
 
@@ -483,16 +715,84 @@ def _check_bind(host: str, port: int) -> None:
                                   "is another server running there?)") from None
 
 
-def serve(run_paths, *, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits()) -> None:
-    """Load the runs once and serve them until interrupted."""
+def _http_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for a request's headers: uvicorn times out idle
+    keep-alive connections, but not one that never finishes sending its headers (slowloris)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _headers_deadline = None
+        _waiting_cycle = None
+
+        def _arm(self):
+            self._disarm()
+            self._waiting_cycle = self.cycle
+            self._headers_deadline = self.loop.call_later(header_timeout_s, self._too_slow)
+
+        def _disarm(self):
+            if self._headers_deadline is not None:
+                self._headers_deadline.cancel()
+                self._headers_deadline = None
+
+        def _too_slow(self):
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data):
+            super().data_received(data)
+            if self.cycle is not self._waiting_cycle:  # a request's headers are complete
+                self._disarm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+    return Protocol
+
+
+def check_allowed_hosts(names) -> tuple[str, ...]:
+    """``--allow-host`` values: host names or addresses (no scheme, path or port), or ``*`` for any."""
+    out = []
+    for name in names or ():
+        bare = _bare_host(str(name))
+        if name != "*" and (not bare or any(c in str(name) for c in "/@ \t?#") or ":" in bare and not _is_ip(bare)):
+            raise ConfigError("allow_host", name, "give a host name or address (e.g. ct.lab.example), "
+                                                  "without scheme, port or path, or * for any")
+        out.append("*" if name == "*" else bare)
+    return tuple(out)
+
+
+def serve(run_paths, *, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
+          allow_hosts: tuple[str, ...] = ()) -> None:
+    """Load the runs once and serve them until interrupted. ``allow_hosts``: names besides the
+    loopback names and ``host`` that browsers may use to reach the server (``*``: any)."""
     require_extras()
     import uvicorn
 
     if not 0 < port < 65536:
         raise ConfigError("port", port, "choose 1..65535")
+    hosts = Hosts(host, check_allowed_hosts(allow_hosts))
     _check_bind(host, port)  # before the slow model loading
-    app = create_app(load_runs(run_paths), limits=limits)
+    app = create_app(load_runs(run_paths), limits=limits, hosts=hosts)
     if not _is_loopback(host):
         log.warning("serving on %s: anyone who can reach this machine can upload scans (no login, no TLS)", host)
     log.info("ct-transfer serve: http://%s:%d/ (API docs at /docs); Ctrl+C stops", host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(server_config(app, host=host, port=port, limits=limits)).run()
+
+
+def server_config(app, *, host: str, port: int, limits: Limits = Limits()):
+    """uvicorn's configuration for ``app``: the header deadline, keep-alive and connection limits."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          http=_http_protocol(limits.header_timeout_s), timeout_keep_alive=limits.keep_alive_s,
+                          limit_concurrency=limits.max_connections)

@@ -145,14 +145,14 @@ def _dicom_to_array(data: bytes, name: str, window) -> np.ndarray:
     check_rescale(ds, name)
     try:
         pixels = ds.pixel_array
+        if pixels.ndim == 3 and samples == 1:  # multi-frame: the middle slice, taken before the float64 LUT
+            pixels = pixels[pixels.shape[0] // 2]
         hu = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
     except Exception as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         label = " ".join(str(getattr(syntax, "name", syntax)).split())  # a damaged UID may hold newlines
         raise CTTransferError(f"{name}: cannot decode DICOM pixel data ({label}; a decoder plugin may be "
                               f"missing: {first_line(exc, 80)})") from None
-    if hu.ndim == 3 and samples == 1:  # multi-frame: the middle slice
-        hu = hu[hu.shape[0] // 2]
     if hu.ndim != 2 or hu.size == 0:
         raise CTTransferError(f"{name}: DICOM pixel data is not a 2-D grey slice (shape {hu.shape})")
     width, level = window

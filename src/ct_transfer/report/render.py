@@ -1,21 +1,28 @@
 """Render: report.md from a Jinja2 template, report.html from it by Python-Markdown (images inlined).
 
 Numbers are formatted by the filters below; the templates only lay them out.
+
+Escaping: both templates are rendered with Jinja2's autoescape, so every value that reaches a
+report (a model name, a run folder, a class, a path, an error message) is HTML-escaped by the
+template engine before Markdown sees it; raw HTML cannot come from data. Filters that write
+Markdown syntax return ``Markup`` and escape what they wrap (``cell``) or rely on Markdown's own
+escaping of code spans (``code``). Links whose scheme is not http(s)/mailto are dropped when the
+HTML is made (a ``[x](javascript:...)`` written by Markdown from a value).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import logging
 import mimetypes
+import re
 from pathlib import Path
 
 import markdown
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from jinja2 import Environment, PackageLoader, StrictUndefined
 from markdown.extensions import Extension
 from markdown.treeprocessors import Treeprocessor
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from ..evaluate import format_with_ci
 from .paper import TABLE_NUMBERS, format_hms
@@ -35,16 +42,21 @@ EXTERNAL_COLUMNS = (("accuracy", "accuracy"), ("recall", "sensitivity"), ("speci
 # ---------------------------------------------------------------------------------------------
 
 
-def cell(text) -> str:
-    """Text safe inside a markdown table cell: no raw HTML, no column breaks."""
-    return html.escape(str(text), quote=False).replace("|", "\\|")
+def cell(text) -> Markup:
+    """Text safe inside a markdown table cell: HTML-escaped, no column breaks."""
+    return escape(str(text)).replace("|", Markup("\\|"))
 
 
-def code(text) -> str:
-    """An inline code span that survives backticks in the text (a message, a path)."""
+def code(text) -> Markup:
+    """An inline code span (a message, a path). Markdown escapes a code span's content itself, so
+    the text goes in as it is; the fence is longer than any run of backticks inside, so the text
+    cannot end the span early."""
     text = " ".join(str(text).split())
-    fence = "``" if "`" in text else "`"
-    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+    runs = [len(r) for r in re.findall(r"`+", text)]
+    if not runs:
+        return Markup(f"`{text}`")  # a code span: Markdown escapes its content
+    fence = "`" * (max(runs) + 1)
+    return Markup(f"{fence} {text} {fence}")
 
 
 def num(value, key: str = "accuracy", decimals: int = 1) -> str:
@@ -121,8 +133,8 @@ def hours(h: float) -> str:
 
 
 def _env() -> Environment:
-    env = Environment(loader=PackageLoader("ct_transfer.report", "templates"),
-                      autoescape=select_autoescape(["html"], default_for_string=False),
+    # autoescape for every template (the names end in .j2, which select_autoescape would not match)
+    env = Environment(loader=PackageLoader("ct_transfer.report", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters.update(cell=cell, code=code, num=num, signed=signed, stat=stat, value_ci=value_ci, ratio=ratio,
                        metric_ci=metric_ci, operating=operating,
@@ -183,6 +195,20 @@ class _EmbedImages(Treeprocessor):
                 log.warning("report image %s not found under %s; left as a link", src, self.base_dir)
 
 
+class _SafeLinks(Treeprocessor):
+    """Drop link targets whose scheme could run code (``javascript:``, ``data:`` ...): only
+    http(s), mailto and relative links stay."""
+
+    SAFE = re.compile(r"^(https?:|mailto:|#|/|\.|[^:/?#]*([/?#]|$))", re.IGNORECASE)
+
+    def run(self, root):
+        for a in root.iter("a"):
+            href = "".join(a.get("href", "").split())  # browsers ignore whitespace inside the scheme
+            if not self.SAFE.match(href):
+                log.warning("report link %r dropped (not an http(s), mailto or relative link)", href[:80])
+                del a.attrib["href"]
+
+
 class EmbedImages(Extension):
     def __init__(self, base_dir: Path):
         super().__init__()
@@ -191,6 +217,7 @@ class EmbedImages(Extension):
     def extendMarkdown(self, md):  # noqa: N802 (Python-Markdown's name)
         # priority below 'inline' (20): <img> elements exist only after inline patterns ran
         md.treeprocessors.register(_EmbedImages(md, self.base_dir), "embed_images", 5)
+        md.treeprocessors.register(_SafeLinks(md), "safe_links", 4)
 
 
 def markdown_to_html(text: str, *, image_dir) -> str:

@@ -194,15 +194,24 @@ function sortBy(key) {
   renderTable();
 }
 
+// A text cell that a spreadsheet would run as a formula (=, +, -, @, tab, CR, or their full-width
+// forms first) gets a leading ' (as ct_transfer._io.csv_safe does); numbers and numeric text stay as they are.
+const FORMULA_START = /^'*[=+\-@\t\r\uff1d\uff0b\uff0d\uff20]/;
+const NUMBER = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
+
+function csvSafe(v) {
+  return typeof v === "string" && FORMULA_START.test(v) && !NUMBER.test(v) ? "'" + v : v;
+}
+
 function csvCell(v) {
-  const s = v === null || v === undefined ? "" : String(v);
+  const s = v === null || v === undefined ? "" : String(csvSafe(v));
   return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
 }
 
 function downloadCsv() {
   const classes = classColumns();
   const header = ["file", "run", "pred", ...classes.map((c) => "prob_" + c), "threshold", "temperature", "method"];
-  const lines = [header.join(",")];
+  const lines = [header.map(csvCell).join(",")];
   for (const r of state.rows) {
     lines.push([r.file, r.run, r.pred, ...classes.map((c) => r.probabilities[c]), r.threshold, r.temperature,
       r.method].map(csvCell).join(","));

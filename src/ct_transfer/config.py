@@ -106,6 +106,13 @@ class TrainConfig:
     calibrate: bool = _opt(False, "fit temperature scaling and a decision threshold on val after training")
     sensitivity: float | None = _opt(None, "with --calibrate: threshold reaching this val sensitivity "
                                            "(default: Youden's J)")
+    force_calibration: bool = _opt(False, "with --calibrate: fit even on a val subset too small for it (under 30 "
+                                          "images or 10 per class) and keep the fitted temperature even when it "
+                                          "reaches its bound or makes val ECE worse (the reasons are recorded)")
+    log: str | None = _opt(None, "experiment trackers, comma-separated: tensorboard (RUN/tensorboard), mlflow "
+                                 "(params, per-epoch and final metrics, plots)")
+    mlflow_uri: str | None = _opt(None, "with --log mlflow: the tracking store (default sqlite:///RUN/mlruns.db; "
+                                        "any MLflow tracking URI, e.g. http://host:5000)")
     recipe: str | None = _opt(None, "the recipe these values came from (a name or a file; see recipes.py)", cli=False)
 
     def __post_init__(self):
@@ -212,7 +219,12 @@ def _validate(c: TrainConfig) -> None:
         check_sensitivity(c.sensitivity)
     if c.split_groups is not None and c.split_preset != "grouped" and not c.split_file:
         raise ConfigError("split_groups", c.split_groups, "only with split_preset=grouped")
-    for name in ("out", "positive", "cache_dir", "split_groups"):
+    if c.log is not None:
+        from .tracking import parse_loggers
+
+        if parse_loggers(c.log) and c.out is None:
+            raise ConfigError("log", c.log, "needs out (the run directory the trackers write into)")
+    for name in ("out", "positive", "cache_dir", "split_groups", "mlflow_uri"):
         v = getattr(c, name)
         if v is not None and not _text(v):
             raise ConfigError(name, v, "give a non-empty text value (or leave it out)")
@@ -221,7 +233,7 @@ def _validate(c: TrainConfig) -> None:
         if v is not None and not _text(v):
             raise ConfigError("split_file", v, "give a non-empty text value (or leave it out)")
     _validate_weights(c.weights)
-    for name in ("augment", "channels_last", "bf16", "compile", "calibrate"):
+    for name in ("augment", "channels_last", "bf16", "compile", "calibrate", "force_calibration"):
         if not isinstance(getattr(c, name), bool):
             raise ConfigError(name, getattr(c, name), "choose true or false")
     _validate_device(c.device)

@@ -95,7 +95,8 @@ def evaluate_external(run, data, *, name: str | None = None, class_map=None, spl
     result = run.score(labels, outputs, rows)
     record = {"name": name, "data": str(data), "split_file": str(split_file) if split_file else None,
               "subset": subset, "class_map": parse_class_map(class_map) or None, "skipped": bad,
-              "temperature": run.temperature, "threshold": run.threshold, "metrics": result,
+              "temperature": run.temperature, "threshold": run.threshold,
+              "calibration": calibration_used(run), "metrics": result,
               "independent": independence["independent"], "independence": independence}
     if write:
         if run.directory is None:
@@ -108,6 +109,70 @@ def evaluate_external(run, data, *, name: str | None = None, class_map=None, spl
     if not independence["independent"]:
         log.warning("external %s is NOT independent of the run's data: %s", name, independence["why"])
     return record
+
+
+def calibration_used(run) -> dict:
+    """What an external result was computed with: temperature, threshold, their fingerprint and status."""
+    from .calibration import fingerprint
+
+    cal = run.predictor.calibration
+    return {"temperature": run.temperature, "threshold": run.threshold,
+            "fingerprint": fingerprint(run.temperature, run.threshold),
+            "status": (cal.facts or {}).get("status") or ("fitted" if cal.fitted else "uncalibrated")}
+
+
+def record_fingerprint(record: dict) -> str:
+    """The calibration fingerprint of an external result (older records: from their temperature/threshold)."""
+    from .calibration import fingerprint
+
+    used = record.get("calibration") or {}
+    if used.get("fingerprint"):
+        return used["fingerprint"]
+    return fingerprint(record.get("temperature", 1.0) or 1.0, record.get("threshold"))
+
+
+def refresh_external(run) -> list[dict]:
+    """After a new calibration: every ``RUN/external/NAME/metrics.json`` computed with another one is
+    evaluated again when its data is still there, else marked ``stale`` (kept, with the reason and
+    the calibration now in force). Returns ``[{name, status: current|refreshed|stale}]``."""
+    from .calibration import fingerprint
+
+    out = []
+    root = Path(run.directory) / "external" if run.directory else None
+    if root is None or not root.is_dir():
+        return out
+    now = fingerprint(run.temperature, run.threshold)
+    for path in sorted(root.glob("*/metrics.json")):
+        try:
+            record = _io.read_json(path, what="external metrics")
+        except CTTransferError as exc:
+            log.warning("%s: left as it is (%s)", path, exc)
+            continue
+        name = record.get("name") or path.parent.name
+        if record_fingerprint(record) == now:
+            out.append({"name": name, "status": "current"})
+            continue
+        data, split_file = record.get("data"), record.get("split_file")
+        if data and Path(data).is_dir() and (not split_file or Path(split_file).is_file()):
+            try:
+                independence = record.get("independence") or {}
+                evaluate_external(run, data, name=path.parent.name, class_map=record.get("class_map"),
+                                  split_file=split_file, subset=record.get("subset"),
+                                  near_duplicates=not independence or independence.get("near_duplicates") is not None,
+                                  allow_shared=bool(independence.get("same_files")))  # as it was made
+                out.append({"name": name, "status": "refreshed"})
+                continue
+            except CTTransferError as exc:  # the data changed since: stale, with the reason
+                why = f"re-evaluation failed ({exc})"
+        else:
+            why = f"its data ({data}) is not here to re-evaluate"
+        record["stale"] = {"reason": f"computed with another calibration (fingerprint {record_fingerprint(record)}, "
+                                     f"now {now}); {why}",
+                           "calibration_now": calibration_used(run)}
+        _io.write_json(path, record)
+        log.warning("external %s: stale (%s)", name, record["stale"]["reason"])
+        out.append({"name": name, "status": "stale"})
+    return out
 
 
 class _Subset:

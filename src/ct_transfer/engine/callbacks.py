@@ -2,7 +2,8 @@
 progress, early stopping and custom stop rules are objects the loop calls at fixed points.
 
 Hooks: ``on_fit_start(state)``, ``on_epoch_start(state)``, ``on_batch_end(state, n, loss_sum,
-correct)``, ``on_epoch_end(state, row)``, ``on_fit_end(state)``, ``on_fit_error(state)``. Setting ``state.stop = True``
+correct)``, ``on_epoch_end(state, row)``, ``on_fit_end(state)``, ``on_fit_error(state)``, and ``on_run_end(state, run)``
+after the final evaluation (``fit`` calls it; experiment trackers log the final metrics there). Setting ``state.stop = True``
 ends training after the current epoch. Callback time is not counted in ``train_seconds``.
 """
 
@@ -31,6 +32,9 @@ class Callback:
 
     def on_fit_error(self, state):
         """Training stopped on an exception (which still propagates): release what you hold."""
+
+    def on_run_end(self, state, run):
+        """``fit`` is done: ``run`` has its final metrics, and its files are written (trackers log them)."""
 
 
 class TrackBest(Callback):

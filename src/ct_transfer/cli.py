@@ -295,6 +295,17 @@ def cmd_calibrate(args):
     print(f"wrote the calibration into {Path(args.run) / 'predictor.json'} (predict, evaluate, serve and export use it)")
 
 
+def cmd_card(args):
+    from .modelcard import write_model_card
+    from .rundir import RunDir
+
+    RunDir(args.run).check()
+    if args.out:
+        _check_output(args.out, None)
+    path = write_model_card(args.run, args.out)
+    print(f"wrote {path}")
+
+
 def cmd_audit(args):
     from .audit import audit
 
@@ -566,6 +577,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="fit even on a val subset too small for it and keep the "
                    "fitted temperature even at its bound or with a worse val ECE (default: refuse / keep T=1)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("card", help="write a run's model card (model_card.md) from what the run recorded")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--out", help="where to write it (default: RUN/model_card.md)")
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("train", help="train and evaluate one model")
     add_config_flags(p, required=("out",))

@@ -229,6 +229,10 @@ class Run:
             title = f"{self.config.get('model')} · weights={Path(str(self.config.get('weights'))).name} · " \
                     f"seed {self.config.get('seed')}"
             save_figure(curves_figure(self.history, title), rd / "curves.png")
+        if rd.is_run():  # the model card follows what the run now records
+            from .modelcard import write_model_card
+
+            write_model_card(rd.path)
 
     def save(self, path) -> Path:
         """Write the whole run (config, split, history, best.pt, metrics, predictions, plots) to ``path``."""

@@ -234,7 +234,7 @@ class MLflowLogger(TrackingLogger):
     def on_run_end(self, state, run):
         step = int(state.history[-1]["epoch"]) if state.history else 0
         self._log(final_metrics(run.metrics, _read_external(self.run_dir)), step=step)
-        for name in (*PLOTS, "metrics.json", "config.json"):
+        for name in (*PLOTS, "metrics.json", "config.json", "model_card.md"):
             if (self.run_dir / name).is_file():
                 self.client.log_artifact(self.run_id, str(self.run_dir / name))
         self.client.set_terminated(self.run_id, "FINISHED")

@@ -16,6 +16,7 @@ from ct_transfer import calibration as cal
 from ct_transfer.calibration import CalibrationRefused
 from ct_transfer.cli import main
 from ct_transfer.evaluate import read_predictions
+from ct_transfer.inference import softmax
 from ct_transfer.run import load_run
 
 UCSD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ucsd-covid-ct-dev"
@@ -101,8 +102,8 @@ def test_temperature_kept_at_1_when_it_makes_val_ece_worse_or_hits_its_bound(tra
         x = run.load_images(paths)
         logits = run.predictor.forward(x)[0].numpy().astype(np.float64)
         t = cal.fit_temperature(logits, y)
-        ece_1 = cal.expected_calibration_error(y, torch.softmax(torch.from_numpy(logits), 1).numpy())
-        ece_t = cal.expected_calibration_error(y, torch.softmax(torch.from_numpy(logits / t), 1).numpy())
+        ece_1 = cal.expected_calibration_error(y, softmax(logits))
+        ece_t = cal.expected_calibration_error(y, softmax(logits, t))
         rec = run.calibrate(_Val(x, y), save=False)
         worse, bound = ece_t > ece_1, cal.at_bound(t)
         assert rec["fitted_temperature"] == pytest.approx(t) and rec["val_ece_fitted"] == pytest.approx(ece_t)
@@ -111,7 +112,7 @@ def test_temperature_kept_at_1_when_it_makes_val_ece_worse_or_hits_its_bound(tra
             assert rec["status"] == "kept-uncalibrated" and rec["temperature"] == 1.0 == run.temperature
             assert rec["val_ece_after"] == pytest.approx(ece_1)
             assert any(("got worse" if worse else "bound") in r for r in rec["reasons"])
-            unscaled = torch.softmax(torch.from_numpy(logits), 1).numpy()[:, 1]
+            unscaled = softmax(logits)[:, 1]
             assert rec["threshold"] == pytest.approx(cal.choose_threshold(y, unscaled))
             forced = run.calibrate(_Val(x, y), save=False, force=True)
             assert forced["status"] == "fitted" and forced["temperature"] == pytest.approx(t) and forced["reasons"]

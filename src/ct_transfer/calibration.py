@@ -140,9 +140,9 @@ def fingerprint(temperature: float, threshold: float | None) -> str:
 
 
 def _softmax(logits, temperature: float = 1.0) -> np.ndarray:
-    from scipy.special import softmax
+    from .inference import softmax  # the one place logits become probabilities
 
-    return softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+    return softmax(logits, temperature).astype(np.float64)
 
 
 def fit_calibration(logits, y_true, *, classes, sensitivity: float | None = None,

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-import pytest
+import numpy as np
 import timm
 import torch
 from safetensors import safe_open
@@ -56,3 +57,30 @@ def test_timm_export_refuses_a_wrong_name_and_writes_nothing(trained_run, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ".safetensors" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_runs_save_safetensors_and_older_pt_runs_still_load(trained_run, tmp_path, data_dir):
+    src = trained_run[0]
+    assert (src / "best.safetensors").is_file() and not (src / "best.pt").exists()
+    with safe_open(str(src / "best.safetensors"), "pt") as fh:  # no pickle; classes and epoch as metadata
+        meta = fh.metadata()
+        assert json.loads(meta["format"]) == "ct-transfer"
+        assert json.loads(meta["classes"]) == load_run(src).classes
+        assert json.loads(meta["epoch"]) == json.loads((src / "metrics.json").read_text())["best_epoch"]
+        assert "fc.weight" in fh.keys()
+    # a run written before safetensors: best.pt (a tensor dict, loaded with weights_only=True)
+    old = tmp_path / "old"
+    shutil.copytree(src, old)
+    with safe_open(str(old / "best.safetensors"), "pt") as fh:
+        state = {k: fh.get_tensor(k) for k in fh.keys()}
+    torch.save({"model": state, "classes": json.loads(meta["classes"]), "epoch": 1}, old / "best.pt")
+    (old / "best.safetensors").unlink()
+    files = _slices(data_dir, 2)
+    again = load_run(old)
+    assert Path(again.checkpoint).name == "best.pt"
+    np.testing.assert_array_equal(again.predict_proba(files), load_run(src).predict_proba(files))
+    # and a run folder given as weights: the new file first
+    from ct_transfer import create_model
+
+    model = create_model("EfficientNetLite0", str(src), classes=again.classes)
+    torch.testing.assert_close(model.fc.weight, again.model.fc.weight, rtol=0, atol=0)

@@ -55,7 +55,7 @@ def test_card_command_lists_external_results_and_calibration(trained_run, tmp_pa
     row = _row(card, "external ucsd")
     assert f"| {m['n']} |" in row and f"{m['accuracy']:.3f} [{m['ci95']['accuracy'][0]:.3f}" in row
     assert "(stale)" not in row  # refreshed by calibrate
-    cal = json.loads((run_dir / "config.json").read_text())["calibration"]
+    cal = json.loads((run_dir / "predictor.json").read_text())["calibration"]
     assert "Status: **fitted** (forced)" in card and f"temperature {cal['temperature']:.4g}" in card
     assert not any("external validation" in x for x in card_facts(run_dir)["not_measured"])
     assert main(["card", "--run", str(tmp_path)]) == 2

@@ -78,3 +78,28 @@ def test_logger_options_are_checked_before_any_work(tmp_path, data_dir):
     with pytest.raises(ConfigError, match="needs out"):
         TrainConfig(data=str(data_dir), model="EfficientNetLite0", log="mlflow")
     assert not (tmp_path / "x").exists()
+
+
+def test_external_results_join_the_tracked_run(tracked_run, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ct_transfer.run import load_run
+
+    ucsd = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ucsd-covid-ct-dev"
+    ext = tmp_path / "ext"  # 5 real UCSD slices per class
+    for c in ("COVID", "non-COVID"):
+        (ext / c).mkdir(parents=True)
+        for f in sorted((ucsd / c).iterdir())[:5]:
+            shutil.copy(f, ext / c / f.name)
+    rec = load_run(tracked_run).evaluate_external(ext, name="ucsd5")
+    doc = json.loads((tracked_run / "tracking.json").read_text())
+    logged = MlflowClient(tracking_uri=doc["mlflow"]["tracking_uri"]).get_run(doc["mlflow"]["run_id"]).data.metrics
+    assert logged["external/ucsd5/accuracy"] == pytest.approx(rec["metrics"]["accuracy"])
+    assert logged["external/ucsd5/n"] == 10
+    acc = EventAccumulator(doc["tensorboard"]["log_dir"])
+    acc.Reload()
+    assert acc.Scalars("final/external/ucsd5/accuracy")[-1].value == pytest.approx(rec["metrics"]["accuracy"])

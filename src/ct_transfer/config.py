@@ -43,7 +43,7 @@ class TrainConfig:
     model: str = _opt(MISSING, "paper name (see `ct-transfer models`) or any timm name", required=True)
     out: str | None = _opt(None, "run directory (Python API: None writes nothing)")
     weights: str = _opt("none", "none | imagenet | PATH to a timm state dict | a ct-transfer run (folder or "
-                                 "best.pt) to start from: its backbone, and its head when the classes match")
+                                 "best.safetensors) to start from: its backbone, and its head when the classes match")
     split_file: str | list[str] | None = _opt(None, "split CSV (path,class,subset) to reuse; with several --data "
                                                     "one per dataset in the same order ('-' = preset split), or "
                                                     "one file with a source column", multiple=True)
@@ -81,7 +81,7 @@ class TrainConfig:
                                   "(the paper's Keras behaviour); frozen = every BN layer keeps its ImageNet "
                                   "statistics (its scale and shift still learn)", choices=BN_STATS)
     ema: float = _opt(0.0, "full/partial: keep an exponential moving average of the weights with this decay per "
-                           "step (timm's ModelEmaV3); validation, best.pt and the final model use the average; "
+                           "step (timm's ModelEmaV3); validation, best.safetensors and the final model use the average; "
                            "0 = off")
     tta: str = _opt("none", "test-time augmentation: flips = the mean logits of the image and its horizontal and "
                             "vertical flips, in validation, evaluation, predict, serve and export alike",
@@ -99,7 +99,7 @@ class TrainConfig:
     bf16: bool = _opt(False, "bfloat16 autocast (fp32 master weights; default on CUDA)")
     compile: bool = _opt(False, "torch.compile the model (drops the last partial batch: static shapes)")
     compile_mode: str = _opt("default", "torch.compile mode (reduce-overhead: CUDA graphs)", choices=COMPILE_MODES)
-    checkpoint_every: int = _opt(1, "write last.pt (resume state) every N epochs and at the end; best.pt "
+    checkpoint_every: int = _opt(1, "write last.pt (resume state) every N epochs and at the end; best.safetensors "
                                     "only on improvement; both written by a background thread")
     threads: int | None = _opt(None, "torch threads (default: all cores)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")

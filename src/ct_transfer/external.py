@@ -105,6 +105,10 @@ def evaluate_external(run, data, *, name: str | None = None, class_map=None, spl
         write_predictions(folder / "predictions.csv", paths, labels, outputs, run.classes, rows=rows)
         _io.write_json(folder / "metrics.json", record)
         record["path"] = str(folder / "metrics.json")
+        if (Path(run.directory) / "tracking.json").is_file():  # a tracked run: the trackers get it too
+            from .tracking import log_external
+
+            log_external(run.directory, record)
     log.info("external %s: %d images, accuracy %.4f", name, result["n"], result["accuracy"])
     if not independence["independent"]:
         log.warning("external %s is NOT independent of the run's data: %s", name, independence["why"])
@@ -129,6 +133,19 @@ def record_fingerprint(record: dict) -> str:
     if used.get("fingerprint"):
         return used["fingerprint"]
     return fingerprint(record.get("temperature", 1.0) or 1.0, record.get("threshold"))
+
+
+def is_current(run_dir, path) -> bool:
+    """Is the external result at ``path`` there, readable and computed with the run's calibration now?"""
+    from .calibration import fingerprint
+    from .inference import read_calibration
+
+    try:
+        record = _io.read_json(path, what="external metrics")
+        cal = read_calibration(run_dir, _io.read_json(Path(run_dir) / "config.json", what="run config"))
+    except CTTransferError:
+        return False
+    return "stale" not in record and record_fingerprint(record) == fingerprint(cal.temperature, cal.threshold)
 
 
 def refresh_external(run) -> list[dict]:

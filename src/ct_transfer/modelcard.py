@@ -147,9 +147,9 @@ def card_facts(run_dir) -> dict:
 
     failures = []
     if any(ds and Path(str(ds)).name == "sarscov2-ct" for ds in datasets):
-        failures.append("Known shortcut in the training data: the original files' PNG encoding differs by class "
-                        "(decoded to a fixed mode here, so this run cannot use it, but a model trained elsewhere "
-                        "on the raw files may).")
+        failures.append("Known shortcut in the training data: in the original download the PNG encoding differs "
+                        "by class; ct-transfer decodes every file to one mode, so this run cannot use it, but a "
+                        "model trained elsewhere on the raw files may have.")
     for e in external:
         ci = (e["metrics"].get("ci95") or {}).get("accuracy")
         if isinstance(ci, (list, tuple)) and len(ci) == 2 and _num(ci[0]) and ci[0] <= 0.5:
@@ -175,8 +175,8 @@ def card_facts(run_dir) -> dict:
         "Research use only; not a medical device and not validated for diagnosis or triage.",
         "Classifies single 2-D slices into the run's classes; it has never seen other findings (tumours, other "
         "pneumonias not in the classes) and will still answer one of its classes for them.",
-        "Slices from preprint figures and public collections differ from a hospital's DICOM series (windowing, "
-        "resolution, annotations).",
+        "Trained on 8-bit slices from public collections; a hospital's DICOM series differ (windowing, "
+        "resolution, scanners, annotations), so expect lower performance there until measured.",
     ]
     return {
         "model": {"name": cfg.get("model"), "timm_name": cfg.get("timm_name"), "weights": cfg.get("weights"),

@@ -235,7 +235,7 @@ class Run:
             write_model_card(rd.path)
 
     def save(self, path) -> Path:
-        """Write the whole run (config, split, history, best.pt, metrics, predictions, plots) to ``path``."""
+        """Write the whole run (config, split, history, best.safetensors, metrics, predictions, plots) to ``path``."""
         from ._io import ensure_writable_dir
 
         rd = RunDir(ensure_writable_dir(path))
@@ -321,16 +321,19 @@ def check_run_config(cfg: dict, path) -> dict:
     return D.Preprocess(image_size=size, window=(float(window[0]), float(window[1])), crop=crop, intensity=intensity)
 
 
-def load_run(path, *, checkpoint: str = "best.pt", device: str = "cpu") -> Run:
-    """Read a run directory written by ``fit`` or ``Run.save``."""
+def load_run(path, *, checkpoint: str | None = None, device: str = "cpu") -> Run:
+    """Read a run directory written by ``fit`` or ``Run.save``. ``checkpoint``: a file name in it
+    (default: best.safetensors, else best.pt of runs written before it, else last.pt)."""
     from . import _io
+    from .rundir import CHECKPOINTS
 
     rd = RunDir(path).check()
     cfg = rd.read_config()
     preprocess = check_run_config(cfg, rd / "config.json")
-    ckpt_name = checkpoint if (rd / checkpoint).is_file() else "last.pt"
-    if not (rd / ckpt_name).is_file():
-        raise CTTransferError(f"{rd.path}: no checkpoint (best.pt / last.pt)")
+    found = rd / checkpoint if checkpoint and (rd / checkpoint).is_file() else rd.checkpoint()
+    if found is None:
+        raise CTTransferError(f"{rd.path}: no checkpoint ({' / '.join(CHECKPOINTS)})")
+    ckpt_name = found.name
     ckpt = _io.load_checkpoint(rd / ckpt_name, map_location="cpu", keys=("model", "classes"))
     classes = ckpt["classes"]
     if not isinstance(classes, (list, tuple)) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):

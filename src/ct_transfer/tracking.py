@@ -286,7 +286,13 @@ def log_external(run_dir, record: dict) -> None:
     path = Path(run_dir) / TRACKING_FILE
     if not path.is_file():
         return
-    doc = _io.read_json(path, what="tracking record")
+    try:
+        _log_external(_io.read_json(path, what="tracking record"), record)
+    except Exception as exc:  # the result is written already; a tracker that is away must not undo it
+        log.warning("%s: external result %s not tracked (%s)", path, record.get("name"), first_line(exc))
+
+
+def _log_external(doc: dict, record: dict) -> None:
     values = final_metrics({}, [record])
     if "mlflow" in doc:
         import time

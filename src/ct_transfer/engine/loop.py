@@ -62,7 +62,7 @@ class TrainState:
 
     @property
     def eval_model(self) -> torch.nn.Module:
-        """What validation, best.pt and the final model use: the weight average when there is one."""
+        """What validation, best.safetensors and the final model use: the weight average when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
 
@@ -447,7 +447,7 @@ def _restore(state: TrainState, rundir: RunDir, device: str) -> None:
             state.best_state = best["model"]
             state.best = {**state.best, "epoch": best.get("epoch", state.best["epoch"])}
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise CTTransferError(f"{rundir / 'best.pt'}: does not fit this run's model ({first_line(exc, 100)})") from None
+            raise CTTransferError(f"{rundir.checkpoint()}: does not fit this run's model ({first_line(exc, 100)})") from None
 
 
 def _run_epochs(state: TrainState, epoch_fn, callbacks) -> None:

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 
 from ct_transfer.cli import main
 from ct_transfer.modelcard import NOT_MEASURED, card_facts, model_card

@@ -139,6 +139,15 @@ def fingerprint(temperature: float, threshold: float | None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def record_fingerprint(record: dict) -> str:
+    """The calibration fingerprint of an external result (records written before fingerprints: from
+    their temperature and threshold)."""
+    used = record.get("calibration") or {}
+    if isinstance(used, dict) and used.get("fingerprint"):
+        return used["fingerprint"]
+    return fingerprint(record.get("temperature", 1.0) or 1.0, record.get("threshold"))
+
+
 def _softmax(logits, temperature: float = 1.0) -> np.ndarray:
     from .inference import softmax  # the one place logits become probabilities
 

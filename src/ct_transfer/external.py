@@ -109,6 +109,10 @@ def evaluate_external(run, data, *, name: str | None = None, class_map=None, spl
             from .tracking import log_external
 
             log_external(run.directory, record)
+        if (Path(run.directory) / "config.json").is_file():  # the model card lists every external result
+            from .modelcard import write_model_card
+
+            write_model_card(run.directory)
     log.info("external %s: %d images, accuracy %.4f", name, result["n"], result["accuracy"])
     if not independence["independent"]:
         log.warning("external %s is NOT independent of the run's data: %s", name, independence["why"])
@@ -125,19 +129,9 @@ def calibration_used(run) -> dict:
             "status": (cal.facts or {}).get("status") or ("fitted" if cal.fitted else "uncalibrated")}
 
 
-def record_fingerprint(record: dict) -> str:
-    """The calibration fingerprint of an external result (older records: from their temperature/threshold)."""
-    from .calibration import fingerprint
-
-    used = record.get("calibration") or {}
-    if used.get("fingerprint"):
-        return used["fingerprint"]
-    return fingerprint(record.get("temperature", 1.0) or 1.0, record.get("threshold"))
-
-
 def is_current(run_dir, path) -> bool:
     """Is the external result at ``path`` there, readable and computed with the run's calibration now?"""
-    from .calibration import fingerprint
+    from .calibration import fingerprint, record_fingerprint
     from .inference import read_calibration
 
     try:
@@ -152,7 +146,7 @@ def refresh_external(run) -> list[dict]:
     """After a new calibration: every ``RUN/external/NAME/metrics.json`` computed with another one is
     evaluated again when its data is still there, else marked ``stale`` (kept, with the reason and
     the calibration now in force). Returns ``[{name, status: current|refreshed|stale}]``."""
-    from .calibration import fingerprint
+    from .calibration import fingerprint, record_fingerprint
 
     out = []
     root = Path(run.directory) / "external" if run.directory else None

@@ -88,7 +88,7 @@ def _audit(run_dir: Path) -> dict | None:
 
 
 def _external(run_dir: Path, now_fingerprint: str) -> list[dict]:
-    from .external import record_fingerprint
+    from .calibration import record_fingerprint
 
     out = []
     root = run_dir / "external"
@@ -150,10 +150,10 @@ def card_facts(run_dir) -> dict:
         failures.append("Known shortcut in the training data: in the original download the PNG encoding differs "
                         "by class; ct-transfer decodes every file to one mode, so this run cannot use it, but a "
                         "model trained elsewhere on the raw files may have.")
-    for e in external:
-        ci = (e["metrics"].get("ci95") or {}).get("accuracy")
+    for where, m in [("the internal test set", internal.get("test"))] + [(e["name"], e["metrics"]) for e in external]:
+        ci = ((m or {}).get("ci95") or {}).get("accuracy")
         if isinstance(ci, (list, tuple)) and len(ci) == 2 and _num(ci[0]) and ci[0] <= 0.5:
-            failures.append(f"On {e['name']} the accuracy interval reaches chance ({_fmt(e['metrics'].get('accuracy'), ci)}): "
+            failures.append(f"On {where} the accuracy interval reaches chance ({_fmt(m.get('accuracy'), ci)}): "
                             "do not rely on this model for images like these.")
     test = internal.get("test")
     if test and external and _num(test.get("accuracy")):
@@ -230,6 +230,7 @@ def model_card(run_dir) -> str:
              "## Data and provenance", ""]
     for d in f["data"]:
         lines.append(f"- `{d['folder']}`: {d['about'] or 'no provenance recorded by this project'}")
+    lines.append("- Reference standard: the datasets' class folders as published (not re-read by this project)")
     lines += ["", "## Split and leakage audit", ""]
     how = f"split file {split['split_file']}" if split["split_file"] else f"preset {split['preset']} (seed {split['seed']})"
     lines.append(f"- Partition: {how}" + (f", at most {split['limit']} images per class" if split["limit"] else "")

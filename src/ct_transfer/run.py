@@ -18,7 +18,7 @@ from . import data as D
 from . import models as M
 from .errors import ConfigError, CTTransferError
 from .evaluate import compute_metrics, confusion_matrix_figure, curves_figure, save_figure, write_predictions
-from .inference import PREDICTOR_FILE, Calibration, Prediction, Predictor, read_calibration, softmax
+from .inference import PREDICTOR_FILE, Calibration, Prediction, Predictor, read_calibration
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)

@@ -417,7 +417,7 @@ def _calibrate(run: Run, val, cfg: TrainConfig) -> None:
     try:
         run.calibrate(val, sensitivity=cfg.sensitivity, force=cfg.force_calibration)
     except CalibrationRefused as exc:
-        log.warning("%s; the run stays uncalibrated", exc)
+        log.warning("%s; the run stays uncalibrated", exc.describe("force_calibration=True"))
         run.predictor.calibration = Calibration.from_dict(exc.record)  # T = 1, argmax, and why
 
 

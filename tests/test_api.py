@@ -74,7 +74,7 @@ def test_save_load_round_trip_gives_identical_probabilities(api_run, data_dir, t
     run, _, _ = api_run
     files = [str(data_dir / "COVID" / "Covid (9).png"), str(data_dir / "non-COVID" / "Non-Covid (9).png"), CT]
     path = run.save(tmp_path / "lite0")
-    for name in ("config.json", "split.csv", "history.csv", "best.pt", "metrics.json", "predictions_test.csv"):
+    for name in ("config.json", "split.csv", "history.csv", "best.safetensors", "metrics.json", "predictions_test.csv"):
         assert (path / name).is_file(), name
     again = ct.load_run(path)
     np.testing.assert_array_equal(run.predict_proba(files), again.predict_proba(files))
@@ -149,5 +149,5 @@ def test_readme_python_example_runs_as_written(tmp_path, data_dir):
         exec(compile(block, "README.md", "exec"), namespace)
     finally:
         os.chdir(before)
-    assert (work / "runs" / "lite0" / "best.pt").is_file() and (work / "model.onnx").is_file()
+    assert (work / "runs" / "lite0" / "best.safetensors").is_file() and (work / "model.onnx").is_file()
     assert isinstance(namespace["run"], ct.Run)

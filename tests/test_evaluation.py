@@ -219,7 +219,8 @@ def test_intervals_are_wilson_and_existing_keys_unchanged():
 
 
 def test_threshold_chosen_on_val_is_applied_unchanged_to_test(run_copy, capsys):
-    assert main(["calibrate", "--run", str(run_copy), "--sensitivity", "0.95"]) == 0
+    # the shared run's val (6 + 6) is below calibration's minimum: forced (test_calibration checks the refusal)
+    assert main(["calibrate", "--run", str(run_copy), "--sensitivity", "0.95", "--force"]) == 0
     out = capsys.readouterr().out
     assert "at threshold" in out
     c = json.loads((run_copy / "predictor.json").read_text())["calibration"]  # fitted state, apart from options
@@ -259,7 +260,7 @@ def test_grid_with_calibration_and_external_set_through_the_cli(tmp_path, data_d
             (ext / cls / f.name).write_bytes(f.read_bytes())
     grid = tmp_path / "grid"
     args = ["experiment", "--data", str(data_dir), "--out", str(grid), "--models", "EfficientNetLite0",
-            "--weights", "imagenet", "--seeds", "0", "--epochs", "1", "--limit", "12", "--calibrate",
+            "--weights", "imagenet", "--seeds", "0", "--epochs", "1", "--limit", "12", "--calibrate", "--force-calibration",
             "--external", str(ext), "--quiet"]
     assert main(args) == 0
     run_dir = grid / "runs" / "EfficientNetLite0__imagenet__seed0"

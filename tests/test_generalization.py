@@ -366,7 +366,7 @@ def test_a_run_starts_from_another_sites_run(trained_run, tmp_path):
     same = create_model("EfficientNetLite0", str(src_dir), classes=src.classes, dropout=0.5)
     for k, v in src.model.state_dict().items():
         torch.testing.assert_close(same.state_dict()[k], v, rtol=0, atol=0)
-    other = create_model("EfficientNetLite0", str(src_dir / "best.pt"), classes=src.classes[::-1])
+    other = create_model("EfficientNetLite0", str(src_dir / "best.safetensors"), classes=src.classes[::-1])
     torch.testing.assert_close(other.backbone.conv_stem.weight, src.model.backbone.conv_stem.weight, rtol=0, atol=0)
     assert not torch.equal(other.fc.weight, src.model.fc.weight)  # another class order: a fresh head
     with pytest.raises(ConfigError, match="another architecture, not EfficientNetLite1"):

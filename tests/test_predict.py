@@ -152,7 +152,7 @@ def test_bad_run_directories(trained_run, tmp_path, capsys, data_dir):
         assert main(cmd) == 2
         err = capsys.readouterr().err.strip()
         assert "another architecture" in err and len(err.splitlines()) == 1
-    (other / "best.pt").write_bytes(b"broken")
+    (other / "best.safetensors").write_bytes(b"broken")
     (other / "last.pt").unlink()
     assert main(["predict", "--run", str(other), f]) == 2
     assert "cannot load checkpoint" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def test_linear_probe_beats_chance_and_is_one_fit(probe_run):
     assert m["probe"]["C"] in P.C_GRID and len(m["probe"]["grid"]) == len(P.C_GRID)
     chosen = max(m["probe"]["grid"], key=lambda g: (g["val_acc"], -g["val_loss"]))
     assert chosen["C"] == m["probe"]["C"]
-    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    assert (out / "best.safetensors").is_file() and (out / "last.pt").is_file()
     assert run_status(out, 100) == "done"  # a grid restart with epochs=100 must not redo it
 
 
@@ -105,7 +105,7 @@ def test_checkpoint_cadence_and_background_writes(tmp_path, data_dir, monkeypatc
         if best is None or key > best:
             best = key
             improved.append(int(r["epoch"]))
-    assert saves["best"] == improved  # best.pt only when val improved
+    assert saves["best"] == improved  # best.safetensors only when val improved
     assert all(name.startswith("ct-checkpoint") for name in saves["threads"])  # not the training thread
     state = RunDir(out).load_resume_state()
     assert state["epoch"] == 5 and len(state["history"]) == 5

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ct_transfer import models as M
 from ct_transfer.config import TrainConfig
@@ -22,7 +23,7 @@ from ct_transfer.errors import CTTransferError
 from .conftest import small_dataset
 
 ARTIFACTS = ["config.json", "split.csv", "history.csv", "metrics.json", "confusion_matrix.png", "curves.png",
-             "best.pt", "last.pt", "predictions_val.csv", "predictions_test.csv"]
+             "best.safetensors", "last.pt", "predictions_val.csv", "predictions_test.csv"]
 
 
 def test_training_writes_every_artifact_with_consistent_metrics(trained_run):
@@ -86,8 +87,8 @@ def test_seeded_init_does_not_depend_on_what_ran_before(tmp_path, data_dir, monk
     torch.rand(100)  # unrelated use of the global RNG in between
     second = fit(_cfg(data_dir, tmp_path / "b", weights="imagenet"), progress=False).metrics
     assert first["test"] == second["test"]
-    a = torch.load(tmp_path / "a" / "best.pt", weights_only=True)["model"]["fc.weight"]
-    assert torch.equal(a, torch.load(tmp_path / "b" / "best.pt", weights_only=True)["model"]["fc.weight"])
+    a = load_file(tmp_path / "a" / "best.safetensors")["fc.weight"]
+    assert torch.equal(a, load_file(tmp_path / "b" / "best.safetensors")["fc.weight"])
 
 
 def test_existing_run_needs_resume(tmp_path, data_dir, capsys):
@@ -146,7 +147,7 @@ def test_frozen_strategy_trains_only_the_head(tmp_path, data_dir):
     metrics = fit(_cfg(data_dir, tmp_path / "f", strategy="frozen", weights="imagenet", epochs=3, limit=30,
                        frozen_views=2), progress=False).metrics
     ref = M.create_model("EfficientNetLite0", weights="imagenet").state_dict()
-    after = torch.load(tmp_path / "f" / "best.pt", weights_only=True)["model"]
+    after = load_file(tmp_path / "f" / "best.safetensors")
     for k in ref:
         if k.startswith("backbone."):
             assert torch.equal(ref[k], after[k]), k

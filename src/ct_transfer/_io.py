@@ -226,11 +226,59 @@ def read_text(path, *, what: str = "text file", max_bytes: int = 1 << 20) -> str
     return data.decode("utf-8", errors="replace")
 
 
+CHECKPOINT_FORMAT = "ct-transfer"  # safetensors metadata "format" of a run's own checkpoint
+
+
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """Tensors to a safetensors file (no pickle: nothing in it can run code), atomically. ``metadata``
+    values are stored as JSON text (safetensors metadata is text only)."""
+    from safetensors.torch import save
+
+    # copies on the CPU: safetensors refuses tensors that share storage, and the caller keeps its own
+    data = save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()},
+                metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    write_bytes(path, data)
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """8-byte little-endian header length, then the JSON header."""
+    return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100 * 2**20
+
+
+def _load_safetensors(path: Path, map_location, keys: tuple[str, ...]) -> dict:
+    """A run's own checkpoint (metadata ``format: ct-transfer``) -> ``{"model": tensors, "classes",
+    "epoch", ...}`` like a ``.pt`` one; any other safetensors file -> its tensors (a state dict)."""
+    from safetensors import SafetensorError, safe_open
+
+    device = "cpu" if map_location is None or isinstance(map_location, dict) or callable(map_location) \
+        else str(map_location)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            meta = fh.metadata() or {}
+        extra = {k: json.loads(v) for k, v in meta.items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CTTransferError(f"{path}: cannot load checkpoint (the file is damaged or truncated: "
+                              f"{first_line(exc, 80)})") from None
+    obj = {**extra, "model": tensors} if extra.get("format") == CHECKPOINT_FORMAT else tensors
+    if any(k not in obj for k in keys):
+        raise CTTransferError(f"{path}: not a ct-transfer checkpoint (missing {', '.join(keys)})")
+    return obj
+
+
 def load_checkpoint(path, *, map_location="cpu", keys: tuple[str, ...] = ("model",)) -> dict:
-    """``torch.load(weights_only=True)``; a truncated or foreign file is a one-line error."""
+    """A safetensors file, or ``torch.load(weights_only=True)`` (``.pt``); a truncated or foreign
+    file is a one-line error."""
     import torch
 
     path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError:
+        head = b""
+    if _is_safetensors(head) or path.suffix.lower() == ".safetensors" and path.is_file():
+        return _load_safetensors(path, map_location, keys)
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)

@@ -67,6 +67,28 @@ def reliability_figure(curves: dict, title: str = ""):
     return fig
 
 
+T_BOUNDS = (0.05, 100.0)  # the search interval of the temperature
+# Below these sizes the fit is noise, not calibration: a 15-bin ECE needs a few images per bin to
+# mean anything, and with fewer than 10 images of a class one image moves that class's
+# sensitivity (or specificity) by more than 10 points, so the chosen threshold is chance. On 12 val
+# images (6 + 6) the temperature went to its bound (100: every probability 0.5) and was reported
+# as an ECE "improvement" 0.24 -> 0.002 (issue #23).
+MIN_VAL = 30
+MIN_VAL_PER_CLASS = 10
+CALIBRATION_STATUSES = ("fitted", "kept-uncalibrated", "refused")
+
+
+class CalibrationRefused(CTTransferError):
+    """Val cannot support a calibration; ``record`` says why (status ``refused``)."""
+
+    def __init__(self, record: dict, *, force_hint: str = "force=True"):
+        self.record = record
+        super().__init__(self.describe(force_hint))
+
+    def describe(self, force_hint: str) -> str:
+        return f"calibration refused: {'; '.join(self.record['reasons'])} ({force_hint} fits anyway)"
+
+
 def fit_temperature(logits, y_true) -> float:
     """The temperature minimising the val negative log-likelihood of softmax(logits / T)."""
     from scipy.optimize import minimize_scalar
@@ -80,8 +102,102 @@ def fit_temperature(logits, y_true) -> float:
     def nll(log_t):
         return -log_softmax(logits / math.exp(log_t), axis=1)[np.arange(len(y)), y].mean()
 
-    res = minimize_scalar(nll, bounds=(math.log(0.05), math.log(100.0)), method="bounded")
+    res = minimize_scalar(nll, bounds=(math.log(T_BOUNDS[0]), math.log(T_BOUNDS[1])), method="bounded")
     return float(math.exp(res.x))
+
+
+def at_bound(temperature: float, *, rel: float = 0.02) -> bool:
+    """Did the search stop at (within 2 % of) an end of ``T_BOUNDS``? Then NLL was still falling:
+    the val set is separated perfectly (T -> 0) or the model is at chance on it (T -> inf)."""
+    lo, hi = T_BOUNDS
+    return temperature <= lo * (1 + rel) or temperature >= hi * (1 - rel)
+
+
+def val_size_problems(y_true, classes) -> list[str]:
+    """Why val is too small to calibrate on (empty: large enough). See ``MIN_VAL``."""
+    y = np.asarray(y_true).astype(int)
+    counts = np.bincount(y, minlength=len(classes))
+    out = []
+    if len(y) < MIN_VAL:
+        out.append(f"val has {len(y)} images; calibration needs at least {MIN_VAL} (a 15-bin ECE and a "
+                   f"one-parameter fit on fewer are noise)")
+    small = [k for k in range(len(classes)) if counts[k] < MIN_VAL_PER_CLASS]
+    if small:
+        out.append(", ".join(f"{int(counts[k])} {classes[k]}" for k in small) + f" image(s) in val; a threshold "
+                   f"needs at least {MIN_VAL_PER_CLASS} per class (below that one image moves sensitivity or "
+                   f"specificity by more than 10 points)")
+    return out
+
+
+def fingerprint(temperature: float, threshold: float | None) -> str:
+    """A short, stable id of a calibration: results computed with another one are stale."""
+    import hashlib
+    import json
+
+    text = json.dumps({"temperature": round(float(temperature), 10),
+                       "threshold": None if threshold is None else round(float(threshold), 10)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def record_fingerprint(record: dict) -> str:
+    """The calibration fingerprint of an external result (records written before fingerprints: from
+    their temperature and threshold)."""
+    used = record.get("calibration") or {}
+    if isinstance(used, dict) and used.get("fingerprint"):
+        return used["fingerprint"]
+    return fingerprint(record.get("temperature", 1.0) or 1.0, record.get("threshold"))
+
+
+def _softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    from .inference import softmax  # the one place logits become probabilities
+
+    return softmax(logits, temperature).astype(np.float64)
+
+
+def fit_calibration(logits, y_true, *, classes, sensitivity: float | None = None,
+                    force: bool = False) -> dict:
+    """Temperature and threshold fitted on val logits, with the checks that keep them from hurting.
+
+    - val too small (``val_size_problems``): ``CalibrationRefused`` (its ``record`` has status
+      ``refused``), unless ``force``;
+    - temperature at a bound of ``T_BOUNDS``, or val ECE worse after scaling: the temperature stays
+      1 (status ``kept-uncalibrated``; the threshold is then chosen on the unscaled probabilities),
+      unless ``force``.
+    Returns the calibration record: ``status``, ``reasons``, ``forced``, ``temperature``,
+    ``threshold``, ``fitted_temperature``, ``val_ece_before`` / ``val_ece_after`` (with the kept
+    temperature) / ``val_ece_fitted``, ``n_val``, ``n_val_per_class``, ``minimum`` and ``fingerprint``.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(y_true).astype(int)
+    n_classes = len(classes)
+    criterion = "youden" if sensitivity is None else f"sensitivity>={sensitivity}"
+    base = {"criterion": criterion, "fitted_on": "val", "n_val": int(len(y)),
+            "n_val_per_class": [int(c) for c in np.bincount(y, minlength=n_classes)],
+            "minimum": {"n_val": MIN_VAL, "per_class": MIN_VAL_PER_CLASS}, "bounds": list(T_BOUNDS),
+            "forced": bool(force)}
+    problems = val_size_problems(y, classes)
+    if problems and not force:
+        record = {**base, "status": "refused", "reasons": problems, "temperature": 1.0, "threshold": None,
+                  "fingerprint": fingerprint(1.0, None)}
+        raise CalibrationRefused(record)
+    before = _softmax(logits)
+    fitted = fit_temperature(logits, y)
+    ece_before = expected_calibration_error(y, before)
+    ece_fitted = expected_calibration_error(y, _softmax(logits, fitted))
+    reasons = list(problems)  # forced past them: still said
+    if at_bound(fitted):
+        reasons.append(f"the temperature reached the bound of its search ({fitted:.3g}, bounds "
+                       f"{T_BOUNDS[0]}..{T_BOUNDS[1]}): val is separated perfectly or the model is at chance on it")
+    if ece_fitted > ece_before:
+        reasons.append(f"val ECE got worse with temperature {fitted:.3f} ({ece_before:.4f} -> {ece_fitted:.4f})")
+    keep_fitted = force or not reasons[len(problems):]
+    temperature = fitted if keep_fitted else 1.0
+    after = _softmax(logits, temperature)
+    threshold = choose_threshold(y, after[:, 1], sensitivity=sensitivity) if n_classes == 2 else None
+    return {**base, "status": "fitted" if keep_fitted else "kept-uncalibrated", "reasons": reasons,
+            "temperature": float(temperature), "threshold": threshold, "fitted_temperature": fitted,
+            "val_ece_before": ece_before, "val_ece_after": expected_calibration_error(y, after),
+            "val_ece_fitted": ece_fitted, "fingerprint": fingerprint(temperature, threshold)}
 
 
 def choose_threshold(y_true, p_positive, *, sensitivity: float | None = None) -> float:

@@ -268,6 +268,8 @@ def cmd_evaluate(args):
 
 def cmd_calibrate(args):
     from . import _io
+    from .calibration import CalibrationRefused
+    from .external import refresh_external
     from .rundir import RunDir
     from .run import load_run
 
@@ -275,15 +277,33 @@ def cmd_calibrate(args):
     _io.check_writable(args.run)
     with RunDir(args.run).lock():  # one writer per run folder
         # fitted and evaluated first; predictor.json and the metrics are written only when both worked
-        cal = run.calibrate(sensitivity=args.sensitivity, save=False)
+        try:
+            cal = run.calibrate(sensitivity=args.sensitivity, force=args.force, save=False)
+        except CalibrationRefused as exc:
+            raise CTTransferError(f"{args.run}: {exc.describe('--force')}") from None
         run.evaluate()
         run.save_predictor()
+        external = refresh_external(run)  # results computed with the old calibration: redone or stale
         run.write_outputs()
     threshold = "argmax" if cal["threshold"] is None else f"{cal['threshold']:.4f}"
-    print(f"temperature {cal['temperature']:.4f}  threshold {threshold} ({cal['criterion']})  "
+    print(f"{cal['status']}{' (forced)' if cal['forced'] else ''}: temperature {cal['temperature']:.4f} "
+          f"(fitted {cal['fitted_temperature']:.4f})  threshold {threshold} ({cal['criterion']})  "
           f"val ECE {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f}")
+    for ext in external:
+        print(f"external {ext['name']}: {ext['status']}")
     _print_metrics(run.metrics, args.run)
     print(f"wrote the calibration into {Path(args.run) / 'predictor.json'} (predict, evaluate, serve and export use it)")
+
+
+def cmd_card(args):
+    from .modelcard import write_model_card
+    from .rundir import RunDir
+
+    RunDir(args.run).check()
+    if args.out:
+        _check_output(args.out, None)
+    path = write_model_card(args.run, args.out)
+    print(f"wrote {path}")
 
 
 def cmd_audit(args):
@@ -472,6 +492,14 @@ def cmd_export(args):
     run = load_run(args.run)
     for target in (args.out, args.out + ".json"):  # the export and its description beside it
         _check_output(target, run)
+    if args.format == "timm" or (args.format is None and args.out.lower().endswith(".safetensors")):
+        from .formats import export_timm
+
+        info = export_timm(run, args.out)
+        print(f"wrote {args.out} (+ {Path(args.out).name}.json); load it with {info['load']}")
+        print(f"parity on {info['parity']['images']} {info['parity']['on']}: max |logits_timm - logits_run| = "
+              f"{info['parity']['max_abs_diff_logits']:.2e}")
+        return
     info = run.export(args.out, format=args.format)
     print(f"wrote {args.out} (+ {Path(args.out).name}.json)")
     print(f"parity on {info['parity']['images']} {info['parity']['on']}: max |p_export - p_torch| = "
@@ -547,7 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     p.add_argument("--sensitivity", type=_finite_float, help="threshold reaching this val sensitivity "
                    "(default: Youden's J)")
+    p.add_argument("--force", action="store_true", help="fit even on a val subset too small for it and keep the "
+                   "fitted temperature even at its bound or with a worse val ECE (default: refuse / keep T=1)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("card", help="write a run's model card (model_card.md) from what the run recorded")
+    p.add_argument("--run", required=True, help="run directory")
+    p.add_argument("--out", help="where to write it (default: RUN/model_card.md)")
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("train", help="train and evaluate one model")
     add_config_flags(p, required=("out",))
@@ -629,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run to ONNX or torch.export (.pt2), with a parity check")
     p.add_argument("--run", required=True)
-    p.add_argument("--format", choices=["onnx", "pt2", "torchscript"], help="default: from the file name")
+    p.add_argument("--format", choices=["onnx", "pt2", "torchscript", "timm"], help="default: from the file name "
+                   "(timm: a .safetensors file timm.create_model loads, with the classes in a .json beside it)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 

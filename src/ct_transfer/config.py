@@ -43,7 +43,7 @@ class TrainConfig:
     model: str = _opt(MISSING, "paper name (see `ct-transfer models`) or any timm name", required=True)
     out: str | None = _opt(None, "run directory (Python API: None writes nothing)")
     weights: str = _opt("none", "none | imagenet | PATH to a timm state dict | a ct-transfer run (folder or "
-                                 "best.pt) to start from: its backbone, and its head when the classes match")
+                                 "best.safetensors) to start from: its backbone, and its head when the classes match")
     split_file: str | list[str] | None = _opt(None, "split CSV (path,class,subset) to reuse; with several --data "
                                                     "one per dataset in the same order ('-' = preset split), or "
                                                     "one file with a source column", multiple=True)
@@ -81,7 +81,7 @@ class TrainConfig:
                                   "(the paper's Keras behaviour); frozen = every BN layer keeps its ImageNet "
                                   "statistics (its scale and shift still learn)", choices=BN_STATS)
     ema: float = _opt(0.0, "full/partial: keep an exponential moving average of the weights with this decay per "
-                           "step (timm's ModelEmaV3); validation, best.pt and the final model use the average; "
+                           "step (timm's ModelEmaV3); validation, best.safetensors and the final model use the average; "
                            "0 = off")
     tta: str = _opt("none", "test-time augmentation: flips = the mean logits of the image and its horizontal and "
                             "vertical flips, in validation, evaluation, predict, serve and export alike",
@@ -99,13 +99,20 @@ class TrainConfig:
     bf16: bool = _opt(False, "bfloat16 autocast (fp32 master weights; default on CUDA)")
     compile: bool = _opt(False, "torch.compile the model (drops the last partial batch: static shapes)")
     compile_mode: str = _opt("default", "torch.compile mode (reduce-overhead: CUDA graphs)", choices=COMPILE_MODES)
-    checkpoint_every: int = _opt(1, "write last.pt (resume state) every N epochs and at the end; best.pt "
+    checkpoint_every: int = _opt(1, "write last.pt (resume state) every N epochs and at the end; best.safetensors "
                                     "only on improvement; both written by a background thread")
     threads: int | None = _opt(None, "torch threads (default: all cores)")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     calibrate: bool = _opt(False, "fit temperature scaling and a decision threshold on val after training")
     sensitivity: float | None = _opt(None, "with --calibrate: threshold reaching this val sensitivity "
                                            "(default: Youden's J)")
+    force_calibration: bool = _opt(False, "with --calibrate: fit even on a val subset too small for it (under 30 "
+                                          "images or 10 per class) and keep the fitted temperature even when it "
+                                          "reaches its bound or makes val ECE worse (the reasons are recorded)")
+    log: str | None = _opt(None, "experiment trackers, comma-separated: tensorboard (RUN/tensorboard), mlflow "
+                                 "(params, per-epoch and final metrics, plots)")
+    mlflow_uri: str | None = _opt(None, "with --log mlflow: the tracking store (default sqlite:///RUN/mlruns.db; "
+                                        "any MLflow tracking URI, e.g. http://host:5000)")
     recipe: str | None = _opt(None, "the recipe these values came from (a name or a file; see recipes.py)", cli=False)
 
     def __post_init__(self):
@@ -212,7 +219,12 @@ def _validate(c: TrainConfig) -> None:
         check_sensitivity(c.sensitivity)
     if c.split_groups is not None and c.split_preset != "grouped" and not c.split_file:
         raise ConfigError("split_groups", c.split_groups, "only with split_preset=grouped")
-    for name in ("out", "positive", "cache_dir", "split_groups"):
+    if c.log is not None:
+        from .tracking import parse_loggers
+
+        if parse_loggers(c.log) and c.out is None:
+            raise ConfigError("log", c.log, "needs out (the run directory the trackers write into)")
+    for name in ("out", "positive", "cache_dir", "split_groups", "mlflow_uri"):
         v = getattr(c, name)
         if v is not None and not _text(v):
             raise ConfigError(name, v, "give a non-empty text value (or leave it out)")
@@ -221,7 +233,7 @@ def _validate(c: TrainConfig) -> None:
         if v is not None and not _text(v):
             raise ConfigError("split_file", v, "give a non-empty text value (or leave it out)")
     _validate_weights(c.weights)
-    for name in ("augment", "channels_last", "bf16", "compile", "calibrate"):
+    for name in ("augment", "channels_last", "bf16", "compile", "calibrate", "force_calibration"):
         if not isinstance(getattr(c, name), bool):
             raise ConfigError(name, getattr(c, name), "choose true or false")
     _validate_device(c.device)

@@ -78,9 +78,12 @@ def ensure_split(grid_dir: Path, data: str, split_file: str | None, split_preset
 
 
 def _external(run_dir: Path, external: str, run=None) -> None:
-    """Evaluate a finished run on the external folder once (kept in RUN/external/<folder name>/)."""
+    """Evaluate a finished run on the external folder once (kept in RUN/external/<folder name>/);
+    again when that result was computed with another calibration than the run's now."""
+    from .external import is_current
+
     name = default_name(external)
-    if (run_dir / "external" / name / "metrics.json").exists():
+    if is_current(run_dir, run_dir / "external" / name / "metrics.json"):
         return
     (run or load_run(run_dir)).evaluate_external(external, name=name)
 

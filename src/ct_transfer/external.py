@@ -95,7 +95,8 @@ def evaluate_external(run, data, *, name: str | None = None, class_map=None, spl
     result = run.score(labels, outputs, rows)
     record = {"name": name, "data": str(data), "split_file": str(split_file) if split_file else None,
               "subset": subset, "class_map": parse_class_map(class_map) or None, "skipped": bad,
-              "temperature": run.temperature, "threshold": run.threshold, "metrics": result,
+              "temperature": run.temperature, "threshold": run.threshold,
+              "calibration": calibration_used(run), "metrics": result,
               "independent": independence["independent"], "independence": independence}
     if write:
         if run.directory is None:
@@ -104,10 +105,85 @@ def evaluate_external(run, data, *, name: str | None = None, class_map=None, spl
         write_predictions(folder / "predictions.csv", paths, labels, outputs, run.classes, rows=rows)
         _io.write_json(folder / "metrics.json", record)
         record["path"] = str(folder / "metrics.json")
+        if (Path(run.directory) / "tracking.json").is_file():  # a tracked run: the trackers get it too
+            from .tracking import log_external
+
+            log_external(run.directory, record)
+        if (Path(run.directory) / "config.json").is_file():  # the model card lists every external result
+            from .modelcard import write_model_card
+
+            write_model_card(run.directory)
     log.info("external %s: %d images, accuracy %.4f", name, result["n"], result["accuracy"])
     if not independence["independent"]:
         log.warning("external %s is NOT independent of the run's data: %s", name, independence["why"])
     return record
+
+
+def calibration_used(run) -> dict:
+    """What an external result was computed with: temperature, threshold, their fingerprint and status."""
+    from .calibration import fingerprint
+
+    cal = run.predictor.calibration
+    return {"temperature": run.temperature, "threshold": run.threshold,
+            "fingerprint": fingerprint(run.temperature, run.threshold),
+            "status": (cal.facts or {}).get("status") or ("fitted" if cal.fitted else "uncalibrated")}
+
+
+def is_current(run_dir, path) -> bool:
+    """Is the external result at ``path`` there, readable and computed with the run's calibration now?"""
+    from .calibration import fingerprint, record_fingerprint
+    from .inference import read_calibration
+
+    try:
+        record = _io.read_json(path, what="external metrics")
+        cal = read_calibration(run_dir, _io.read_json(Path(run_dir) / "config.json", what="run config"))
+    except CTTransferError:
+        return False
+    return "stale" not in record and record_fingerprint(record) == fingerprint(cal.temperature, cal.threshold)
+
+
+def refresh_external(run) -> list[dict]:
+    """After a new calibration: every ``RUN/external/NAME/metrics.json`` computed with another one is
+    evaluated again when its data is still there, else marked ``stale`` (kept, with the reason and
+    the calibration now in force). Returns ``[{name, status: current|refreshed|stale}]``."""
+    from .calibration import fingerprint, record_fingerprint
+
+    out = []
+    root = Path(run.directory) / "external" if run.directory else None
+    if root is None or not root.is_dir():
+        return out
+    now = fingerprint(run.temperature, run.threshold)
+    for path in sorted(root.glob("*/metrics.json")):
+        try:
+            record = _io.read_json(path, what="external metrics")
+        except CTTransferError as exc:
+            log.warning("%s: left as it is (%s)", path, exc)
+            continue
+        name = record.get("name") or path.parent.name
+        if record_fingerprint(record) == now:
+            out.append({"name": name, "status": "current"})
+            continue
+        data, split_file = record.get("data"), record.get("split_file")
+        if data and Path(data).is_dir() and (not split_file or Path(split_file).is_file()):
+            try:
+                independence = record.get("independence") or {}
+                evaluate_external(run, data, name=path.parent.name, class_map=record.get("class_map"),
+                                  split_file=split_file, subset=record.get("subset"),
+                                  near_duplicates=not independence or independence.get("near_duplicates") is not None,
+                                  allow_shared=bool(independence.get("same_files")))  # as it was made
+                out.append({"name": name, "status": "refreshed"})
+                continue
+            except CTTransferError as exc:  # the data changed since: stale, with the reason
+                why = f"re-evaluation failed ({exc})"
+        else:
+            why = f"its data ({data}) is not here to re-evaluate"
+        record["stale"] = {"reason": f"computed with another calibration (fingerprint {record_fingerprint(record)}, "
+                                     f"now {now}); {why}",
+                           "calibration_now": calibration_used(run)}
+        _io.write_json(path, record)
+        log.warning("external %s: stale (%s)", name, record["stale"]["reason"])
+        out.append({"name": name, "status": "stale"})
+    return out
 
 
 class _Subset:

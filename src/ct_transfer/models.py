@@ -222,7 +222,7 @@ def create_model(name: str, weights: str = "none", *, num_classes: int = 2, drop
 
 
 def run_checkpoint(weights) -> dict | None:
-    """The checkpoint of a ct-transfer run named by ``weights`` (its folder, best.pt or last.pt);
+    """The checkpoint of a ct-transfer run named by ``weights`` (its folder, best.safetensors, best.pt or last.pt);
     None for none / imagenet / a plain timm state dict."""
     if str(weights) in ("none", "imagenet"):
         return None
@@ -242,11 +242,14 @@ def run_checkpoint(weights) -> dict | None:
 
 
 def run_folder_checkpoint(folder) -> Path:
-    """A run folder given as ``weights`` -> its best.pt (else last.pt); a one-line error without either."""
-    found = [Path(folder) / n for n in ("best.pt", "last.pt") if (Path(folder) / n).is_file()]
-    if not found:
-        raise ConfigError("weights", str(folder), "a folder without best.pt or last.pt (not a ct-transfer run)")
-    return found[0]
+    """A run folder given as ``weights`` -> its best.safetensors (else best.pt, else last.pt); a one-line
+    error without any."""
+    from .rundir import CHECKPOINTS, RunDir
+
+    found = RunDir(folder).checkpoint()
+    if found is None:
+        raise ConfigError("weights", str(folder), f"a folder without {' or '.join(CHECKPOINTS)} (not a ct-transfer run)")
+    return found
 
 
 def _load_run_weights(model: Classifier, ckpt: dict, *, weights, name: str, classes) -> None:

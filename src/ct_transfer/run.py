@@ -18,7 +18,7 @@ from . import data as D
 from . import models as M
 from .errors import ConfigError, CTTransferError
 from .evaluate import compute_metrics, confusion_matrix_figure, curves_figure, save_figure, write_predictions
-from .inference import PREDICTOR_FILE, Calibration, Prediction, Predictor, read_calibration, softmax
+from .inference import PREDICTOR_FILE, Calibration, Prediction, Predictor, read_calibration
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,15 @@ class Run:
         self.metrics = {**self.metrics, **result}
         return self.metrics
 
-    def calibrate(self, val=None, *, sensitivity: float | None = None, save: bool = True) -> dict:
+    def calibrate(self, val=None, *, sensitivity: float | None = None, save: bool = True, force: bool = False,
+                  refresh_external: bool = True) -> dict:
         """Fit temperature scaling and a decision threshold on val (Youden's J, or the most specific
-        threshold reaching ``sensitivity``); stored in the predictor (``predictor.json``)."""
+        threshold reaching ``sensitivity``), with ``calibration.fit_calibration``'s checks: a val too
+        small raises ``CalibrationRefused`` (nothing changes), a temperature at its bound or a worse
+        val ECE keeps the temperature at 1 (status ``kept-uncalibrated``); ``force`` overrides both.
+        The record goes to the predictor (``predictor.json``) and ``metrics["calibration"]``; with
+        ``save``, external results computed with another calibration are re-evaluated (data
+        present) or marked stale (``external.refresh_external``)."""
         from . import calibration as cal
         from .config import check_sensitivity
 
@@ -167,22 +173,21 @@ class Run:
             val = self._load(self.split, "val", self.config["data"], "split")
         y = val.y.cpu().numpy()
         logits = self.predictor.forward(val.x)[0].numpy().astype(np.float64)
-        before = softmax(logits)
-        temperature = cal.fit_temperature(logits, y)
-        after = softmax(logits, temperature)
-        threshold = cal.choose_threshold(y, after[:, 1], sensitivity=sensitivity) if len(self.classes) == 2 else None
-        calibration = {"temperature": temperature, "threshold": threshold,
-                       "criterion": "youden" if sensitivity is None else f"sensitivity>={sensitivity}",
-                       "fitted_on": "val", "n_val": int(len(y)),
-                       "val_ece_before": cal.expected_calibration_error(y, before),
-                       "val_ece_after": cal.expected_calibration_error(y, after)}
-        self.predictor.calibration = Calibration.from_dict(calibration)
+        record = cal.fit_calibration(logits, y, classes=self.classes, sensitivity=sensitivity, force=force)
+        for reason in record["reasons"]:
+            log.warning("calibration %s: %s", "forced" if force else record["status"], reason)
+        self.predictor.calibration = Calibration.from_dict(record)
+        self.metrics = {**(self.metrics or {}), "calibration": record}
         if save and self.directory is not None:
             self.save_predictor()
-        log.info("calibration on val: temperature %.3f, threshold %s, ECE %.4f -> %.4f", temperature,
-                 "argmax" if threshold is None else f"{threshold:.4f}", calibration["val_ece_before"],
-                 calibration["val_ece_after"])
-        return calibration
+            if refresh_external:
+                from .external import refresh_external as refresh
+
+                record = {**record, "external": refresh(self)}
+        log.info("calibration on val (%s): temperature %.3f, threshold %s, ECE %.4f -> %.4f", record["status"],
+                 record["temperature"], "argmax" if record["threshold"] is None else f"{record['threshold']:.4f}",
+                 record["val_ece_before"], record["val_ece_after"])
+        return record
 
     def save_predictor(self, directory=None) -> Path:
         """``predictor.json``: the fitted state (calibration, guard facts) and the provenance."""
@@ -224,9 +229,13 @@ class Run:
             title = f"{self.config.get('model')} · weights={Path(str(self.config.get('weights'))).name} · " \
                     f"seed {self.config.get('seed')}"
             save_figure(curves_figure(self.history, title), rd / "curves.png")
+        if rd.is_run():  # the model card follows what the run now records
+            from .modelcard import write_model_card
+
+            write_model_card(rd.path)
 
     def save(self, path) -> Path:
-        """Write the whole run (config, split, history, best.pt, metrics, predictions, plots) to ``path``."""
+        """Write the whole run (config, split, history, best.safetensors, metrics, predictions, plots) to ``path``."""
         from ._io import ensure_writable_dir
 
         rd = RunDir(ensure_writable_dir(path))
@@ -312,16 +321,19 @@ def check_run_config(cfg: dict, path) -> dict:
     return D.Preprocess(image_size=size, window=(float(window[0]), float(window[1])), crop=crop, intensity=intensity)
 
 
-def load_run(path, *, checkpoint: str = "best.pt", device: str = "cpu") -> Run:
-    """Read a run directory written by ``fit`` or ``Run.save``."""
+def load_run(path, *, checkpoint: str | None = None, device: str = "cpu") -> Run:
+    """Read a run directory written by ``fit`` or ``Run.save``. ``checkpoint``: a file name in it
+    (default: best.safetensors, else best.pt of runs written before it, else last.pt)."""
     from . import _io
+    from .rundir import CHECKPOINTS
 
     rd = RunDir(path).check()
     cfg = rd.read_config()
     preprocess = check_run_config(cfg, rd / "config.json")
-    ckpt_name = checkpoint if (rd / checkpoint).is_file() else "last.pt"
-    if not (rd / ckpt_name).is_file():
-        raise CTTransferError(f"{rd.path}: no checkpoint (best.pt / last.pt)")
+    found = rd / checkpoint if checkpoint and (rd / checkpoint).is_file() else rd.checkpoint()
+    if found is None:
+        raise CTTransferError(f"{rd.path}: no checkpoint ({' / '.join(CHECKPOINTS)})")
+    ckpt_name = found.name
     ckpt = _io.load_checkpoint(rd / ckpt_name, map_location="cpu", keys=("model", "classes"))
     classes = ckpt["classes"]
     if not isinstance(classes, (list, tuple)) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):

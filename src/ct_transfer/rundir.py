@@ -13,10 +13,14 @@ from .errors import CTTransferError
 log = logging.getLogger(__name__)
 
 CONFIG, SPLIT, HISTORY, METRICS = "config.json", "split.csv", "history.csv", "metrics.json"
-BEST, LAST, LAST_PREV = "best.pt", "last.pt", "last.prev.pt"
+# best.safetensors: the best-on-val weights, pickle-free, classes and epoch in its metadata; runs
+# written before it have best.pt (still read, with torch.load(weights_only=True)). last.pt keeps the
+# optimizer and history for --resume (a nested state that safetensors cannot hold).
+BEST, BEST_PT, LAST, LAST_PREV = "best.safetensors", "best.pt", "last.pt", "last.prev.pt"
+CHECKPOINTS = (BEST, BEST_PT, LAST)  # what a run is loaded from, in this order
 LOCK = ".lock"
 PREDICTOR = "predictor.json"  # inference.PREDICTOR_FILE (the fitted calibration and guard)
-RUN_FILES = (CONFIG, SPLIT, HISTORY, METRICS, BEST, LAST, LAST_PREV, PREDICTOR)  # any of them: a run is here
+RUN_FILES = (CONFIG, SPLIT, HISTORY, METRICS, BEST, BEST_PT, LAST, LAST_PREV, PREDICTOR)  # any of them: a run is here
 
 
 class RunDir:
@@ -42,7 +46,8 @@ class RunDir:
         external results) so nothing of it is mistaken for the new run's; other files stay."""
         import shutil
 
-        old = [self.path / n for n in (*RUN_FILES, "skipped.txt", "reliability.png", "confusion_matrix.png")]
+        old = [self.path / n for n in (*RUN_FILES, "skipped.txt", "reliability.png", "confusion_matrix.png",
+                                       "model_card.md", "tracking.json")]
         old += sorted(self.path.glob("predictions_*.csv"))
         try:
             for f in old:
@@ -90,8 +95,8 @@ class RunDir:
         try:
             target = Path(target).resolve()
             return target == self.path.resolve() or target.parent == self.path.resolve() and (
-                target.name in (CONFIG, SPLIT, HISTORY, METRICS, BEST, LAST, LAST_PREV)
-                or target.suffix in (".pt", ".csv", ".json"))
+                target.name in (CONFIG, SPLIT, HISTORY, METRICS, BEST, BEST_PT, LAST, LAST_PREV)
+                or target.suffix in (".pt", ".csv", ".json", ".safetensors"))
         except OSError:
             return False
 
@@ -125,7 +130,13 @@ class RunDir:
 
     # -- checkpoints -----------------------------------------------------------------------
     def save_best(self, state: dict) -> None:
-        _io.save_checkpoint(state, self.path / BEST)
+        """``{"model": state dict, "classes", "epoch"}`` -> ``best.safetensors``."""
+        meta = {k: v for k, v in state.items() if k != "model"}
+        _io.save_safetensors(state["model"], self.path / BEST, {"format": _io.CHECKPOINT_FORMAT, **meta})
+
+    def checkpoint(self) -> Path | None:
+        """The file a run loads from: best.safetensors, else best.pt (older runs), else last.pt."""
+        return next((self.path / n for n in CHECKPOINTS if (self.path / n).is_file()), None)
 
     def save_last(self, state: dict) -> None:
         """New ``last.pt``; the previous one becomes ``last.prev.pt`` (a fallback for resume). A kill
@@ -140,10 +151,10 @@ class RunDir:
             raise CTTransferError(f"{self.path / LAST}: cannot write ({_io.why(exc)})") from None
 
     def load_best(self, map_location="cpu") -> dict:
-        for name in (BEST, LAST):
-            if (self.path / name).is_file():
-                return _io.load_checkpoint(self.path / name, map_location=map_location, keys=("model", "classes"))
-        raise CTTransferError(f"{self.path}: no checkpoint ({BEST} / {LAST})")
+        path = self.checkpoint()
+        if path is None:
+            raise CTTransferError(f"{self.path}: no checkpoint ({' / '.join(CHECKPOINTS)})")
+        return _io.load_checkpoint(path, map_location=map_location, keys=("model", "classes"))
 
     def load_resume_state(self, map_location="cpu") -> dict | None:
         """The newest loadable resume state: ``last.pt``, else ``last.prev.pt`` (said in the log)."""

@@ -2,7 +2,8 @@
 progress, early stopping and custom stop rules are objects the loop calls at fixed points.
 
 Hooks: ``on_fit_start(state)``, ``on_epoch_start(state)``, ``on_batch_end(state, n, loss_sum,
-correct)``, ``on_epoch_end(state, row)``, ``on_fit_end(state)``, ``on_fit_error(state)``. Setting ``state.stop = True``
+correct)``, ``on_epoch_end(state, row)``, ``on_fit_end(state)``, ``on_fit_error(state)``, and ``on_run_end(state, run)``
+after the final evaluation (``fit`` calls it; experiment trackers log the final metrics there). Setting ``state.stop = True``
 ends training after the current epoch. Callback time is not counted in ``train_seconds``.
 """
 
@@ -32,6 +33,9 @@ class Callback:
     def on_fit_error(self, state):
         """Training stopped on an exception (which still propagates): release what you hold."""
 
+    def on_run_end(self, state, run):
+        """``fit`` is done: ``run`` has its final metrics, and its files are written (trackers log them)."""
+
 
 class TrackBest(Callback):
     """Best epoch on val accuracy, ties to the lower val loss; keeps a copy of its weights."""
@@ -49,7 +53,7 @@ class TrackBest(Callback):
 
 
 class Checkpoint(Callback):
-    """``best.pt`` when val improves; ``last.pt`` (full resume state) every ``every`` epochs and at
+    """``best.safetensors`` when val improves; ``last.pt`` (full resume state) every ``every`` epochs and at
     the end. The loop only snapshots the tensors to the CPU (a copy, so training may go on changing
     them); one background thread serialises and writes the files, in order, off the hot path.
     ``on_fit_end`` waits for the writes, so a finished ``fit`` has its files on disk."""

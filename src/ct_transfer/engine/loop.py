@@ -62,7 +62,7 @@ class TrainState:
 
     @property
     def eval_model(self) -> torch.nn.Module:
-        """What validation, best.pt and the final model use: the weight average when there is one."""
+        """What validation, best.safetensors and the final model use: the weight average when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
 
@@ -354,6 +354,10 @@ def assemble(config: TrainConfig, *, callbacks=(), progress: bool = True, resume
     cbs = [C.TrackBest()] + ([C.Checkpoint(rundir, every=cfg.checkpoint_every), C.HistoryCSV(rundir)]
                              if rundir else [])
     cbs += ([C.ProgressLog()] if progress else []) + list(callbacks)
+    if cfg.log:  # experiment trackers: checked (package installed, out given) before any training
+        from ..tracking import make_loggers
+
+        cbs += make_loggers(cfg.log, rundir.path if rundir else None, mlflow_uri=cfg.mlflow_uri)
     return Parts(cfg, rundir, device, bf16, preprocess, classes, subsets, used_rows, saved_cfg, frozen_info,
                  state, C.ordered(cbs))
 
@@ -385,8 +389,10 @@ def finish(parts: Parts) -> Run:
               history=state.history, split=parts.used_rows, directory=rundir.path if rundir else None,
               device=parts.device)
     if cfg.calibrate:  # on val only; test sees the fitted temperature and threshold unchanged
-        run.calibrate(subsets["val"], sensitivity=cfg.sensitivity)
+        _calibrate(run, subsets["val"], cfg)
     metrics = run.evaluate_subsets({s: subsets[s] for s in ("val", "test") if s in subsets}, write=rundir is not None)
+    if cfg.calibrate:
+        metrics["calibration"] = run.predictor.calibration.to_dict()
     metrics.update({
         "train_seconds": round(state.train_seconds, 3), "epochs": state.history[-1]["epoch"],
         "best_epoch": state.best["epoch"], "model": M.resolve(cfg.model).name, "timm_name": parts.saved_cfg["timm_name"],
@@ -395,9 +401,24 @@ def finish(parts: Parts) -> Run:
     })
     run.metrics = metrics
     if rundir is not None:
+        run.save_predictor()  # first: the model card (written with the outputs) reads it
         run.write_outputs()
-        run.save_predictor()
+    for cb in parts.callbacks:  # trackers log the final metrics and plots
+        getattr(cb, "on_run_end", lambda *_: None)(state, run)
     return run
+
+
+def _calibrate(run: Run, val, cfg: TrainConfig) -> None:
+    """``--calibrate`` after training: a val too small for it is recorded (status ``refused``, the
+    model left uncalibrated) rather than raised, so the trained run is kept."""
+    from ..calibration import CalibrationRefused
+    from ..inference import Calibration
+
+    try:
+        run.calibrate(val, sensitivity=cfg.sensitivity, force=cfg.force_calibration)
+    except CalibrationRefused as exc:
+        log.warning("%s; the run stays uncalibrated", exc.describe("force_calibration=True"))
+        run.predictor.calibration = Calibration.from_dict(exc.record)  # T = 1, argmax, and why
 
 
 def _restore(state: TrainState, rundir: RunDir, device: str) -> None:
@@ -426,7 +447,7 @@ def _restore(state: TrainState, rundir: RunDir, device: str) -> None:
             state.best_state = best["model"]
             state.best = {**state.best, "epoch": best.get("epoch", state.best["epoch"])}
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise CTTransferError(f"{rundir / 'best.pt'}: does not fit this run's model ({first_line(exc, 100)})") from None
+            raise CTTransferError(f"{rundir.checkpoint()}: does not fit this run's model ({first_line(exc, 100)})") from None
 
 
 def _run_epochs(state: TrainState, epoch_fn, callbacks) -> None:

@@ -305,6 +305,22 @@ def cmd_card(args):
     path = write_model_card(args.run, args.out)
     print(f"wrote {path}")
 
+def cmd_adapt(args):
+    from .adapt import adapt
+
+    run = adapt(run=args.run, data=args.data, split_file=args.split_file, labels=args.labels, method=args.method,
+                out=args.out, seed=args.seed, labelled_subset=args.labelled_subset, held_out=args.held_out,
+                source_data=args.source_data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                threads=args.threads, cache_dir=args.cache_dir, progress=not args.quiet)
+    rec = run.metrics["adaptation"]
+    print(f"adapted {args.run} with {rec['labels']} labelled slices of {rec['patients']} patients "
+          f"(method {rec['method']}, seed {rec['seed']}, head C={rec['head_C']:g}); held-out '{rec['held_out']}' rows:")
+    print("95% intervals: Wilson (acc, sens, spec), bootstrap (f1, auc)")
+    print(_metric_line("test", run.metrics["test"]))
+    for source, m in (run.metrics["test"].get("per_source") or {}).items():
+        print(_metric_line(source, m))
+    print(f"wrote {args.out} (drawn slices: {Path(args.out) / 'labels.csv'})")
+
 
 def cmd_audit(args):
     from .audit import audit
@@ -583,6 +599,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory")
     p.add_argument("--out", help="where to write it (default: RUN/model_card.md)")
     p.set_defaults(func=cmd_card)
+
+    from .adapt import FINETUNE_DEFAULTS, METHODS
+
+    p = sub.add_parser("adapt", help="adapt a trained run to a new site with N of its labelled slices",
+                       description="Few-label site adaptation (docs/adaptation.md). Methods: " +
+                       "; ".join(f"{k} = {v}" for k, v in METHODS.items()))
+    p.add_argument("--run", required=True, help="the trained run to start from")
+    p.add_argument("--data", required=True, help="the new site's dataset folder (folder per class)")
+    p.add_argument("--split-file", required=True, help="the new site's split CSV: labelled rows and held-out rows")
+    p.add_argument("--labels", required=True, type=int, help="N: labelled slices to draw (stratified by class, "
+                   "spread over patients)")
+    p.add_argument("--method", default="head", choices=list(METHODS))
+    p.add_argument("--out", required=True, help="new run directory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draw (and of the fine-tuning)")
+    p.add_argument("--labelled-subset", default="train", help="subset of --split-file to draw from")
+    p.add_argument("--held-out", default="val", help="subset of --split-file to evaluate on (never trained on)")
+    p.add_argument("--source-data", help="both: the start run's dataset folder, if not where its config says")
+    p.add_argument("--steps", type=int, default=FINETUNE_DEFAULTS["steps"], help="fine-tuning optimizer steps")
+    p.add_argument("--batch-size", type=int, default=FINETUNE_DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=_finite_float, default=FINETUNE_DEFAULTS["lr"])
+    p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--cache-dir")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("train", help="train and evaluate one model")
     add_config_flags(p, required=("out",))

@@ -142,10 +142,10 @@ def plot(result: dict, path: Path) -> None:
     zero = result["n0"]
     for method, curve in result["methods"].items():
         ns = sorted(int(n) for n in curve)
-        for ax, key in zip(axes, ("accuracy", "roc_auc")):
-            xs = [1] + ns  # N = 0 drawn at x = 1 on the log axis
-            m = [zero[key]] + [curve[n][key]["mean"] for n in ns]
-            e = [0] + [curve[n][key]["t95"] or 0 for n in ns]
+        for ax, key in zip(axes, ("accuracy", "roc_auc")):  # noqa: B007
+            xs = [1] * bool(zero) + ns  # N = 0 drawn at x = 1 on the log axis
+            m = [zero[key]] * bool(zero) + [curve[n][key]["mean"] for n in ns]
+            e = [0] * bool(zero) + [curve[n][key]["t95"] or 0 for n in ns]
             ax.errorbar(xs, m, yerr=e, marker="o", capsize=3, label=method)
     for ax, key, title in zip(axes, ("accuracy", "roc_auc"), ("accuracy", "ROC AUC")):
         ax.set_xscale("log")
@@ -177,24 +177,36 @@ def main():
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default=str(RESULTS / "site_adaptation.json"))
     ap.add_argument("--plot", default=str(ROOT / "docs" / "adaptation.png"))
-    ap.add_argument("--from-json", help="re-print and re-plot a result file (and a .partial.json beside it)")
+    ap.add_argument("--no-head", dest="head", action="store_false", help="skip the head curve (and N = 0)")
+    ap.add_argument("--from-json", nargs="+", help="re-print and re-plot result files (their methods merged; "
+                                                   "a .partial.json holds the runs of a stopped measurement)")
     args = ap.parse_args()
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
-        result["methods"] = {m: {int(n): v for n, v in c.items()} for m, c in result["methods"].items()}
+        result = {"methods": {}, "n0": None}
+        for f in args.from_json:
+            part = json.loads(Path(f).read_text())
+            if "methods" not in part:  # a .partial.json: {method: {N: [runs]}}
+                part = {"methods": {m: {n: {"runs": r, **summary(r)} for n, r in c.items()} for m, c in part.items()}}
+            result["n0"] = result["n0"] or part.get("n0")
+            result["start"] = result.get("start") or part.get("start")
+            for m, c in part["methods"].items():
+                result["methods"].setdefault(m, {}).update({int(n): v for n, v in c.items()})
     else:
         start = load_run(args.start)
         rows = D.read_split(UCSD_SPLIT, UCSD)
         seeds = _ints(args.seeds)
         t0 = time.perf_counter()
-        head_info, head = head_curve(start, _ints(args.ns), seeds, rows, args.cache_dir)
-        print(f"head: {len(_ints(args.ns))} N x {len(seeds)} seeds in {time.perf_counter() - t0:.0f} s", flush=True)
+        head_info, head = head_curve(start, _ints(args.ns), seeds, rows, args.cache_dir) if args.head else \
+            ({"n0": None, "feature_seconds": None}, None)
+        if head:
+            print(f"head: {len(_ints(args.ns))} N x {len(seeds)} seeds in {time.perf_counter() - t0:.0f} s", flush=True)
         result = {"machine": machine_info(), "start": args.start, "start_config": start.config,
                   "start_metrics": {k: start.metrics.get(k) for k in ("val", "test")},
                   "evaluated_on": "UCSD-dev official val patients (SPLIT.csv subset val, 118 slices)",
                   "labelled_from": "UCSD-dev train patients (SPLIT.csv subset train, 423 slices)",
                   "settings": {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr},
-                  "n0": head_info["n0"], "feature_seconds": head_info["feature_seconds"], "methods": {"head": head}}
+                  "n0": head_info["n0"], "feature_seconds": head_info["feature_seconds"],
+                  "methods": {"head": head} if head else {}}
         write_json(Path(args.out), result)
         for method, ns, sd in (("finetune", args.finetune_ns, args.finetune_seeds), ("both", args.both_ns, args.both_seeds)):
             if _ints(ns):
@@ -203,8 +215,9 @@ def main():
     print(f"\nUCSD val patients (n=118), start {result['start']}; mean ± 95% t-interval over seeds")
     print(f"{'method':9s} {'N':>4s} {'seeds':>5s} {'accuracy':>16s} {'sensitivity':>16s} {'specificity':>16s} {'AUC':>16s}")
     z = result["n0"]
-    print(f"{'(start)':9s} {0:4d} {'-':>5s} {z['accuracy']:16.3f} {z['sensitivity']:16.3f} {z['specificity']:16.3f} "
-          f"{z['roc_auc']:16.3f}")
+    if z:
+        print(f"{'(start)':9s} {0:4d} {'-':>5s} {z['accuracy']:16.3f} {z['sensitivity']:16.3f} {z['specificity']:16.3f} "
+              f"{z['roc_auc']:16.3f}")
     for method, curve in result["methods"].items():
         for n in sorted(curve, key=int):
             s = curve[n]

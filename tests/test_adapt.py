@@ -80,8 +80,8 @@ def test_adapt_head_end_to_end(adapted_head, ucsd_rows, trained_run):
     # the refitted head fits its 16 labelled slices better than the start run's head does
     xs = new.load_images([str(UCSD / r["path"]) for r in drawn])
     y = np.array([new.classes.index(r["class"]) for r in drawn])
-    acc_new = (new._logits(xs).argmax(1).numpy() == y).mean()
-    acc_start = (start._logits(xs).argmax(1).numpy() == y).mean()
+    acc_new = (new.predictor.outputs(xs).proba.argmax(1) == y).mean()
+    acc_start = (start.predictor.outputs(xs).proba.argmax(1) == y).mean()
     assert acc_new > acc_start and acc_new >= 0.75
 
 

@@ -36,16 +36,11 @@ import torch
 
 from . import data as D
 from .errors import ConfigError, CTTransferError
+from .registry import ADAPT_METHODS
 
 log = logging.getLogger(__name__)
 
-# name -> what it does (the CLI's --method choices and help come from here)
-METHODS: dict[str, str] = {
-    "head": "refit the linear head on the N slices' features (backbone unchanged; seconds)",
-    "finetune": "refit the head, then fine-tune (later half of the backbone + head) on the N slices",
-    "both": "refit the head, then fine-tune on the start run's training images and the N slices, "
-            "every source counting equally",
-}
+METHODS = ADAPT_METHODS  # registry.py: name -> what it does (the CLI's --method choices and help)
 FINETUNE_DEFAULTS = {"steps": 20, "batch_size": 8, "lr": 3e-4}  # what bench/site_adaptation.py measured
 
 
@@ -157,8 +152,7 @@ def adapt(*, run, data, split_file, labels: int, method: str = "head", out=None,
     from .run import load_run
 
     # every check before any work or write: bad input leaves every file as it was
-    if method not in METHODS:
-        raise ConfigError("method", method, f"choose {', '.join(METHODS)}")
+    METHODS.check(method)
     for name, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ConfigError(name, v, f"choose an integer >= {lo}")
@@ -205,8 +199,7 @@ def adapt(*, run, data, split_file, labels: int, method: str = "head", out=None,
         record = {"start_run": str(start.directory), "method": method, "labels": int(labels), "seed": int(seed),
                   "data": str(data), "split_file": str(split_file), "labelled_subset": labelled_subset,
                   "held_out": held_out, "head_C": res.C, "head_cv": res.grid,
-                  "patients": len({r.get("group") or r["path"] for r in kept}),
-                  "guard": refit_guard(start, x)}
+                  "patients": len({r.get("group") or r["path"] for r in kept})}
         if method == "head":
             adapted = _head_run(start, drawn, test_rows, x, y, data, record, cache_dir)
         else:
@@ -222,15 +215,18 @@ def adapt(*, run, data, split_file, labels: int, method: str = "head", out=None,
     return adapted
 
 
-def refit_guard(run, x_u8: torch.Tensor):
-    """Hook for the shift guard (issue #21, first half, being built on another branch): once the run
-    can carry a guard, it is refitted here on the adapted site's labelled slices (and the start
-    run's training images for ``both``) so that the new site's slices are accepted. Until then
-    nothing is fitted and the record says so."""
-    fit_guard = getattr(run, "fit_guard", None)
-    if fit_guard is None:
+def refit_guard(run, train, val):
+    """The shift guard follows the adapted run's split: refitted on its train images (the N slices,
+    plus the start run's training images for ``both``), its threshold on its val (the N slices),
+    so the new site's slices are accepted. Hook for ``ct_transfer.shift`` (issue #21, first half,
+    on another branch): where that module is missing nothing is fitted and the record says so."""
+    import importlib.util
+
+    if importlib.util.find_spec("ct_transfer.shift") is None:
         return "not refitted (this version has no shift guard)"
-    return fit_guard(x_u8)
+    shift = importlib.import_module("ct_transfer.shift")
+    guard = shift.fit_guard(run, train=train, val=val, save=False)
+    return {k: v for k, v in getattr(guard, "facts", {}).items()}
 
 
 def _threads(threads):
@@ -262,10 +258,12 @@ def _head_run(start, drawn, test_rows, x, y, data, record, cache_dir):
     xt, yt, kept_t, _ = D.load_subset(test_rows, "test", start.classes, data, start.preprocess,
                                       cache_dir=cache_dir, on_bad="skip")
     rows = drawn + [{**r, "subset": "val"} for r in drawn] + kept_t
-    cfg = {**_adapted_config(start, record, rows), "calibration": None, "strategy": "linear"}
+    cfg = {**_adapted_config(start, record, rows), "strategy": "linear"}
     run = Run(model=start.model.eval(), config=cfg, classes=start.classes, preprocess=start.preprocess,
-              split=rows, device=start.device)
-    run.metrics = run.evaluate_subsets({"val": _Loaded(x, y, drawn), "test": _Loaded(xt, yt, kept_t)})
+              split=rows, device=start.device)  # a new predictor: no calibration, no guard of the start run
+    labelled = _Loaded(x, y, drawn)
+    record["guard"] = refit_guard(run, labelled, labelled)
+    run.metrics = run.evaluate_subsets({"val": labelled, "test": _Loaded(xt, yt, kept_t)})
     run.metrics.update(adaptation=record, model=start.config.get("model"), classes=start.classes)
     return run
 
@@ -310,10 +308,12 @@ def _finetune_run(start, drawn, test_rows, data, record, *, source_rows, source_
             threads=threads, cache_dir=None if cache_dir is None else str(cache_dir),
             channels_last=bool(start.config.get("channels_last", True)))
         run = fit(cfg, progress=progress)
-    record.update(epochs=cfg.epochs, best_epoch=run.metrics.get("best_epoch"))
+    record.update(epochs=cfg.epochs, best_epoch=run.metrics.get("best_epoch"),
+                  guard="fitted by fit on the adapted split" if run.predictor.guard is not None
+                  else "not refitted (this version has no shift guard)")
     run.config = {**_adapted_config(start, record, rows), **{k: run.config[k] for k in (
         "epochs", "batch_size", "lr", "optimizer", "weight_decay", "schedule", "label_smoothing", "strategy",
-        "balance", "seed")}, "data": datasets, "calibration": None}
+        "balance", "seed")}, "data": datasets}
     run.split = rows
     run.metrics["adaptation"] = record
     return run

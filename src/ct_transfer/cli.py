@@ -305,6 +305,7 @@ def cmd_card(args):
     path = write_model_card(args.run, args.out)
     print(f"wrote {path}")
 
+
 def cmd_adapt(args):
     from .adapt import adapt
 
@@ -600,17 +601,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write it (default: RUN/model_card.md)")
     p.set_defaults(func=cmd_card)
 
-    from .adapt import FINETUNE_DEFAULTS, METHODS
+    from .adapt import FINETUNE_DEFAULTS
+    from .registry import ADAPT_METHODS  # not METHODS: that name is the explainers' here
 
     p = sub.add_parser("adapt", help="adapt a trained run to a new site with N of its labelled slices",
                        description="Few-label site adaptation (docs/adaptation.md). Methods: " +
-                       "; ".join(f"{k} = {v}" for k, v in METHODS.items()))
+                       "; ".join(f"{k} = {v}" for k, v in ADAPT_METHODS.describe().items()))
     p.add_argument("--run", required=True, help="the trained run to start from")
     p.add_argument("--data", required=True, help="the new site's dataset folder (folder per class)")
     p.add_argument("--split-file", required=True, help="the new site's split CSV: labelled rows and held-out rows")
     p.add_argument("--labels", required=True, type=int, help="N: labelled slices to draw (stratified by class, "
                    "spread over patients)")
-    p.add_argument("--method", default="head", choices=list(METHODS))
+    p.add_argument("--method", default="head", choices=list(ADAPT_METHODS))
     p.add_argument("--out", required=True, help="new run directory")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (and of the fine-tuning)")
     p.add_argument("--labelled-subset", default="train", help="subset of --split-file to draw from")

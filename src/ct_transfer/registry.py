@@ -136,6 +136,14 @@ TTAS = Registry("tta", [
     _e("none", help="the image as it is"),
     _e("flips", help="mean logits of the image and its horizontal and vertical flips"),
 ])
+# few-label site adaptation (ct_transfer.adapt); kind "method" is its parameter's name, as the
+# explainers' is theirs, so it stays out of ALL (keyed by kind)
+ADAPT_METHODS = Registry("method", [
+    _e("head", help="refit the linear head on the N slices' features (backbone unchanged; seconds)"),
+    _e("finetune", help="refit the head, then fine-tune (later half of the backbone + head) on the N slices"),
+    _e("both", help="refit the head, then fine-tune on the start run's training images and the N slices, "
+                    "every source counting equally"),
+])
 # filled by ct_transfer.patients and ct_transfer.shift (their modules register their entries)
 AGGREGATORS = Registry("aggregator")
 DETECTORS = Registry("detector")

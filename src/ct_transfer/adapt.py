@@ -257,7 +257,7 @@ def _head_run(start, drawn, test_rows, x, y, data, record, cache_dir):
 
     xt, yt, kept_t, _ = D.load_subset(test_rows, "test", start.classes, data, start.preprocess,
                                       cache_dir=cache_dir, on_bad="skip")
-    rows = drawn + [{**r, "subset": "val"} for r in drawn] + kept_t
+    rows = drawn + kept_t  # each file in one subset (read_split's rule); the val is labels.csv's slices
     cfg = {**_adapted_config(start, record, rows), "strategy": "linear"}
     run = Run(model=start.model.eval(), config=cfg, classes=start.classes, preprocess=start.preprocess,
               split=rows, device=start.device)  # a new predictor: no calibration, no guard of the start run
@@ -268,11 +268,28 @@ def _head_run(start, drawn, test_rows, x, y, data, record, cache_dir):
     return run
 
 
+_VAL = "labelled-val"  # the temporary folder of the val rows' second names
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed: a copy
+        import shutil
+
+        shutil.copyfile(src, dst)
+
+
 def _finetune_run(start, drawn, test_rows, data, record, *, source_rows, source_dir, out, threads,
                   cache_dir, progress):
     """Fine-tuning through ``fit``: the start is the head-refitted model, saved as a checkpoint in a
     temporary folder (``weights`` takes a run's checkpoint); the split lists the drawn slices as
-    train and as val, the held-out rows as test (and, for ``both``, the start run's rows)."""
+    train, the held-out rows as test (and, for ``both``, the start run's rows), and the drawn slices
+    again as val. A split file lists each file once (``read_split`` refuses a file in two subsets,
+    against leaks), so the val rows name hard links (copies where links fail) of the drawn slices
+    in a temporary copy of the new site's folder; the saved run's split.csv names the real files,
+    without the val rows (``labels.csv`` lists them)."""
     from .config import TrainConfig
     from .engine import fit
 
@@ -282,15 +299,23 @@ def _finetune_run(start, drawn, test_rows, data, record, *, source_rows, source_
         ckpt = Path(tmp) / "best.pt"
         torch.save({"model": {k: v.detach().cpu() for k, v in start.model.state_dict().items()},
                     "classes": start.classes, "epoch": 0}, ckpt)
+        site = Path(tmp) / Path(data).resolve().name  # same folder name: same source name
+        for r in drawn + test_rows:
+            _link(Path(data) / r["path"], site / r["path"])
+        for r in val:
+            _link(Path(data) / r["path"], site / _VAL / r["path"])
+        val_fit = [{**r, "path": f"{_VAL}/{r['path']}"} for r in val]
         if source_rows:
-            datasets = [str(source_dir), str(data)]
+            datasets = [str(source_dir), str(site)]
             names = list(D.source_names(datasets))
+            fit_rows = [{**r, "source": names[0]} for r in source_rows] + \
+                       [{**r, "source": names[1]} for r in drawn + val_fit + test_rows]
             rows = [{**r, "source": names[0]} for r in source_rows] + \
-                   [{**r, "source": names[1]} for r in drawn + val + test_rows]
+                   [{**r, "source": names[1]} for r in drawn + test_rows]
         else:
-            datasets, rows = str(data), drawn + val + test_rows
+            datasets, fit_rows, rows = str(site), drawn + val_fit + test_rows, drawn + test_rows
         split = Path(tmp) / "split.csv"
-        D.write_split(rows, split)
+        D.write_split(fit_rows, split)
         bs = min(record["batch_size"], n)
         per_epoch = max(1, (2 * n if source_rows else n) // bs)
         pre = start.preprocess
@@ -308,6 +333,7 @@ def _finetune_run(start, drawn, test_rows, data, record, *, source_rows, source_
             threads=threads, cache_dir=None if cache_dir is None else str(cache_dir),
             channels_last=bool(start.config.get("channels_last", True)))
         run = fit(cfg, progress=progress)
+    datasets = [str(source_dir), str(data)] if source_rows else str(data)
     record.update(epochs=cfg.epochs, best_epoch=run.metrics.get("best_epoch"),
                   guard="fitted by fit on the adapted split" if run.predictor.guard is not None
                   else "not refitted (this version has no shift guard)")

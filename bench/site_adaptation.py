@@ -128,8 +128,11 @@ def _save_partial(args, method, n, runs):
 
 
 def fmt(s: dict, key: str) -> str:
+    """Mean ± t-interval from 3 runs on; below that the runs themselves (a 2-run t-interval is huge)."""
     m = s[key]
-    return f"{m['mean']:.3f}" + (f" ± {m['t95']:.3f}" if m["t95"] is not None else " (1 seed)")
+    if s["seeds"] >= 3:
+        return f"{m['mean']:.3f} ± {m['t95']:.3f}"
+    return f"{m['mean']:.3f} (1 seed)" if s["seeds"] == 1 else f"{m['min']:.3f}..{m['max']:.3f}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -145,8 +148,12 @@ def plot(result: dict, path: Path) -> None:
         for ax, key in zip(axes, ("accuracy", "roc_auc")):  # noqa: B007
             xs = [1] * bool(zero) + ns  # N = 0 drawn at x = 1 on the log axis
             m = [zero[key]] * bool(zero) + [curve[n][key]["mean"] for n in ns]
-            e = [0] * bool(zero) + [curve[n][key]["t95"] or 0 for n in ns]
-            ax.errorbar(xs, m, yerr=e, marker="o", capsize=3, label=method)
+            # the t-interval from 3 runs on; with 2 runs their range
+            lo = [0] * bool(zero) + [(c["t95"] if curve[n]["seeds"] >= 3 else c["mean"] - c["min"])
+                                     for n in ns for c in [curve[n][key]]]
+            hi = [0] * bool(zero) + [(c["t95"] if curve[n]["seeds"] >= 3 else c["max"] - c["mean"])
+                                     for n in ns for c in [curve[n][key]]]
+            ax.errorbar(xs, m, yerr=[lo, hi], marker="o", capsize=3, label=method)
     for ax, key, title in zip(axes, ("accuracy", "roc_auc"), ("accuracy", "ROC AUC")):
         ax.set_xscale("log")
         ax.set_xticks([1, 8, 16, 32, 64, 128, ALL], ["0", "8", "16", "32", "64", "128", "423"])
@@ -159,7 +166,8 @@ def plot(result: dict, path: Path) -> None:
                  label="423, transfer recipe 20 ep. (generalization.md)")
     axes[1].plot([ALL], [0.812], marker="*", ms=12, ls="", color="black")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"site adaptation from {result['start']} (mean ± 95% t-interval over seeds)", fontsize=9)
+    fig.suptitle(f"site adaptation from {result['start']} (mean ± 95% t-interval over seeds; "
+                 "with 2 seeds their range)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

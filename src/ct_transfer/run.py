@@ -19,6 +19,7 @@ from . import models as M
 from .errors import ConfigError, CTTransferError
 from .evaluate import compute_metrics, confusion_matrix_figure, curves_figure, save_figure, write_predictions
 from .inference import PREDICTOR_FILE, Calibration, Prediction, Predictor, read_calibration
+from .patients import has_patients, patient_metrics
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,44 @@ class Run:
         """One ``Prediction(label, {class: probability}, shift_score, in_distribution)`` per input."""
         return self.predictor.predict(inputs, batch_size=batch_size)
 
+    def predict_patients(self, path, *, max_slices: int | None = None, batch_size: int = 32) -> list:
+        """Every scan at ``path`` (DICOM series folder, multi-frame DICOM, NIfTI, zip of a series, a
+        folder of one patient's slice images) -> one ``patients.PatientPrediction`` per scan."""
+        from .patients import predict_patients
+
+        return predict_patients(self, path, max_slices=max_slices, batch_size=batch_size)
+
+    def predict_patient(self, path, *, max_slices: int | None = None, batch_size: int = 32):
+        """The one scan at ``path`` -> a ``patients.PatientPrediction`` (probability, label, slices used,
+        per-slice table, share flagged by the shift guard)."""
+        from .data.volume import open_volume
+        from .patients import predict_volume
+
+        return predict_volume(self, open_volume(path), max_slices=max_slices, batch_size=batch_size)
+
+    def patient_decision(self):
+        """How this run turns slice probabilities into a patient's (``RUN/patients.json`` or the mean)."""
+        from .patients import load_patient_decision
+
+        return load_patient_decision(self)
+
+    def fit_patients(self, val=None, *, sensitivity: float | None = None, save: bool = True):
+        """Choose the patient aggregator and fit a patient-level threshold on val patients (split rows
+        with a ``patient`` column); saved as ``RUN/patients.json``."""
+        from .patients import fit_patient_decision, has_patients, save_patient_decision
+
+        if val is None:
+            if not self.split:
+                raise CTTransferError(f"{self.directory}: this run has no split.csv; cannot find its val patients")
+            val = self._load(self.split, "val", D.data_root(self.config["data"]), "split")
+        if not has_patients(val.rows):
+            raise CTTransferError("val subset: rows have no patient ids (a split file with a patient column)")
+        proba = self.predictor.outputs(val.x).proba
+        decision = fit_patient_decision(val.rows, val.y.cpu().numpy(), proba, sensitivity=sensitivity)
+        if save and self.directory is not None:
+            save_patient_decision(self, decision)
+        return decision
+
     def decide(self, proba) -> str:
         """The predicted class of one probability row, by the predictor's decision rule."""
         return self.predictor.label(proba)
@@ -117,6 +156,8 @@ class Run:
             result["per_source"] = {
                 s: compute_metrics(y[ids == i], outputs.proba[ids == i], self.classes, threshold=self.threshold)
                 for i, s in enumerate(names)}
+        if len(self.classes) == 2 and has_patients(rows):  # patient ids known: per patient too
+            result["patients"] = patient_metrics(rows, y, outputs.proba, self.classes, self.patient_decision())
         return result
 
     def evaluate_subsets(self, subsets: dict, *, write: bool = False) -> dict:

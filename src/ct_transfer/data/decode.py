@@ -143,6 +143,9 @@ def _dicom_to_array(data: bytes, name: str, window) -> np.ndarray:
         raise CTTransferError(f"{name}: DICOM image is {cols}x{rows} px x {frames} frame(s), more than the "
                               f"{MAX_PIXELS:,} px per slice ({4 * MAX_PIXELS:,} in all) allowed")
     check_rescale(ds, name)
+    if frames > 1:  # every frame is a slice of one scan: read as a volume, not as one picture
+        raise CTTransferError(f"{name}: multi-frame DICOM ({frames} frames): a volume, not one slice "
+                              "(predict reads it as one patient; API: ct_transfer.data.volume.open_volume)")
     try:
         pixels = ds.pixel_array
         if pixels.ndim == 3 and samples == 1:  # multi-frame: the middle slice, taken before the float64 LUT
@@ -155,9 +158,14 @@ def _dicom_to_array(data: bytes, name: str, window) -> np.ndarray:
                               f"missing: {first_line(exc, 80)})") from None
     if hu.ndim != 2 or hu.size == 0:
         raise CTTransferError(f"{name}: DICOM pixel data is not a 2-D grey slice (shape {hu.shape})")
+    return window_hu(hu, window)
+
+
+def window_hu(hu: np.ndarray, window=DEFAULT_WINDOW) -> np.ndarray:
+    """Hounsfield units -> window (width, level) -> ``H x W x 3`` uint8 (one place for every reader)."""
     width, level = window
     lo = level - width / 2
-    hu = np.nan_to_num(hu, nan=lo, posinf=lo + width, neginf=lo)
+    hu = np.nan_to_num(np.asarray(hu, dtype=np.float64), nan=lo, posinf=lo + width, neginf=lo)
     gray = np.rint(np.clip((hu - lo) / width, 0.0, 1.0) * 255.0).astype(np.uint8)
     return np.repeat(gray[:, :, None], 3, axis=2)
 

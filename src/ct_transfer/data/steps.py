@@ -72,6 +72,50 @@ def body_mask(g: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(_largest(mask))
 
 
+def lung_mask(g: np.ndarray, body: np.ndarray | None = None):
+    """Dark regions (air) inside the body's convex hull, large components only; ``None`` if none.
+
+    Otsu threshold inside the body. The hull, not the filled mask: a lung cut by the picture's edge
+    is not a hole of the body ring, but it is inside the hull.
+    """
+    if body is None:
+        body = body_mask(g)
+    inside = g[body]
+    if inside.size == 0:
+        return None
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import convex_hull_image
+
+    thr = threshold_otsu(inside) if inside.max() > inside.min() else inside.max()
+    hull = convex_hull_image(body)
+    dark = ndi.binary_opening(hull & (g <= thr), iterations=2)
+    labels, n = ndi.label(dark)
+    if n == 0:
+        return None
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = np.flatnonzero(sizes >= 0.01 * body.sum())
+    if len(keep) == 0:
+        return None
+    return np.isin(labels, keep)
+
+
+def shows_lungs(arr: np.ndarray, *, size: int = 128, min_body: float = 0.15) -> bool:
+    """Does this slice show the lungs? The body (``body_mask``) covers at least ``min_body`` of the
+    picture and the lung crop finds lungs in it (dark regions covering >= 30% of the body's box:
+    not bowel gas or the trachea). Found at <= ``size`` px: fast enough for every slice of a scan."""
+    g = gray(arr)
+    f = min(1.0, size / max(g.shape))
+    if f < 1.0:
+        g = np.asarray(Image.fromarray(g).resize((max(1, round(g.shape[1] * f)), max(1, round(g.shape[0] * f))),
+                                                 Image.BILINEAR))
+    body = body_mask(g)
+    box = _bbox(body)
+    if box is None or (box[1] - box[0]) * (box[3] - box[2]) < min_body * g.size:
+        return False
+    return CropForeground("lung")._lung_box(g, body) is not None
+
+
 class CropForeground:
     """Crop to the body (``"body"``) or the lungs inside it (``"lung"``); a margin keeps the edge."""
 
@@ -106,28 +150,9 @@ class CropForeground:
         return _grow(box, (h, w), self.margin)
 
     def _lung_box(self, g, body):
-        """Dark regions (air) inside the filled body, large components only."""
-        inside = g[body]
-        if inside.size == 0:
-            return None
-        from skimage.filters import threshold_otsu
-
-        thr = threshold_otsu(inside) if inside.max() > inside.min() else inside.max()
-        # the body's convex hull, not its filled mask: a lung cut by the picture's edge is not a
-        # hole of the body ring, but it is inside the hull
-        from skimage.morphology import convex_hull_image
-
-        hull = convex_hull_image(body)
-        dark = ndi.binary_opening(hull & (g <= thr), iterations=2)
-        labels, n = ndi.label(dark)
-        if n == 0:
-            return None
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        keep = np.flatnonzero(sizes >= 0.01 * body.sum())
-        if len(keep) == 0:
-            return None
-        box = _bbox(np.isin(labels, keep))
+        """The box of the lungs (``lung_mask``), unless they are too small to be lungs."""
+        lungs = lung_mask(g, body)
+        box = None if lungs is None else _bbox(lungs)
         bb = _bbox(body)
         if box is None or (box[1] - box[0]) * (box[3] - box[2]) < 0.3 * (bb[1] - bb[0]) * (bb[3] - bb[2]):
             return None  # a bit of bowel gas or trachea, not the lungs

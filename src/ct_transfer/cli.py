@@ -220,6 +220,15 @@ def _metric_line(name: str, m: dict) -> str:
     if op:
         line += (f"\n{'':<5} at threshold {op['threshold']:.4f} (chosen on val): sens {_ci(op, 'sensitivity')}  "
                  f"spec {_ci(op, 'specificity')}  acc {_ci(op, 'accuracy')}")
+    pm = m.get("patients")
+    if isinstance(pm, dict) and "accuracy" in pm:  # patient ids known: one row per patient
+        line += (f"\n{'':<5} patients ({pm['aggregator']}): acc {_ci(pm, 'accuracy')}  sens {_ci(pm, 'recall')}  "
+                 f"spec {_ci(pm, 'specificity')}  auc {_ci(pm, 'roc_auc')}  (n={pm['n_patients']} patients, "
+                 f"{pm['n_slices']} slices)")
+        pop = pm.get("operating_point")
+        if pop:
+            line += (f"\n{'':<5} patients at threshold {pop['threshold']:.4f} (fitted on val patients): "
+                     f"sens {_ci(pop, 'sensitivity')}  spec {_ci(pop, 'specificity')}  acc {_ci(pop, 'accuracy')}")
     return line
 
 
@@ -270,6 +279,7 @@ def cmd_calibrate(args):
     from . import _io
     from .calibration import CalibrationRefused
     from .external import refresh_external
+    from .patients import PATIENTS_FILE, has_patients, save_patient_decision
     from .rundir import RunDir
     from .run import load_run
 
@@ -281,8 +291,13 @@ def cmd_calibrate(args):
             cal = run.calibrate(sensitivity=args.sensitivity, force=args.force, save=False)
         except CalibrationRefused as exc:
             raise CTTransferError(f"{args.run}: {exc.describe('--force')}") from None
+        decision = None
+        if len(run.classes) == 2 and has_patients([r for r in run.split if r["subset"] == "val"]):
+            decision = run.fit_patients(sensitivity=args.sensitivity, save=False)  # evaluate uses it
         run.evaluate()
         run.save_predictor()
+        if decision is not None:
+            save_patient_decision(run, decision)
         external = refresh_external(run)  # results computed with the old calibration: redone or stale
         run.write_outputs()
     threshold = "argmax" if cal["threshold"] is None else f"{cal['threshold']:.4f}"
@@ -291,6 +306,8 @@ def cmd_calibrate(args):
           f"val ECE {cal['val_ece_before']:.4f} -> {cal['val_ece_after']:.4f}")
     for ext in external:
         print(f"external {ext['name']}: {ext['status']}")
+    if decision is not None:  # the choice itself is logged by fit_patient_decision
+        print(f"patients: {decision.describe()} -> wrote {Path(args.run) / PATIENTS_FILE}")
     _print_metrics(run.metrics, args.run)
     print(f"wrote the calibration into {Path(args.run) / 'predictor.json'} (predict, evaluate, serve and export use it)")
 
@@ -468,20 +485,32 @@ def _load_run_with_window(args):
 
 
 def cmd_predict(args):
-    from .predict import predict, write_rows
+    from .predict import patients_path, predict_scans, write_rows
 
     run = _load_run_with_window(args)
     if args.out:
         _check_output(args.out, run)
-    rows = predict(run, args.inputs, batch_size=args.batch_size, progress=True)
-    if not args.out or len(rows) <= 50:
+        _check_output(patients_path(args.out), run)
+    rows, patients = predict_scans(run, args.inputs, batch_size=args.batch_size, progress=True,
+                                   by_patient=args.patient, max_slices=args.max_slices)
+    if rows and (not args.out or len(rows) <= 50):
         width = min(70, max(len(r["path"]) for r in rows))
         print(f"{'path':<{width}}  {'pred':<12}" + "".join(f"{'p(' + c + ')':>14}" for c in run.classes))
         for r in rows:
             print(f"{r['path'][-width:]:<{width}}  {r['pred']:<12}" + "".join(f"{r['prob_' + c]:>14.4f}" for c in run.classes))
+    if patients:
+        pos = run.classes[1]
+        print(f"patients ({patients[0].decision}; flagged: share of slices the shift guard flags)")
+        for p in patients:
+            flagged = "n/a" if p.flagged_share is None else f"{p.flagged_share:.2f}"
+            print(f"  {p.patient} ({p.kind}, {p.name}): {p.label}  p({pos}) {p.probability:.4f}  "
+                  f"slices used {len(p.used)} of {p.n_slices}  flagged {flagged}")
     if args.out:
         write_rows(rows, args.out)
         print(f"wrote {args.out} ({len(rows)} images)")
+        if patients:
+            write_rows([p.row() for p in patients], patients_path(args.out))
+            print(f"wrote {patients_path(args.out)} ({len(patients)} patients)")
 
 
 def cmd_explain(args):
@@ -588,7 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"near-duplicate: 256-bit pHash Hamming distance <= N (default {THRESHOLD})")
     p.set_defaults(func=cmd_audit)
 
-    p = sub.add_parser("calibrate", help="fit temperature scaling and a decision threshold on a run's val subset")
+    from .patients import AGGREGATORS
+
+    p = sub.add_parser("calibrate", help="fit temperature scaling and a decision threshold on a run's val subset; "
+                                         "with patient ids, also the patient aggregator (one of "
+                                         f"{', '.join(AGGREGATORS)}) and a patient-level threshold")
     p.add_argument("--run", required=True)
     p.add_argument("--sensitivity", type=_finite_float, help="threshold reaching this val sensitivity "
                    "(default: Youden's J)")
@@ -689,10 +722,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify new images, folders or DICOM files with a trained run")
     p.add_argument("--run", required=True, help="run directory")
-    p.add_argument("inputs", nargs="+", help="image files, folders (recursive) or DICOM files")
-    p.add_argument("--out", help="predictions file (.csv or .json)")
+    p.add_argument("inputs", nargs="+", help="image files, folders (recursive), DICOM files, DICOM series "
+                                             "folders, NIfTI (.nii, .nii.gz) or a .zip of a series")
+    p.add_argument("--out", help="predictions file (.csv or .json); scans also write OUT.patients.csv/.json")
     p.add_argument("--window", help="DICOM window WIDTH,LEVEL in HU (default 1500,-600: lung)")
     p.add_argument("--batch-size", type=_int_in(1, 4096), default=64, help="images per forward pass (1..4096)")
+    p.add_argument("--patient", action="store_true",
+                   help="every folder given is one patient's scan (slice images included); DICOM series, "
+                        "multi-frame DICOM, NIfTI and zips of a series are scans anyway")
+    p.add_argument("--max-slices", type=_int_in(1, 100000),
+                   help="scans: at most N lung slices, evenly spaced, per patient (default 64)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="heat-map overlays (Grad-CAM, Grad-CAM++, CAM, LRP) for images")

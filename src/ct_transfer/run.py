@@ -101,7 +101,8 @@ class Run:
         """How this run turns slice probabilities into a patient's (``RUN/patients.json`` or the mean)."""
         from .patients import load_patient_decision
 
-        return load_patient_decision(self)
+        fitted = getattr(self, "_patient_decision", None)  # fitted here, not saved yet
+        return fitted if fitted is not None else load_patient_decision(self)
 
     def fit_patients(self, val=None, *, sensitivity: float | None = None, save: bool = True):
         """Choose the patient aggregator and fit a patient-level threshold on val patients (split rows
@@ -116,6 +117,7 @@ class Run:
             raise CTTransferError("val subset: rows have no patient ids (a split file with a patient column)")
         proba = self.predictor.outputs(val.x).proba
         decision = fit_patient_decision(val.rows, val.y.cpu().numpy(), proba, sensitivity=sensitivity)
+        self._patient_decision = decision
         if save and self.directory is not None:
             save_patient_decision(self, decision)
         return decision

@@ -58,7 +58,8 @@ class Limits:
     from the decoder (``D.decode.MAX_PIXELS``); docs/serve.md gives the memory bound they imply."""
 
     max_request_bytes: int = 100 * 2**20  # whole multipart body
-    max_images: int = 200  # files, zip members included, per request
+    max_images: int = 200  # single slices (files, zip members included) per request
+    scan_heatmaps: int = 3  # heat maps of a scan's most decisive slices
     max_zip_members: int = 2000  # entries in one zip, folders and skipped files included
     max_unpacked_bytes: int = 256 * 2**20  # uncompressed bytes of one request: every file and zip member
     max_request_pixels: int = 64_000_000  # decoded pixels of one request (a 512 x 512 CT slice: 0.26 M)
@@ -191,7 +192,10 @@ def _wanted_member(info: zipfile.ZipInfo) -> bool:
     if info.is_dir() or not parts or parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts):
         return False
     suffix = Path(info.filename).suffix.lower()
-    return suffix in D.IMAGE_EXTENSIONS + D.DICOM_EXTENSIONS or suffix == ""  # DICOM often has none
+    if info.filename.lower().endswith((".nii", ".nii.gz")):
+        return True  # NIfTI volumes
+    # DICOM often has no extension, or is named by its UID (1.2.840....123)
+    return suffix in D.IMAGE_EXTENSIONS + D.DICOM_EXTENSIONS or suffix == "" or suffix[1:].isdigit()
 
 
 class Budget:
@@ -362,28 +366,55 @@ def analyse(served: Served, uploads, *, method: str = "gradcam", overlay: bool =
 
     if method not in METHODS:
         raise UploadError(f"method={method}: choose {', '.join(METHODS)}", 400)
+    from .data.volume import scans_in_items
+
     run = served.run
     budget = Budget(limits)
     inputs, shown, names, sizes, errors = [], [], [], [], []
-    for name, data in iter_uploads(uploads, limits, budget):
+
+    def add_slice(name, data):
         try:
             budget.take_pixels(declared_pixels(data, name), name)
             arr = D.decode_any(data, name, run.preprocess.window)
         except CTTransferError as exc:
             errors.append({"name": name, "error": " ".join(str(exc).split())})
-            continue
-        finally:
-            del data
+            return
         inputs.append(run.predictor.load_images([arr]))  # exactly what predict computes from it
         shown.append(bounded(arr, limits.explain_px) if overlay else None)
         names.append(name)
         sizes.append([int(arr.shape[1]), int(arr.shape[0])])
-        del arr
-    if not inputs:
+
+    scan_files = []  # DICOM and NIfTI files: maybe the slices of a scan (kept as bytes, within the budget)
+    for name, data in iter_uploads(uploads, limits, budget):
+        if D.decode.is_dicom_bytes(data) or name.lower().endswith(D.DICOM_EXTENSIONS + (".nii", ".nii.gz")):
+            scan_files.append((name, data))
+        else:
+            add_slice(name, data)
+        del data
+    volumes, singles, scan_errors = scans_in_items(scan_files) if scan_files else ([], [], [])
+    errors += scan_errors
+    for name, data in singles:  # lone DICOM slices stay single images
+        add_slice(name, data)
+    patients = []
+    for volume in volumes:
+        try:
+            budget.take_pixels(len(volume) * volume.shape[0] * volume.shape[1], volume.name)
+            patients.append(analyse_scan(served, volume, method=method, overlay=overlay, limits=limits))
+        except UploadError:
+            raise
+        except CTTransferError as exc:  # e.g. a slice that cannot be decoded
+            errors.append({"name": volume.name, "error": " ".join(str(exc).split())})
+    del scan_files, singles, volumes
+    if not inputs and not patients:
         raise UploadError("; ".join(e["error"] for e in errors[:5]) + (" …" if len(errors) > 5 else ""))
+    results = []
+    if not inputs:
+        return {"run": served.name, "classes": run.classes, "method": method if overlay else None,
+                "threshold": run.threshold, "temperature": run.temperature,
+                "positive_class": run.classes[1] if len(run.classes) == 2 else None,
+                "results": results, "patients": patients, "errors": errors}
     x = torch.cat(inputs)
     del inputs
-    results = []
     with served.lock:  # one model, shared hooks: one request at a time per run
         predictions = run.predictor.as_predictions(run.predictor.outputs(x, batch_size=limits.model_batch))
         for i, (name, pred) in enumerate(zip(names, predictions)):
@@ -400,7 +431,37 @@ def analyse(served: Served, uploads, *, method: str = "gradcam", overlay: bool =
     return {"run": served.name, "classes": run.classes, "method": method if overlay else None,
             "threshold": run.threshold, "temperature": run.temperature,
             "positive_class": run.classes[1] if len(run.classes) == 2 else None,
-            "results": results, "errors": errors}
+            "results": results, "patients": patients, "errors": errors}
+
+
+def analyse_scan(served: Served, volume, *, method: str, overlay: bool, limits: Limits) -> dict:
+    """One scan: the patient row, a strip of the slices used (thumbnail, p(positive), label) and the
+    heat maps of the ``limits.scan_heatmaps`` slices that speak most for the patient's label."""
+    from .patients import predict_volume
+
+    run = served.run
+    with served.lock:
+        pp = predict_volume(run, volume)
+        decisive = pp.decisive(limits.scan_heatmaps)
+        arrays = [bounded(volume.rgb(pp.slices[j]["index"], run.preprocess.window), limits.explain_px)
+                  for j in decisive]
+        explanations = run.explain(arrays, method=method) if overlay and arrays else [None] * len(arrays)
+    pos = run.classes[1]
+    strip = [{"index": s["index"], "name": s["name"], "position_mm": s["position_mm"],
+              "probability": s["probabilities"][pos], "label": s["label"],
+              "in_distribution": s["in_distribution"],
+              "thumb": png_data_url(run.preprocess.load(volume.rgb(s["index"], run.preprocess.window)), 96)}
+             for s in pp.slices]
+    heat = []
+    for j, ex in zip(decisive, explanations):
+        item = {"index": pp.slices[j]["index"], "probability": pp.slices[j]["probabilities"][pos]}
+        if ex is not None:
+            item.update(overlay=png_data_url(ex.overlay, limits.preview_px), explained_class=ex.label)
+        heat.append(item)
+    return {"name": volume.name, "patient": pp.patient, "kind": pp.kind, "label": pp.label,
+            "probability": pp.probability, "positive_class": pos, "decision": pp.decision,
+            "slices_total": pp.n_slices, "slices_used": len(pp.used), "flagged_share": pp.flagged_share,
+            "slices": strip, "decisive": heat}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,7 +690,7 @@ def create_app(runs: dict[str, Served], *, limits: Limits = Limits(), hosts: Hos
     @app.post("/api/predict", summary="Classify uploaded images, DICOM files or zips of them",
               response_model=models["Answer"],
               responses={400: problem, 404: problem, 413: problem, 422: problem, 500: problem})
-    async def predict(files: list[UploadFile] = File(..., description="PNG/JPEG/TIFF/DICOM files or .zip"),
+    async def predict(files: list[UploadFile] = File(..., description="PNG/JPEG/TIFF/DICOM/NIfTI files or .zip"),
                       run: str | None = Form(None, description=f"run name (default: the first: {names[0]})"),
                       method: Literal[tuple(METHODS)] = Form("gradcam"),
                       overlay: bool = Form(True, description="compute the heat-map overlay")):
@@ -672,6 +733,35 @@ def _api_models() -> dict:
         name: str
         error: str = Field(description="one-line reason, e.g. 'x.dcm: DICOM modality is MR, not CT'")
 
+    class ScanSlice(BaseModel):
+        index: int = Field(description="slice index in scan order (0 = most inferior)")
+        name: str
+        position_mm: float | None = Field(None, description="position along the scan axis")
+        probability: float = Field(description="calibrated p(positive class) of this slice")
+        label: str = Field(description="the slice's own decision (the run's slice threshold)")
+        in_distribution: bool | None = Field(None, description="shift guard's verdict; null without a guard")
+        thumb: str = Field(description="the model's input for this slice, PNG data URL (<= 96 px)")
+
+    class Decisive(BaseModel):
+        index: int
+        probability: float
+        overlay: str | None = Field(None, description="heat map over the slice, PNG data URL (overlay=true)")
+        explained_class: str | None = None
+
+    class Patient(BaseModel):
+        name: str = Field(description="the scan: upload name, zip folder, series")
+        patient: str = Field(description="PatientID of the DICOM files, else the scan's name")
+        kind: str = Field(description="dicom-series | dicom-multiframe | nifti")
+        label: str = Field(description="patient decision: aggregated probability >= the patient threshold")
+        probability: float = Field(description="aggregated p(positive class)")
+        positive_class: str
+        decision: str = Field(description="aggregator and patient-level threshold")
+        slices_total: int
+        slices_used: int = Field(description="lung slices used (at most 64, evenly spaced)")
+        flagged_share: float | None = Field(None, description="share of used slices the shift guard flags")
+        slices: list[ScanSlice]
+        decisive: list[Decisive] = Field(description="the slices that speak most for the label, with heat maps")
+
     class Answer(BaseModel):
         run: str
         classes: list[str]
@@ -680,6 +770,7 @@ def _api_models() -> dict:
         temperature: float
         positive_class: str | None
         results: list[Result]
+        patients: list[Patient] = Field([], description="scans (DICOM series, multi-frame DICOM, NIfTI): one each")
         errors: list[FileError] = Field(description="files that could not be decoded (the others are answered)")
 
     class Problem(BaseModel):

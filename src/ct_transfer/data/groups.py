@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import _io
 from ..errors import CTTransferError
-from .decode import read_image
+from .decode import read_input
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def fingerprint(file: str | os.PathLike, name: str | None = None) -> Fingerprint
         key = None
     if key in _SEEN:
         return Fingerprint(name if name is not None else str(file), *_SEEN[key])
-    arr = read_image(file)
+    arr = read_input(file)  # DICOM slices too
     digest = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
     ph = imagehash.phash(Image.fromarray(arr).convert("L"), hash_size=HASH_SIZE)
     if key is not None:
@@ -139,17 +139,22 @@ def read_groups(path) -> dict[str, str]:
 
 
 def image_groups(data_dir, paths: list[str], *, threshold: int = DEFAULT_THRESHOLD,
-                 groups_file=None) -> list[str]:
-    """One group label per path: near-duplicates (and, with ``groups_file``, patients) merged."""
+                 groups_file=None, patients: dict[str, str] | None = None) -> list[str]:
+    """One group label per path: near-duplicates (and, with ``groups_file`` or ``patients``
+    ({path: patient}, e.g. the DICOM slices of one patient), patients) merged."""
     fps = fingerprints(data_dir, paths, progress=True)
     pairs = list(close_pairs(fps, threshold=threshold))
+    given = dict(patients or {})
     if groups_file is not None:
-        given = read_groups(groups_file)
+        given.update(read_groups(groups_file))
         missing = [p for p in paths if p not in given]
         if missing:
             raise CTTransferError(f"{groups_file}: {len(missing)} image(s) have no group, e.g. {missing[0]}")
+    if given:
         first: dict[str, int] = {}
         for k, p in enumerate(paths):  # chain every patient's images together
+            if p not in given:
+                continue
             j = first.setdefault(given[p], k)
             if j != k:
                 pairs.append((j, k))

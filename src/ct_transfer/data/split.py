@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import _io
 from ..errors import ConfigError, CTTransferError
-from .decode import IMAGE_EXTENSIONS, read_image
+from .decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, read_image
 
 SUBSETS = ("train", "val", "test")
 DEFAULT_POSITIVE = "COVID"
@@ -60,10 +60,11 @@ def resolve_inside(root, rel: str) -> Path:
 
 
 def scan_folder(root: str | os.PathLike) -> tuple[list[Item], list[str]]:
-    """List ``root/<class>/**/<image>``; returns the items (sorted) and the class names (sorted).
+    """List ``root/<class>/**/<image or DICOM slice>``; returns the items (sorted) and the class names (sorted).
 
     Hidden files and folders are skipped (OS metadata, notebook checkpoints); a file that links
-    outside ``root``, or two names of one file (a symlink to another listed file), are errors."""
+    outside ``root``, or two names of one file (a symlink to another listed file), are errors. The DICOM slices of one patient
+    are kept in one subset by ``split_folder``."""
     root = Path(root)
     if not root.is_dir():
         raise CTTransferError(f"{shown(root)}: dataset folder not found")
@@ -78,7 +79,7 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[Item], list[str]]:
             for folder, dirs, names in os.walk(class_dir):  # symlinked sub-folders are not followed
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 files += [Path(folder) / n for n in names
-                          if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+                          if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS + DICOM_EXTENSIONS]
             files = sorted(f for f in files if f.is_file())
             if not files:
                 empty.append(shown(class_dir))
@@ -94,7 +95,8 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[Item], list[str]]:
     except OSError as exc:
         raise CTTransferError(f"{shown(root)}: cannot list ({(exc.strerror or str(exc)).lower()})") from None
     if empty:
-        raise CTTransferError(f"{', '.join(empty)}: class folder holds no images ({'/'.join(IMAGE_EXTENSIONS)})")
+        raise CTTransferError(f"{', '.join(empty)}: class folder holds no images "
+                              f"({'/'.join(IMAGE_EXTENSIONS + DICOM_EXTENSIONS)})")
     classes = [d.name for d in class_dirs]
     if len(classes) < 2:
         found = classes[0] if classes else "none"
@@ -191,19 +193,26 @@ def split_folder(data_dir, preset: str = "stratified", seed: int = 0, *, groups_
     if preset not in PRESETS:
         raise ConfigError("preset", preset, f"choose {', '.join(PRESETS)}")
     items, _ = scan_folder(data_dir)
+    # DICOM slices: their patient (PatientID, else the series, else the folder) from the headers
+    patients = {it.path: dicom_patient(Path(data_dir) / it.path) for it in items
+                if it.path.lower().endswith(DICOM_EXTENSIONS)}
     groups = None
     if preset == "grouped":
         from .groups import DEFAULT_THRESHOLD, image_groups
 
-        groups = image_groups(data_dir, [it.path for it in items], groups_file=groups_file,
+        groups = image_groups(data_dir, [it.path for it in items], groups_file=groups_file, patients=patients,
                               threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
     elif groups_file is not None:
         raise ConfigError("groups", groups_file, "only with the grouped preset")
+    elif len(set(patients.values())) < len(patients):
+        raise ConfigError("preset", preset, "the dataset holds several DICOM slices of one patient; use the grouped "
+                                            "preset (every slice of a patient in one subset)")
     rows = make_split(items, preset, seed, groups=groups)
     if groups_file is not None:  # the patient ids themselves survive beside the merged groups
         from .groups import read_groups
 
-        patients = read_groups(groups_file)
+        patients = {**patients, **read_groups(groups_file)}
+    if patients:
         rows = [{**r, "patient": patients.get(r["path"], "")} for r in rows]
     return rows
 
@@ -252,6 +261,19 @@ def build_split(datasets, *, split_files=None, preset: str = "stratified", seed:
     if limit:
         rows = limit_rows(rows, int(limit), seed)
     return rows
+
+
+def dicom_patient(path: Path) -> str:
+    """A DICOM slice's patient for splitting: PatientID, else its series, else its folder."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True,
+                             specific_tags=["PatientID", "SeriesInstanceUID"])
+        pid, series = str(getattr(ds, "PatientID", "") or ""), str(getattr(ds, "SeriesInstanceUID", "") or "")
+    except Exception:  # an unreadable header: decoding the slice later says why
+        pid = series = ""
+    return pid or series or Path(path).parent.as_posix()
 
 
 def limit_rows(rows: list[dict], limit: int, seed: int = 0) -> list[dict]:

@@ -81,6 +81,7 @@ class Volume:
     shape: tuple[int, int]  # rows, columns
     _read: Callable[[int], np.ndarray] = field(repr=False)
     has_hu: bool = True  # images of a folder are already 8-bit pictures
+    files: list[str] = field(default_factory=list)  # the file each slice comes from (paths or zip members)
 
     def __len__(self) -> int:
         return len(self.slice_names)
@@ -141,7 +142,8 @@ def open_volumes(path: str | os.PathLike) -> list[Volume]:
                        key=lambda p: _natural_key(p.relative_to(path).as_posix()))
     except OSError as exc:
         raise CTTransferError(f"{path}: cannot list ({(exc.strerror or str(exc)).lower()})") from None
-    dicoms = [p for p in files if p.suffix.lower() in DICOM_EXTENSIONS or (p.suffix == "" and _file_is_dicom(p))]
+    dicoms = [p for p in files if p.suffix.lower() in DICOM_EXTENSIONS or (
+        p.suffix.lower() not in IMAGE_EXTENSIONS and not is_nifti_name(p.name) and _file_is_dicom(p))]
     niftis = [p for p in files if is_nifti_name(p.name)]
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     out = []
@@ -185,7 +187,7 @@ def read_zip(path: Path, *, max_members: int = 5000, max_bytes: int = 2 * 2**30)
             if len(infos) > max_members or sum(i.file_size for i in infos) > max_bytes:
                 raise CTTransferError(f"{path}: zip holds more than {max_members} files or "
                                       f"{max_bytes // 2**30} GB")
-            return [(f"{path.name}/{i.filename}", zf.read(i)) for i in infos]
+            return [(f"{path}/{i.filename}", zf.read(i)) for i in infos]
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CTTransferError(f"{path}: not a readable zip file ({first_line(exc, 80)})") from None
 
@@ -206,7 +208,7 @@ def volumes_from_items(items: list[tuple[str, bytes]], name: str) -> list[Volume
         names = [n for n, _ in images]
         first = decode_image(images[0][1], images[0][0])
         out.append(Volume("images", name, Path(name).name, "", names, None, first.shape[:2],
-                          lambda i: decode_image(data[names[i]], names[i]), has_hu=False))
+                          lambda i: decode_image(data[names[i]], names[i]), has_hu=False, files=names))
     if not out:
         raise CTTransferError(f"{name}: holds no DICOM files, NIfTI volumes or slice images")
     return out
@@ -219,7 +221,7 @@ def image_folder(paths: list[Path], name: str) -> Volume:
     paths = sorted(paths, key=lambda p: _natural_key(p.as_posix()))
     first = read_image(paths[0])
     return Volume("images", name, Path(name).name, "", [p.name for p in paths], None, first.shape[:2],
-                  lambda i: read_image(paths[i]), has_hu=False)
+                  lambda i: read_image(paths[i]), has_hu=False, files=[str(p) for p in paths])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +370,7 @@ def _series(hs: list[_Header], name: str, uid: str) -> Volume:
     sources = [h.source for h in ordered]
     return Volume("dicom-series", name, ordered[0].patient or Path(name).name, uid,
                   [Path(s[0]).name for s in sources], positions, (hs[0].rows, hs[0].cols),
-                  lambda i: _read_slice(sources[i]))
+                  lambda i: _read_slice(sources[i]), files=[s[0] for s in sources])
 
 
 def _check_spacing(positions: list[float], names: list[str], name: str) -> None:
@@ -423,7 +425,8 @@ def _multiframe(h: _Header) -> Volume:
         return _hu_of(ds, pixels, name)
 
     return Volume("dicom-multiframe", name, h.patient or Path(name).name, h.series,
-                  [f"{Path(name).name}#{i}" for i in order], positions, (h.rows, h.cols), read)
+                  [f"{Path(name).name}#{i}" for i in order], positions, (h.rows, h.cols), read,
+                  files=[name] * h.frames)
 
 
 def _shared_rescale(ds):
@@ -492,7 +495,7 @@ def open_nifti(path, *, data: bytes | None = None) -> Volume:
         return np.ascontiguousarray(sl.T[::-1, ::-1])
 
     return Volume("nifti", name, Path(name).name.split(".")[0], "", [f"{Path(name).name}#{i}" for i in range(n)],
-                  [float(i * spacing) for i in range(n)], (rows, cols), read)
+                  [float(i * spacing) for i in range(n)], (rows, cols), read, files=[name] * n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,3 +550,46 @@ def select_slices(volume: Volume, *, max_slices: int = MAX_SLICES, window=DEFAUL
                     min(max_slices, len(volume)), len(volume))
         candidates = list(range(len(volume)))
     return Selection(evenly_spaced(candidates, max_slices), lung, fallback, max_slices, t_decode, t_select)
+
+
+def scans_in_items(items: list[tuple[str, bytes]]) -> tuple[list[Volume], list[tuple[str, bytes]], list[dict]]:
+    """Uploaded files -> (scans, single slices, errors). Scans: NIfTI files, multi-frame DICOM
+    files, and the DICOM files of one series (two or more sharing a ``SeriesInstanceUID``); a scan
+    that cannot be used (MR, mixed sizes, missing slices ...) is one error entry, the others go on.
+    Every other file stays a single slice (a DICOM file whose header is unreadable too: decoding it
+    says why)."""
+    volumes, singles, errors = [], [], []
+    by_series: dict[str, list[_Header]] = defaultdict(list)
+    for n, d in items:
+        if is_nifti_name(n):
+            try:
+                volumes.append(open_nifti(n, data=d))
+            except CTTransferError as exc:
+                errors.append({"name": n, "error": " ".join(str(exc).split())})
+        elif is_dicom_bytes(d) or n.lower().endswith(DICOM_EXTENSIONS):
+            try:
+                h = _header(bytes_source(n, d))
+            except CTTransferError:
+                singles.append((n, d))
+                continue
+            if h.frames > 1:
+                try:
+                    volumes.append(_multiframe(h))
+                except CTTransferError as exc:
+                    errors.append({"name": n, "error": " ".join(str(exc).split())})
+            else:
+                by_series[h.series].append(h)
+        else:
+            singles.append((n, d))
+    data = dict(items)
+    for uid, hs in by_series.items():
+        if len(hs) < 2:
+            singles.append((hs[0].source[0], data[hs[0].source[0]]))
+            continue
+        folder = os.path.commonpath([h.source[0] for h in hs]) or hs[0].source[0]
+        label = folder if len(by_series) == 1 else f"{folder} (series …{uid[-8:]})"
+        try:
+            volumes.append(_series(hs, label, uid))
+        except CTTransferError as exc:
+            errors.append({"name": label, "error": " ".join(str(exc).split())})
+    return volumes, singles, errors

@@ -1,7 +1,7 @@
 // ct-transfer serve: the page. Vanilla JS, no build step; talks only to this server's JSON API.
 "use strict";
 
-const state = { runs: [], rows: [], sort: { key: null, dir: 1 } };
+const state = { runs: [], rows: [], patients: [], sort: { key: null, dir: 1 } };
 const $ = (id) => document.getElementById(id);
 
 function el(tag, attrs = {}, ...children) {
@@ -102,7 +102,9 @@ async function upload(fileList) {
       return;
     }
     addResults(body);
+    addPatients(body);
     $("status").textContent = `${body.results.length} image${body.results.length === 1 ? "" : "s"} classified` +
+      (body.patients && body.patients.length ? `, ${body.patients.length} scan${body.patients.length === 1 ? "" : "s"}` : "") +
       (body.errors.length ? `, ${body.errors.length} refused` : "") + ".";
     showMessages(body.errors.map((e) => e.error));
   } catch (err) {
@@ -189,6 +191,31 @@ function renderTable() {
   }));
 }
 
+// ---- scans: one patient each, a strip of the slices used, heat maps of the decisive ones ----------
+function addPatients(body) {
+  for (const p of body.patients || []) state.patients.push({ ...p, run: body.run, method: body.method });
+  renderPatients();
+}
+
+function renderPatients() {
+  $("patients-panel").hidden = state.patients.length === 0;
+  $("patients").replaceChildren(...state.patients.map((p) => {
+    const flagged = p.flagged_share === null || p.flagged_share === undefined ? "no shift guard" : `${pct(p.flagged_share)} of slices flagged by the shift guard`;
+    const head = el("p", { class: "patient-head" }, el("strong", { class: "patient-id", text: p.patient }),
+      ` · ${p.kind} · ${p.run} · `, el("span", { class: "patient-pred", text: p.label }),
+      ` · p(${p.positive_class}) `, el("span", { class: "num patient-prob", text: num(p.probability) }),
+      ` · ${p.slices_used} of ${p.slices_total} slices used · ${flagged} · ${p.decision}`);
+    const strip = el("div", { class: "strip", title: `p(${p.positive_class}) per slice, inferior to superior` },
+      ...p.slices.map((s) => el("figure", { class: "strip-slice" + (s.label === p.positive_class ? " positive" : ""), "data-index": String(s.index) },
+        el("img", { src: s.thumb, alt: `slice ${s.index}` }), el("figcaption", { class: "num", text: num(s.probability, 2) }))));
+    const heat = el("div", { class: "decisive" }, ...p.decisive.map((d) => el("figure", { class: "decisive-slice", "data-index": String(d.index) },
+      d.overlay ? el("img", { class: "overlay", src: d.overlay, alt: `${p.method} overlay, slice ${d.index}` }) : el("span", { class: "muted", text: "no overlay" }),
+      el("figcaption", { class: "small", text: `slice ${d.index} · p=${num(d.probability, 3)}` + (d.explained_class ? ` · evidence for ${d.explained_class}` : "") }))));
+    return el("article", { class: "patient", "data-name": p.name }, head, strip,
+      el("h3", { text: "Most decisive slices" }), heat);
+  }));
+}
+
 function sortBy(key) {
   state.sort = state.sort.key === key ? { key, dir: -state.sort.dir } : { key, dir: 1 };
   renderTable();
@@ -245,7 +272,7 @@ async function start() {
   $("run").addEventListener("change", renderCard);
   $("files").addEventListener("change", (e) => upload(e.target.files));
   $("csv").addEventListener("click", downloadCsv);
-  $("clear").addEventListener("click", () => { state.rows = []; renderTable(); showMessages([]); $("status").textContent = ""; });
+  $("clear").addEventListener("click", () => { state.rows = []; state.patients = []; renderTable(); renderPatients(); showMessages([]); $("status").textContent = ""; });
   const drop = $("drop");
   for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });
   for (const ev of ["dragleave", "drop"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.remove("over"); });

@@ -28,6 +28,8 @@ from ct_transfer.errors import CTTransferError
 from ct_transfer.evaluate import read_predictions
 from ct_transfer.run import load_run
 
+from .test_serve import browser  # noqa: F401  (the real headless chromium, shared)
+
 CT = get_testdata_file("CT_small.dcm")
 SIZE = 96
 INTERCEPT = -1374.0  # stored = HU + 1374: the windowed slice (1500/-600) is the original picture again
@@ -304,3 +306,109 @@ def test_ucsd_val_patients_external(trained_run, tmp_path):
                  "--subset", "val", "--name", "ucsd-val"]) == 0
     doc = json.loads((work / "external" / "ucsd-val" / "metrics.json").read_text())
     assert doc["metrics"]["n"] == 118 and doc["metrics"]["patients"]["n_patients"] == 56
+
+
+# ---------------------------------------------------------------------------------------------
+# serve: a zip of a series is one patient, on the API and on the page (a real browser)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scan_server(trained_run, tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from .test_serve import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")]))}
+    log_path = tmp_path_factory.mktemp("scan-server") / "serve.log"
+    with open(log_path, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "ct_transfer.cli", "serve", "--run", str(trained_run[0]),
+                                 "--port", str(port)], env=env, stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.25)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def series_zip(folder: Path, files: list[Path]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in files:
+            zf.write(f, f"{folder.name}/{f.name}")
+    return buf.getvalue()
+
+
+def test_serve_zip_of_a_series_is_one_patient(scan_server, run, pictures, data_dir, tmp_path):
+    import httpx
+
+    files = write_series(tmp_path / "scan", pictures[:4])
+    mr = write_series(tmp_path / "mr", pictures[:2], modality="MR")
+    png = sorted((data_dir / "non-COVID").iterdir())[3]
+    parts = [("files", ("scan.zip", series_zip(tmp_path / "scan", files), "application/zip")),
+             ("files", ("mr.zip", series_zip(tmp_path / "mr", mr), "application/zip")),
+             ("files", (png.name, png.read_bytes(), "image/png"))]
+    body = httpx.post(scan_server + "/api/predict", files=parts, data={"overlay": "true"}, timeout=300).json()
+    assert [r["name"] for r in body["results"]] == [png.name]  # the lone slice stays a slice
+    assert len(body["patients"]) == 1 and "modality is MR, not CT" in body["errors"][0]["error"]
+    p = body["patients"][0]
+    expected = run.predict_patient(tmp_path / "scan")
+    assert p["probability"] == pytest.approx(expected.probability, abs=1e-5) and p["label"] == expected.label
+    assert [s["index"] for s in p["slices"]] == [0, 1, 2, 3] and p["slices_used"] == 4 == p["slices_total"]
+    assert [s["probability"] for s in p["slices"]] == pytest.approx(
+        [s["probabilities"]["COVID"] for s in expected.slices], abs=1e-5)
+    assert len(p["decisive"]) == 3 and all(d["overlay"].startswith("data:image/png") for d in p["decisive"])
+    top = [s["probability"] for s in p["slices"]]
+    want = sorted(top, reverse=p["label"] == "COVID")[:3]
+    assert [d["probability"] for d in p["decisive"]] == pytest.approx(want)
+
+
+def test_browser_shows_the_series_as_a_patient(browser, scan_server, run, pictures, tmp_path):
+    files = write_series(tmp_path / "scan", pictures)
+    zpath = tmp_path / "scan.zip"
+    zpath.write_bytes(series_zip(tmp_path / "scan", files))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(scan_server + "/")
+    page.wait_for_selector("#card h2")
+    assert page.locator("#patients-panel").is_hidden()
+    page.set_input_files("#files", str(zpath))
+    page.wait_for_selector("#patients article.patient", timeout=300_000)
+    page.wait_for_function("[...document.querySelectorAll('#patients img')].every(i => i.complete && i.naturalWidth > 0)")
+    expected = run.predict_patient(tmp_path / "scan")
+    article = page.locator("#patients article.patient")
+    assert float(article.locator(".patient-prob").inner_text()) == pytest.approx(expected.probability, abs=1e-4)
+    assert article.locator(".patient-pred").inner_text() == expected.label
+    strip = article.locator(".strip figure")
+    assert strip.count() == 6
+    assert [float(t) for t in strip.locator("figcaption").all_inner_texts()] == pytest.approx(
+        [s["probabilities"]["COVID"] for s in expected.slices], abs=0.006)
+    positive = [s["label"] == "COVID" for s in expected.slices]
+    assert [("positive" in (c or "")) for c in strip.evaluate_all("els => els.map(e => e.className)")] == positive
+    assert article.locator(".decisive img.overlay").count() == 3
+    assert "6 of 6 slices used" in article.inner_text() and "no shift guard" in article.inner_text()
+    assert page.locator("#results-panel").is_hidden()  # no single slices uploaded
+    page.click("#clear")
+    assert page.locator("#patients-panel").is_hidden()
+    assert errors == []
+    page.close()

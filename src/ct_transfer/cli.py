@@ -617,11 +617,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"near-duplicate: 256-bit pHash Hamming distance <= N (default {THRESHOLD})")
     p.set_defaults(func=cmd_audit)
 
-    from .patients import AGGREGATORS
+    from .patients import AGGREGATORS  # importing it registers the aggregators
 
     p = sub.add_parser("calibrate", help="fit temperature scaling and a decision threshold on a run's val subset; "
                                          "with patient ids, also the patient aggregator (one of "
-                                         f"{', '.join(AGGREGATORS)}) and a patient-level threshold")
+                                         f"{', '.join(AGGREGATORS.names())}) and a patient-level threshold")
     p.add_argument("--run", required=True)
     p.add_argument("--sensitivity", type=_finite_float, help="threshold reaching this val sensitivity "
                    "(default: Youden's J)")

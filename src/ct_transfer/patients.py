@@ -2,7 +2,7 @@
 
 The model classifies slices; a scan (a DICOM series, a NIfTI volume, a folder of one patient's
 slices) or a patient of a split file gets one answer from its slices' calibrated probabilities of
-the positive class through an **aggregator** from ``AGGREGATORS``:
+the positive class through an **aggregator** from ``registry.AGGREGATORS`` (registered here):
 
 - ``mean``: the mean slice probability;
 - ``max``: the most positive slice (one suspicious slice decides);
@@ -30,6 +30,7 @@ import numpy as np
 
 from . import _io
 from .errors import ConfigError, CTTransferError
+from .registry import AGGREGATORS
 
 log = logging.getLogger(__name__)
 
@@ -144,18 +145,21 @@ class QuantileLogistic(Aggregator):
         return {"coef": self.coef, "intercept": self.intercept, "C": self.C}
 
 
-AGGREGATORS: dict[str, type[Aggregator]] = {"mean": Mean, "max": Max, "topk": TopK, "logistic": QuantileLogistic}
+for _cls, _help in ((Mean, "mean slice probability"), (Max, "the most positive slice"),
+                   (TopK, f"mean of the k most positive slices (k from {TOPK_CHOICES} chosen on val patients)"),
+                   (QuantileLogistic, "logistic regression on the slice probabilities' quantiles, fitted on val "
+                                      "patients")):
+    AGGREGATORS.register(_cls.name, _cls, help=_help)
 
 
 def list_aggregators() -> list[str]:
-    return list(AGGREGATORS)
+    return list(AGGREGATORS.names())
 
 
 def make_aggregator(name: str, **params) -> Aggregator:
-    if name not in AGGREGATORS:
-        raise ConfigError("aggregator", name, f"choose {', '.join(AGGREGATORS)}")
+    AGGREGATORS.check(name)
     try:
-        return AGGREGATORS[name](**params)
+        return AGGREGATORS.create(name, **params)
     except TypeError as exc:
         raise ConfigError("aggregator", name, f"bad parameters {sorted(params)} ({exc})") from None
 
@@ -300,7 +304,7 @@ def fit_patient_decision(rows: list[dict], y, proba, *, aggregators=None, folds:
 
     from .calibration import choose_threshold
 
-    names = list(aggregators or AGGREGATORS)
+    names = list(aggregators or AGGREGATORS.names())
     ids, index, labels = group_patients(rows, y)
     if len(np.unique(labels)) < 2 or np.bincount(labels).min() < 2:
         raise CTTransferError(f"val patients: {len(ids)} patient(s), too few of one class to fit a patient decision")

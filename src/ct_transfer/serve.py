@@ -437,11 +437,13 @@ def analyse(served: Served, uploads, *, method: str = "gradcam", overlay: bool =
 def analyse_scan(served: Served, volume, *, method: str, overlay: bool, limits: Limits) -> dict:
     """One scan: the patient row, a strip of the slices used (thumbnail, p(positive), label) and the
     heat maps of the ``limits.scan_heatmaps`` slices that speak most for the patient's label."""
+    from .data.volume import select_slices
     from .patients import predict_volume
 
     run = served.run
+    selection = select_slices(volume)  # decoding and lung masks: no model, outside the lock
     with served.lock:
-        pp = predict_volume(run, volume)
+        pp = predict_volume(run, volume, selection=selection)
         decisive = pp.decisive(limits.scan_heatmaps)
         arrays = [bounded(volume.rgb(pp.slices[j]["index"], run.preprocess.window), limits.explain_px)
                   for j in decisive]

@@ -151,7 +151,8 @@ def _env() -> Environment:
 def _run_rows(runs: list[dict]) -> list[dict]:
     return [{"name": r["name"], "test": r["metrics"]["test"], "val": r["metrics"]["val"],
              "best_epoch": r["metrics"].get("best_epoch", "—"), "train_seconds": r["metrics"].get("train_seconds"),
-             "external": [e["name"] for e in r["external"]]} for r in runs]
+             "external": [e["name"] for e in r["external"]],
+             "patients": r["metrics"]["test"].get("patients")} for r in runs]
 
 
 def render_markdown(summary: dict, *, runs: list[dict], plots: dict[str, str], extra_sections: list[str]) -> str:

@@ -96,9 +96,6 @@ def measure(mode: str, run_dir: str, series: Path, max_slices: int) -> dict:
 
 def ucsd_patients(run_dir: str) -> dict:
     """Slice- and patient-level metrics on UCSD's official val patients (the run's test subset)."""
-    import numpy as np
-    import torch
-
     from ct_transfer import _io
     from ct_transfer import data as D
     from ct_transfer import load_run
@@ -113,7 +110,7 @@ def ucsd_patients(run_dir: str) -> dict:
     subsets = {}
     for name in ("val", "test"):
         x, y, kept, _ = D.load_subset(rows, name, run.classes, UCSD, run.preprocess, on_bad="skip")
-        proba = torch.softmax(run._logits(x) / run.temperature, dim=1).numpy()
+        proba = run.predictor.outputs(x).proba  # calibrated, as every prediction path
         subsets[name] = (kept, y.numpy(), proba)
     decision = PT.fit_patient_decision(*subsets["val"])
     out["chosen_on_val"] = decision.to_dict()

@@ -384,7 +384,33 @@ def test_browser_shows_the_series_as_a_patient(browser, scan_server, run, pictur
     assert article.locator(".decisive img.overlay").count() == 3
     assert "6 of 6 slices used" in article.inner_text() and "no shift guard" in article.inner_text()
     assert page.locator("#results-panel").is_hidden()  # no single slices uploaded
-    page.click("#clear")
+    page.click("#clear-scans")
     assert page.locator("#patients-panel").is_hidden()
     assert errors == []
     page.close()
+
+
+def test_dicom_slices_are_training_data_kept_by_patient(pictures, data_dir, tmp_path):
+    """scan_folder lists DICOM slices; the grouped split keeps each patient's series in one subset
+    and names the patient; a per-slice split of several slices of one patient is refused."""
+    from ct_transfer import data as D
+    from ct_transfer.errors import ConfigError
+
+    root = tmp_path / "data"
+    for cls, k in (("COVID", 0), ("non-COVID", 1)):
+        for j in range(3):  # three patients per class, two slices each
+            write_series(root / cls / f"patient{j}", pictures[2 * j:2 * j + 2], seed=k * 10 + j)
+        for f in sorted((data_dir / cls).iterdir())[:6]:
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, root / cls / f.name)
+    items, classes = D.scan_folder(root)
+    assert sum(it.path.endswith(".dcm") for it in items) == 12 and len(items) == 24
+    with pytest.raises(ConfigError, match="grouped"):
+        D.split_folder(root, "stratified")
+    rows = D.split_folder(root, "grouped", 0)
+    dicom = [r for r in rows if r["path"].endswith(".dcm")]
+    by_patient = {}
+    for r in dicom:
+        by_patient.setdefault(r["patient"], set()).add(r["subset"])
+    assert len(by_patient) == 6 and all(len(s) == 1 for s in by_patient.values())
+    assert all(r["patient"].startswith("PT-") for r in dicom)

@@ -272,6 +272,7 @@ async function start() {
   $("run").addEventListener("change", renderCard);
   $("files").addEventListener("change", (e) => upload(e.target.files));
   $("csv").addEventListener("click", downloadCsv);
+  $("clear-scans").addEventListener("click", () => { state.patients = []; renderPatients(); });
   $("clear").addEventListener("click", () => { state.rows = []; state.patients = []; renderTable(); renderPatients(); showMessages([]); $("status").textContent = ""; });
   const drop = $("drop");
   for (const ev of ["dragenter", "dragover"]) drop.addEventListener(ev, (e) => { e.preventDefault(); drop.classList.add("over"); });

@@ -299,6 +299,9 @@ def _normal(orientation: list[float]) -> np.ndarray:
 def _hu_of(ds, pixels: np.ndarray, name: str) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut
 
+    from .decode import check_rescale
+
+    check_rescale(ds, name)  # the same rescale checks as a single slice
     hu = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
     if hu.ndim != 2:
         raise CTTransferError(f"{name}: DICOM pixel data is not a 2-D grey slice (shape {hu.shape})")

@@ -21,6 +21,7 @@ SPLIT_PRESETS = ("stratified", "paper", "grouped")
 BN_STATS = ("train", "frozen")
 BALANCES = ("none", "sources")
 ON_BAD = ("error", "skip")
+STORES = ("auto", "memory", "disk")  # data/store.py; engine/data.py decides
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch
 MIN_IMAGE_SIZE = 32  # the networks downsample 32x; some archs need more (models.ModelSpec.min_size)
 RANGE_WHY = {
@@ -95,6 +96,10 @@ class TrainConfig:
     positive: str | None = _opt(None, "positive class (default COVID if present)")
     on_bad: str = _opt("error", "unreadable images: stop, or skip and list them", choices=ON_BAD)
     cache_dir: str | None = _opt(None, "on-disk cache of decoded images, keyed by file content")
+    store: str = _opt("auto", "where decoded images live while training: memory (one array), disk (a store file "
+                              "per subset under --cache-dir, else the user cache, read per batch: memory stays "
+                              "flat at any dataset size), or auto = memory when the estimate fits, else disk",
+                      choices=STORES)
     channels_last: bool = _opt(True, "channels-last memory format", flag="--no-channels-last")
     bf16: bool = _opt(False, "bfloat16 autocast (fp32 master weights; default on CUDA)")
     compile: bool = _opt(False, "torch.compile the model (drops the last partial batch: static shapes)")
@@ -207,7 +212,7 @@ def _validate(c: TrainConfig) -> None:
         v = getattr(c, name)
         if not _is_number(v) or not lo <= v <= hi:
             raise ConfigError(name, v, _kind(v, "a number") + f"choose a number in [{lo}, {hi}]")
-    for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD),
+    for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD), ("store", STORES),
                           ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("head_init", HEAD_INITS),
                           ("bn_stats", BN_STATS), ("tta", TTAS), ("balance", BALANCES), ("compile_mode", COMPILE_MODES), ("crop", CROPS), ("intensity", INTENSITIES),
                           ("augmentation", AUGMENTATIONS)):

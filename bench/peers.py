@@ -131,7 +131,7 @@ def fastai_worker(split: str, epochs: int, seed: int) -> dict:
                                    item_tfms=Resize(224), batch_tfms=aug_transforms(), seed=seed)
     learn = vision_learner(dls, "tf_efficientnet_lite0", metrics=accuracy, pretrained=True,
                            pretrained_cfg_overlay={"file": str(weights)})
-    test_dl = dls.test_dl(frames["test"]["path"].tolist(), with_labels=False)
+    test_dl = dls.test_dl([str(DATA / p) for p in frames["test"]["path"]], with_labels=False)
     y_test = torch.tensor([dls.vocab.o2i[c] for c in frames["test"]["class"]])
     curve = Curve()
     epoch_no = [0]

@@ -115,7 +115,7 @@ def keras_worker(split: str, epochs: int, seed: int) -> dict:
     return curve.result(tool=f"tensorflow {tf.__version__}", threads=tf.config.threading.get_intra_op_parallelism_threads())
 
 
-def fastai_worker(split: str, epochs: int, seed: int) -> dict:
+def fastai_worker(split: str, epochs: int, seed: int, bs: int = 64) -> dict:
     import pandas as pd
     import torch
     from fastai.vision.all import ImageDataLoaders, Resize, accuracy, aug_transforms, set_seed, vision_learner
@@ -128,7 +128,7 @@ def fastai_worker(split: str, epochs: int, seed: int) -> dict:
     frames = _split_frames(split)
     trval = pd.concat([frames["train"].assign(is_valid=False), frames["val"].assign(is_valid=True)], ignore_index=True)
     dls = ImageDataLoaders.from_df(trval, path=str(DATA), fn_col="path", label_col="class", valid_col="is_valid",
-                                   item_tfms=Resize(224), batch_tfms=aug_transforms(), seed=seed)
+                                   item_tfms=Resize(224), batch_tfms=aug_transforms(), seed=seed, bs=bs)
     learn = vision_learner(dls, "tf_efficientnet_lite0", metrics=accuracy, pretrained=True,
                            pretrained_cfg_overlay={"file": str(weights)})
     test_dl = dls.test_dl([str(DATA / p) for p in frames["test"]["path"]], with_labels=False)
@@ -195,7 +195,8 @@ def run_arm(args, arm: str, split: Path) -> dict:
             sets = [f"seed={args.seed}"] + ([f"epochs={args.cpu_fast_epochs}"] if recipe == "cpu-fast" else [])
             return ct_worker(recipe, "EfficientNetLite0", str(split), sets, cache)
     cmd = [sys.executable, __file__, "--worker", arm, "--split", str(split), "--seed", str(args.seed),
-           "--keras-epochs", str(args.keras_epochs), "--fastai-epochs", str(args.fastai_epochs)]
+           "--keras-epochs", str(args.keras_epochs), "--fastai-epochs", str(args.fastai_epochs),
+           "--fastai-bs", str(args.fastai_bs)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"{arm} failed:\n{res.stderr[-3000:]}")
@@ -215,6 +216,7 @@ def main() -> None:
     p.add_argument("--keras-epochs", type=int, default=3, help="epochs of the Keras pipeline and of --recipe paper")
     p.add_argument("--fastai-epochs", type=int, default=1,
                    help="fine_tune(N): N unfrozen epochs after 1 frozen; 0 = the frozen epoch alone")
+    p.add_argument("--fastai-bs", type=int, default=64, help="fastai batch size (its default: 64)")
     p.add_argument("--cpu-fast-epochs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "peers.json"))
@@ -222,9 +224,10 @@ def main() -> None:
     p.add_argument("--split", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        fn = keras_worker if args.worker == "keras" else fastai_worker
-        n = args.keras_epochs if args.worker == "keras" else args.fastai_epochs
-        print(json.dumps(fn(args.split, n, args.seed)))
+        if args.worker == "keras":
+            print(json.dumps(keras_worker(args.split, args.keras_epochs, args.seed)))
+        else:
+            print(json.dumps(fastai_worker(args.split, args.fastai_epochs, args.seed, args.fastai_bs)))
         return
     out = Path(args.out)
     split = paper_split(out.parent)

@@ -92,6 +92,20 @@ def worker(args) -> dict:
     decode_s = time.perf_counter() - t0
     rss_after_decode = rss_now_mb()
     x, y = subsets["train"].x, subsets["train"].y
+    if args.steps == 0:  # the data path alone: random batches gathered from the store (no model)
+        g = _epoch_generator(0, 0, "cpu")
+        t, k = time.perf_counter(), 0
+        for k, idx in enumerate(_batches(len(x), args.batch_size, g), 1):
+            x[idx]
+            if k == args.gather_batches:
+                break
+        gather_s = time.perf_counter() - t
+        return {"n": args.n, "store": args.store, "source": type(x).__name__, "decode_seconds": round(decode_s, 1),
+                "decode_ips": round(args.n / decode_s, 1), "steps": 0, "batch_size": args.batch_size,
+                "train_ips": None, "gather_ips": round(k * args.batch_size / gather_s, 1),
+                "gather_ms_per_batch": round(1000 * gather_s / k, 2), "rss_start_mb": round(rss0),
+                "rss_after_decode_mb": round(rss_after_decode),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     torch.manual_seed(0)
     model = M.create_model("EfficientNetLite0", weights="none", num_classes=2, dropout=cfg.dropout).train()
     model.to(memory_format=torch.channels_last)
@@ -133,6 +147,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=30, help="timed training steps per size")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--gather-batches", type=int, default=200, help="with --steps 0: random batches gathered")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workdir", help="where the PNGs and stores go (default: a temporary folder, removed)")
     p.add_argument("--out", default=str(RESULTS / "scale.json"))
@@ -163,7 +178,8 @@ def main() -> None:
             cache = work / f"cache-{n}-{store}"
             cmd = [sys.executable, __file__, "--worker", "--folder", str(folder), "--n", str(n), "--store", store,
                    "--cache-dir", str(cache), "--image-size", str(args.image_size), "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+                   "--gather-batches", str(args.gather_batches)]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 sys.exit(f"n={n} store={store} failed:\n{res.stderr[-3000:]}")
@@ -172,21 +188,25 @@ def main() -> None:
             r["store_mb"] = round(du(cache) / 2**20) if cache.exists() else 0
             r["load_average"] = os.getloadavg()
             results.append(r)
-            print(f"n={n:>6} {store:<6} decode {r['decode_seconds']:>7.1f} s  train {r['train_ips']:6.2f} img/s  "
+            rate = f"train {r['train_ips']:6.2f}" if r["train_ips"] else f"gather {r['gather_ips']:8.1f}"
+            print(f"n={n:>6} {store:<6} decode {r['decode_seconds']:>7.1f} s  {rate} img/s  "
                   f"peak RSS {r['peak_rss_mb']} MB  disk {r['png_mb']} + {r['store_mb']} MB", flush=True)
             shutil.rmtree(cache, ignore_errors=True)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     base = next((r for r in results if r["store"] == "disk"), None)
+    rate = "train_ips" if args.steps else "gather_ips"
+    what = f"train img/s ({args.steps} steps of {args.batch_size}, {args.image_size} px)" if args.steps else \
+        f"gather img/s ({args.gather_batches} random batches of {args.batch_size}, no model)"
     print()
-    print(f"| slices | images held | decode once s (img/s) | train img/s ({args.steps} steps of {args.batch_size}, "
-          f"{args.image_size} px) | × first | gather ms/batch | peak RSS MB | × first | PNG MB | store MB |")
+    print(f"| slices | images held | decode once s (img/s) | {what} | × first | gather ms/batch | peak RSS MB | × first | "
+          "PNG MB | store MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ratio = lambda k: f"{r[k] / base[k]:.2f}" if base else "–"
-        print(f"| {r['n']} | {r['store']} | {r['decode_seconds']:.0f} ({r['decode_ips']:.0f}) | {r['train_ips']:.2f} | "
-              f"{ratio('train_ips')} | {r['gather_ms_per_batch']:.1f} | {r['peak_rss_mb']} | {ratio('peak_rss_mb')} | "
+        print(f"| {r['n']} | {r['store']} | {r['decode_seconds']:.0f} ({r['decode_ips']:.0f}) | {r[rate]:.2f} | "
+              f"{ratio(rate)} | {r['gather_ms_per_batch']:.1f} | {r['peak_rss_mb']} | {ratio('peak_rss_mb')} | "
               f"{r['png_mb']} | {r['store_mb']} |")
     write_json(Path(args.out), {**machine_info(), "png_px": args.px, "png_seconds": round(gen_s, 1),
                                 "results": results})

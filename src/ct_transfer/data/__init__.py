@@ -2,6 +2,7 @@
 augment batches. Submodules: ``decode`` → ``preprocess`` → ``cache``; ``split``; ``transforms``."""
 
 from .cache import MEMORY, ImageCache, MemoryCache, load_subset, stack
+from .store import StoredImages, build_store, open_store
 from .decode import (DEFAULT_WINDOW, DICOM_EXTENSIONS, IMAGE_EXTENSIONS, as_rgb_array, decode_any, decode_bytes,
                      is_dicom, read_dicom, read_image, read_input, to_rgb_array)
 from .preprocess import Preprocess, resize_array
@@ -15,7 +16,7 @@ from .transforms import (AUGMENTATIONS, Compose, Normalize, RandomAffine, Random
                          batch_transform, domain_augmentation, paper_augmentation)
 
 __all__ = [
-    "MEMORY", "ImageCache", "MemoryCache", "load_subset", "stack", "DEFAULT_WINDOW", "DICOM_EXTENSIONS", "IMAGE_EXTENSIONS",
+    "MEMORY", "ImageCache", "MemoryCache", "load_subset", "stack", "StoredImages", "build_store", "open_store", "DEFAULT_WINDOW", "DICOM_EXTENSIONS", "IMAGE_EXTENSIONS",
     "as_rgb_array", "decode_any", "decode_bytes", "is_dicom", "read_dicom", "read_image", "read_input",
     "to_rgb_array", "Preprocess", "resize_array", "DEFAULT_POSITIVE", "PAPER_PER_CLASS", "SUBSETS", "Item",
     "data_root", "class_order", "limit_rows", "make_split", "pixel_duplicates_across_subsets", "read_split",

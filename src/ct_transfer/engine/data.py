@@ -1,4 +1,5 @@
-"""The engine's data: a run's rows decoded once into uint8 tensors on the training device."""
+"""The engine's data: a run's rows decoded once into uint8 tensors on the training device, or into a
+disk store read per batch (data/store.py) when the memory estimate says they do not fit."""
 
 from __future__ import annotations
 

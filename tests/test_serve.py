@@ -638,3 +638,36 @@ def test_browser_csv_download_neutralises_formula_names(browser, server, slices,
     assert sorted(r[header.index("file")] for r in raw[1:]) == sorted("'" + n for n in FORMULA_NAMES)
     for r in raw[1:]:  # probabilities stay plain numbers
         assert 0 <= float(r[header.index("prob_COVID")]) <= 1 and not r[header.index("prob_COVID")].startswith("'")
+
+
+def test_shift_guard_in_the_api_and_a_warning_on_the_page(browser, server, runs, slices):
+    """The run's shift guard through the JSON API (the same score and flag as the Python API) and,
+    in a real browser, a per-image warning apart from the prediction for another hospital's slice."""
+    run = load_run(runs["plain"])
+    ucsd = sorted((UCSD / "non-COVID").iterdir())[::40][:6]
+    files = [*ucsd, *slices[:2]]
+    expected = {f.name: p for f, p in zip(files, run.predict(files))}
+    flagged = [f for f in files if not expected[f.name].in_distribution]
+    accepted = [f for f in files if expected[f.name].in_distribution]
+    assert flagged and accepted and all(f in ucsd for f in flagged[:1])
+    body = post(server, files, run="plain", overlay="false").json()
+    assert body["shift_guard"]["threshold"] == pytest.approx(float(run.guard.threshold))
+    for r in body["results"]:
+        assert r["shift_score"] == pytest.approx(expected[r["name"]].shift_score, rel=1e-5)
+        assert r["in_distribution"] == expected[r["name"]].in_distribution
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(server["url"] + "/")
+    page.wait_for_selector("#card h2")
+    page.select_option("#run", "plain")
+    page.uncheck("#overlay")  # the guard's score does not depend on the heat map; quicker
+    page.set_input_files("#files", [str(f) for f in (flagged[0], accepted[0])])
+    page.wait_for_function("document.querySelectorAll('#results tbody tr').length === 2", timeout=120_000)
+    rows = page.locator("#results tbody tr")
+    shown = {rows.nth(i).locator("td.file").inner_text(): rows.nth(i) for i in range(2)}
+    warn = shown[flagged[0].name].locator("td.shift .shift-warning")
+    assert warn.count() == 1 and "Unlike this run's training images" in warn.inner_text()
+    assert "Unlike" not in shown[flagged[0].name].locator("td.pred").inner_text()  # apart from the label
+    assert shown[accepted[0].name].locator("td.shift").inner_text() == "yes"
+    assert shown[accepted[0].name].locator(".shift-warning").count() == 0
+    page.close()

@@ -266,6 +266,7 @@ def cmd_evaluate(args):
                                         split_file=args.split_file, subset=args.subset)
             print("95% intervals: Wilson (acc, sens, spec), bootstrap (f1, auc)")
             print(_metric_line("ext", rec["metrics"]))
+            _print_shift(rec)
             if not rec["independent"]:
                 print(f"NOT an external validation: {rec['independence']['why']}")
             print(f"wrote {rec['path']} and predictions.csv")
@@ -273,6 +274,49 @@ def cmd_evaluate(args):
         run.evaluate(data=args.data, split_file=args.split_file)
         run.write_outputs()
     _print_metrics(run.metrics, args.run)
+
+
+def _print_shift(rec: dict) -> None:
+    """The shift guard's lines of an external evaluation (a run without a guard has none)."""
+    if "shift" in rec:
+        print(f"shift ({rec['shift']['detector']}): {rec['shift']['verdict']}")
+    sel = rec["metrics"].get("selective", {}).get("at_threshold")
+    if sel and sel["accuracy_accepted"] is not None:
+        print(f"selective: {100 * sel['accepted']:.1f}% accepted, accuracy on them {sel['accuracy_accepted']:.4f} "
+              f"(all: {rec['metrics']['accuracy']:.4f})")
+
+
+def cmd_guard(args):
+    from . import _io
+    from .run import load_run
+    from .shift import fit_guard
+
+    run = load_run(args.run)
+    _io.check_writable(args.run)
+    guard = fit_guard(run, detector=args.detector, accept=args.accept)
+    d = guard.describe()
+    print(f"shift guard {d['detector']}: fitted on {d['n_train']} train images; threshold {d['threshold']:.4g} "
+          f"accepts {100 * d['val_accepted']:.1f}% of {d['n_val']} val images")
+    print(f"wrote {Path(args.run) / 'guard.safetensors'} and guard.json (predict, serve and export use it)")
+
+
+def cmd_shift(args):
+    from .run import load_run
+    from .shift import check_shift, require_guard
+
+    run = load_run(args.run)
+    require_guard(run)  # before reading the folder: a run without a guard fails at once
+    if args.out:
+        _refuse_run_dir(Path(args.out), Path(args.out), run)
+    res = check_shift(run, args.data, out=args.out, alpha=args.alpha)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return
+    print(f"{res['n']} images, {100 * res['flagged']:.1f}% flagged (val {100 * res['val_flagged']:.1f}%), "
+          f"Mann-Whitney p = {res['p_value']:.2e}, KS p = {res['ks_p_value']:.2e}")
+    print(res["verdict"])
+    if args.out:
+        print(f"wrote {res['files']['json']}, shift_scores.csv and shift_hist.png")
 
 
 def cmd_calibrate(args):
@@ -495,9 +539,16 @@ def cmd_predict(args):
                                    by_patient=args.patient, max_slices=args.max_slices)
     if rows and (not args.out or len(rows) <= 50):
         width = min(70, max(len(r["path"]) for r in rows))
-        print(f"{'path':<{width}}  {'pred':<12}" + "".join(f"{'p(' + c + ')':>14}" for c in run.classes))
+        guard = run.guard is not None
+        print(f"{'path':<{width}}  {'pred':<12}" + "".join(f"{'p(' + c + ')':>14}" for c in run.classes)
+              + ("  shift score  like training?" if guard else ""))
         for r in rows:
-            print(f"{r['path'][-width:]:<{width}}  {r['pred']:<12}" + "".join(f"{r['prob_' + c]:>14.4f}" for c in run.classes))
+            print(f"{r['path'][-width:]:<{width}}  {r['pred']:<12}" + "".join(f"{r['prob_' + c]:>14.4f}" for c in run.classes)
+                  + (f"  {r['shift_score']:>11.4g}  {'yes' if r['in_distribution'] else 'NO: unlike the training images'}"
+                     if guard else ""))
+        if guard and any(not r["in_distribution"] for r in rows):
+            print("NO: the image is unlike the run's training images (another scanner, site or framing?); its "
+                  "prediction may be wrong however confident. `ct-transfer shift` checks a whole folder.")
     if patients:
         pos = run.classes[1]
         print(f"patients ({patients[0].decision}; flagged: share of slices the shift guard flags)")
@@ -550,6 +601,10 @@ def cmd_export(args):
     print(f"wrote {args.out} (+ {Path(args.out).name}.json)")
     print(f"parity on {info['parity']['images']} {info['parity']['on']}: max |p_export - p_torch| = "
           f"{info['parity']['max_abs_diff_probabilities']:.2e}")
+    if info.get("shift_guard"):
+        print(f"second output shift_score ({info['shift_guard']['detector']}, threshold "
+              f"{info['shift_guard']['threshold']:.4g} in the sidecar): max relative difference "
+              f"{info['parity']['max_rel_diff_shift_score']:.2e}, same flags: {info['parity']['same_in_distribution']}")
 
 
 def cmd_serve(args):
@@ -658,6 +713,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_adapt)
+
+    from .config import DEFAULT_GUARD_ACCEPT as DEFAULT_ACCEPT, DEFAULT_SHIFT_GUARD as DEFAULT_DETECTOR
+    from .registry import DETECTORS
+
+    p = sub.add_parser("guard", help="fit a run's shift guard (train images; threshold on val), e.g. for a run "
+                                     "saved before guards or another detector")
+    p.add_argument("--run", required=True)
+    p.add_argument("--detector", choices=list(DETECTORS), default=DEFAULT_DETECTOR,
+                   help=f"shift score (default {DEFAULT_DETECTOR}; docs/shift.md compares them)")
+    p.add_argument("--accept", type=_finite_float, default=DEFAULT_ACCEPT,
+                   help="share of val images the threshold accepts (default 0.95)")
+    p.set_defaults(func=cmd_guard)
+
+    p = sub.add_parser("shift", help="is a folder of slices (another hospital's) like the run's training images?")
+    p.add_argument("--run", required=True)
+    p.add_argument("--data", required=True, help="folder of images or DICOM files (searched recursively; "
+                                                 "labels not needed)")
+    p.add_argument("--out", help="folder for shift.json, shift_scores.csv and shift_hist.png")
+    p.add_argument("--alpha", type=_finite_float, default=0.01, help="test level of the verdict (default 0.01)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_shift)
 
     p = sub.add_parser("train", help="train and evaluate one model")
     add_config_flags(p, required=("out",))

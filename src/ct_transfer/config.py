@@ -11,7 +11,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from .errors import ConfigError
-from .registry import AUGMENTATIONS, CROPS, INTENSITIES, STRATEGIES, TTAS  # noqa: F401  (choices)
+from .registry import AUGMENTATIONS, CROPS, DETECTORS, INTENSITIES, STRATEGIES, TTAS  # noqa: F401  (choices)
 
 HEAD_INITS = ("random", "probe")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -22,6 +22,9 @@ BN_STATS = ("train", "frozen")
 BALANCES = ("none", "sources")
 ON_BAD = ("error", "skip")
 STORES = ("auto", "memory", "disk")  # data/store.py; engine/data.py decides
+SHIFT_GUARDS = (*DETECTORS.names(), "none")
+DEFAULT_SHIFT_GUARD = "mahalanobis"  # chosen by bench/shift.py (docs/shift.md)
+DEFAULT_GUARD_ACCEPT = 0.95  # the guard's threshold accepts this share of the val images
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch
 MIN_IMAGE_SIZE = 32  # the networks downsample 32x; some archs need more (models.ModelSpec.min_size)
 RANGE_WHY = {
@@ -118,6 +121,10 @@ class TrainConfig:
                                  "(params, per-epoch and final metrics, plots)")
     mlflow_uri: str | None = _opt(None, "with --log mlflow: the tracking store (default sqlite:///RUN/mlruns.db; "
                                         "any MLflow tracking URI, e.g. http://host:5000)")
+    shift_guard: str = _opt(DEFAULT_SHIFT_GUARD, "shift guard fitted after training on the train images (threshold: "
+                                           "accept 95% of val): every prediction says whether its image is like "
+                                           "the training images (docs/shift.md); none = no guard",
+                            choices=SHIFT_GUARDS)
     recipe: str | None = _opt(None, "the recipe these values came from (a name or a file; see recipes.py)", cli=False)
 
     def __post_init__(self):
@@ -215,7 +222,7 @@ def _validate(c: TrainConfig) -> None:
     for name, allowed in (("strategy", STRATEGIES), ("split_preset", SPLIT_PRESETS), ("on_bad", ON_BAD), ("store", STORES),
                           ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES), ("head_init", HEAD_INITS),
                           ("bn_stats", BN_STATS), ("tta", TTAS), ("balance", BALANCES), ("compile_mode", COMPILE_MODES), ("crop", CROPS), ("intensity", INTENSITIES),
-                          ("augmentation", AUGMENTATIONS)):
+                          ("augmentation", AUGMENTATIONS), ("shift_guard", SHIFT_GUARDS)):
         v = getattr(c, name)
         if not isinstance(v, str) or v not in allowed:  # a recipe's list or mapping is not a choice
             raise ConfigError(name, v, ("" if isinstance(v, str) else _kind(v, "a name"))

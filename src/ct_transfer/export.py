@@ -27,7 +27,8 @@ FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".torchscript": "torchscript"}  # tor
 
 
 class Exported(nn.Module):
-    """The predictor as one graph: normalisation, TTA, temperature, softmax."""
+    """The predictor as one graph: normalisation, TTA, temperature, softmax; with a shift guard also
+    its score (a second output, from the same forward pass: the guard's hooks are traced with it)."""
 
     def __init__(self, predictor):
         super().__init__()
@@ -35,10 +36,16 @@ class Exported(nn.Module):
         self.register_buffer("mean", torch.tensor(predictor.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(predictor.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("temperature", torch.tensor(float(predictor.temperature), dtype=torch.float32))
+        self.guard = predictor.guard.cpu() if predictor.guard is not None else None
+        # the guard's hooks live as long as the wrapper, so tracing records them with the model
+        self.tap = predictor.guard.tapping(self.model) if predictor.guard is not None else None
 
     def forward(self, image):
-        logits = tta_logits(self.model, (image - self.mean) / self.std, self.tta)
-        return calibrated(logits, self.temperature)
+        x = (image - self.mean) / self.std
+        if self.tap is not None:
+            self.tap.clear()
+        probabilities = calibrated(tta_logits(self.model, x, self.tta), self.temperature)
+        return probabilities if self.tap is None else (probabilities, self.tap.score())
 
 
 def sample_images(run, n: int = 32) -> tuple[torch.Tensor, str]:
@@ -84,15 +91,26 @@ def export(run, out, *, format: str | None = None, n_check: int = 32) -> dict:
     predictor = run.predictor
     predictor.device = "cpu"
     wrapper = Exported(predictor).eval()
+    guard = predictor.guard
     x_u8, source = sample_images(run, n_check)
     x = x_u8.float() / 255.0
-    reference = predictor.outputs(x_u8).proba  # what Run.predict answers for these images
+    ref = predictor.outputs(x_u8)  # what Run.predict answers for these images
     try:
         got = {"onnx": _export_onnx, "pt2": _export_pt2, "torchscript": _export_torchscript}[fmt](wrapper, x, out)
     except CTTransferError:
         raise
     except Exception as exc:
         raise CTTransferError(f"{out}: export failed ({first_line(exc, 120)})") from None
+    finally:
+        if wrapper.tap is not None:
+            wrapper.tap.remove()  # the run's model keeps no hooks
+    got_proba, got_score = _as_pair(got)
+    parity = {"images": int(len(x)), "on": source,
+              "max_abs_diff_probabilities": float(np.abs(got_proba - ref.proba).max())}
+    if guard is not None:  # relative: Mahalanobis scores run to the thousands
+        parity["max_rel_diff_shift_score"] = float((np.abs(got_score - ref.shift_score) /
+                                                    np.maximum(np.abs(ref.shift_score), 1e-6)).max())
+        parity["same_in_distribution"] = bool(((got_score <= float(guard.threshold)) == ref.in_distribution).all())
     info = {
         "format": fmt, "file": out.name, "model": run.config.get("model"), "timm_name": run.config.get("timm_name"),
         "classes": run.classes, "input": {"name": "image", "shape": ["N", 3, run.image_size, run.image_size],
@@ -105,7 +123,11 @@ def export(run, out, *, format: str | None = None, n_check: int = 32) -> dict:
         "calibration": predictor.calibration.to_dict(), "provenance": provenance(),
         "preprocess": run.preprocess.to_dict(), "preprocess_text": run.preprocess.describe(),
         "preprocess_steps": [repr(step) for step in run.preprocess.steps()],  # done before the graph
-        "parity": {"images": int(len(x)), "on": source, "max_abs_diff_probabilities": float(np.abs(got - reference).max())},
+        "outputs": ["probabilities"] + (["shift_score"] if guard is not None else []),
+        "shift_guard": None if guard is None else {
+            **guard.describe(), "output": "shift_score",
+            "rule": "in_distribution = shift_score <= threshold (higher: less like the training images)"},
+        "parity": parity,
     }
     if fmt == "onnx":  # the same description travels inside the file (metadata_props)
         import onnx
@@ -117,7 +139,14 @@ def export(run, out, *, format: str | None = None, n_check: int = 32) -> dict:
     return info
 
 
-def _export_onnx(wrapper, x, out: Path) -> np.ndarray:
+def _as_pair(out):
+    """(probabilities, shift scores or None) as numpy, from the graph's one or two outputs."""
+    if isinstance(out, (tuple, list)):
+        return tuple(np.asarray(o.detach().numpy() if isinstance(o, torch.Tensor) else o) for o in out)
+    return np.asarray(out.detach().numpy() if isinstance(out, torch.Tensor) else out), None
+
+
+def _export_onnx(wrapper, x, out: Path):
     import onnxruntime as ort
 
     import os
@@ -127,11 +156,12 @@ def _export_onnx(wrapper, x, out: Path) -> np.ndarray:
     fd, name = tempfile.mkstemp(prefix=f".{out.name[:100]}.", suffix=".tmp.onnx", dir=out.parent)
     os.close(fd)
     tmp = Path(name)
+    names = ["probabilities"] + (["shift_score"] if wrapper.tap is not None else [])
     try:
-        torch.onnx.export(wrapper, (x[:2],), str(tmp), input_names=["image"], output_names=["probabilities"],
-                          dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(wrapper, (x[:2],), str(tmp), input_names=["image"], output_names=names,
+                          dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in names}}, dynamo=False)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = session.run(["probabilities"], {"image": x.numpy()})[0]
+        got = tuple(session.run(names, {"image": x.numpy()}))
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -145,7 +175,7 @@ def _export_pt2(wrapper, x, out: Path) -> np.ndarray:
         torch.export.save(program, fh)
     loaded = torch.export.load(str(out))
     with torch.no_grad():
-        return loaded.module()(x).numpy()
+        return loaded.module()(x)
 
 
 def _export_torchscript(wrapper, x, out: Path) -> np.ndarray:
@@ -156,4 +186,4 @@ def _export_torchscript(wrapper, x, out: Path) -> np.ndarray:
         traced = torch.jit.trace(wrapper, x[:2])
         with _io.atomic_open(out, "wb") as fh:
             torch.jit.save(traced, fh)
-        return torch.jit.load(str(out))(x).numpy()
+        return torch.jit.load(str(out))(x)

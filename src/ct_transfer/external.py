@@ -98,11 +98,23 @@ def evaluate_external(run, data, *, name: str | None = None, class_map=None, spl
               "temperature": run.temperature, "threshold": run.threshold,
               "calibration": calibration_used(run), "metrics": result,
               "independent": independence["independent"], "independence": independence}
+    scores = outputs.shift_score
+    if scores is not None:  # set level: is this set like the run's training images? (selective: in metrics)
+        from .shift import set_test
+
+        record["shift"] = {"detector": run.guard.name,
+                           **set_test(scores, run.guard.val_scores.numpy(), float(run.guard.threshold))}
     if write:
         if run.directory is None:
             raise CTTransferError("this run has no directory; save it first (Run.save) or pass write=False")
         folder = _io.ensure_writable_dir(Path(run.directory) / "external" / name)
         write_predictions(folder / "predictions.csv", paths, labels, outputs, run.classes, rows=rows)
+        if scores is not None:
+            from .evaluate import save_figure
+            from .shift import histogram_figure
+
+            save_figure(histogram_figure(scores, run.guard.val_scores.numpy(), float(run.guard.threshold),
+                                         f"{name} vs val · {run.guard.name}"), folder / "shift_hist.png")
         _io.write_json(folder / "metrics.json", record)
         record["path"] = str(folder / "metrics.json")
         if (Path(run.directory) / "tracking.json").is_file():  # a tracked run: the trackers get it too

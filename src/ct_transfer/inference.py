@@ -144,8 +144,10 @@ class Predictor:
     """Images in, probabilities, labels (and shift scores) out: preprocessing, normalisation, TTA,
     temperature, threshold and the decision rule in one object.
 
-    ``guard`` (issue #21) is an object with ``scored_logits(model, x, tta) -> (logits, scores)``
-    for a normalised batch and a ``threshold`` (a score above it is "unlike the training data").
+    ``guard`` (issue #21, ``shift.ShiftGuard``) has ``tapping(model)``: a context whose forward hooks
+    read the features of the forward pass run inside it, and whose ``score()`` is the guard's score
+    of that pass's first call (the un-flipped image with TTA); and a ``threshold`` (a score above
+    it is "unlike the training data").
     """
 
     def __init__(self, model, *, classes, preprocess: D.Preprocess, tta: str = "none",
@@ -196,7 +198,9 @@ class Predictor:
                 if self.guard is None:
                     lg, sc = tta_logits(self.model, x, self.tta), None
                 else:
-                    lg, sc = self.guard.scored_logits(self.model, x, self.tta)
+                    with self.guard.tapping(self.model) as tap:  # the same forward pass feeds the guard
+                        lg = tta_logits(self.model, x, self.tta)
+                    sc = tap.score()
             logits.append(lg.float().cpu())
             if sc is not None:
                 scores.append(sc.float().cpu())

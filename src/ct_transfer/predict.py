@@ -110,8 +110,10 @@ def _predict_files(run, paths: list[Path], *, batch_size: int, progress: bool) -
     for start in chunks:
         chunk = paths[start:start + batch_size]
         for p, pred in zip(chunk, run.predict(chunk, batch_size=batch_size)):
-            rows.append({"path": str(p), "pred": pred.label,
-                         **{f"prob_{c}": v for c, v in pred.probabilities.items()}})
+            row = {"path": str(p), "pred": pred.label, **{f"prob_{c}": v for c, v in pred.probabilities.items()}}
+            if pred.shift_score is not None:  # the run's shift guard: is this image like its training images?
+                row.update(shift_score=pred.shift_score, in_distribution=pred.in_distribution)
+            rows.append(row)
     return rows
 
 

@@ -144,8 +144,18 @@ ADAPT_METHODS = Registry("method", [
     _e("both", help="refit the head, then fine-tune on the start run's training images and the N slices, "
                     "every source counting equally"),
 ])
-# filled by ct_transfer.patients and ct_transfer.shift (their modules register their entries)
+# filled by ct_transfer.patients (its module registers its entries)
 AGGREGATORS = Registry("aggregator")
-DETECTORS = Registry("detector")
+# the shift guard's scores (ct_transfer.shift; higher = less like the training images); docs/shift.md
+# compares them on SARS-CoV-2 test vs UCSD-dev and chose the default (shift.DEFAULT_DETECTOR)
+DETECTORS = Registry("detector", [
+    _e("mahalanobis", "ct_transfer.shift:Mahalanobis",
+       "Mahalanobis distance of the head's pooled features (class means, shared Ledoit-Wolf covariance)"),
+    _e("mahalanobis-multi", "ct_transfer.shift:MultiMahalanobis",
+       "Mahalanobis on every backbone stage's pooled features, standardised and summed"),
+    _e("knn", "ct_transfer.shift:KNN", "k-th nearest training neighbour of the normalised pooled features"),
+    _e("energy", "ct_transfer.shift:Energy", "energy of the logits (-logsumexp)"),
+    _e("msp", "ct_transfer.shift:MaxSoftmax", "minus the maximum softmax probability (the baseline)"),
+])
 
 ALL = {r.kind: r for r in (CROPS, INTENSITIES, AUGMENTATIONS, STRATEGIES, EXPLAINERS, TTAS, AGGREGATORS, DETECTORS)}

@@ -64,6 +64,15 @@ class Run:
 
     # the predictor's fitted state and parts, read through the run for convenience
     temperature = property(lambda self: self.predictor.temperature)
+
+    @property
+    def guard(self):
+        """The shift guard (``shift.ShiftGuard``) or None: a run saved before guards."""
+        return self.predictor.guard
+
+    @guard.setter
+    def guard(self, value):
+        self.predictor.guard = value
     threshold = property(lambda self: self.predictor.threshold)
     tta = property(lambda self: self.predictor.tta)
     mean = property(lambda self: self.predictor.mean)
@@ -160,6 +169,11 @@ class Run:
                 for i, s in enumerate(names)}
         if len(self.classes) == 2 and has_patients(rows):  # patient ids known: per patient too
             result["patients"] = patient_metrics(rows, y, outputs.proba, self.classes, self.patient_decision())
+        if outputs.shift_score is not None:  # selective prediction: accuracy on what the guard accepts
+            from .shift import risk_coverage
+
+            result["selective"] = risk_coverage(y, outputs.labels, outputs.shift_score,
+                                                threshold=float(self.guard.threshold))
         return result
 
     def evaluate_subsets(self, subsets: dict, *, write: bool = False) -> dict:
@@ -288,6 +302,8 @@ class Run:
         rd.write_history(self.history)
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         rd.save_best({"model": state, "classes": self.classes, "epoch": self.metrics.get("best_epoch", 0)})
+        if self.guard is not None:
+            self.guard.save(rd.path)
         self.save_predictor(rd.path)
         self.write_outputs(rd.path)
         self.directory = rd.path
@@ -388,6 +404,12 @@ def load_run(path, *, checkpoint: str | None = None, device: str = "cpu") -> Run
         raise CTTransferError(f"{rd / ckpt_name}: checkpoint does not fit {cfg['model']} (another architecture?)") from None
     model.eval().to(device)
     split = D.read_split(rd / "split.csv") if (rd / "split.csv").is_file() else []
+    from .shift import load_guard
+
+    guard = load_guard(rd.path)
+    if guard is None:  # said once, at load; predictions then carry no shift score
+        log.info("%s: no shift guard (saved before guards): predictions carry no shift score; fit one with "
+                 "the command `ct-transfer guard` or shift.fit_guard(run)", rd.path)
     return Run(model=model, config=cfg, classes=list(classes), preprocess=preprocess, metrics=rd.read_metrics(),
                history=rd.read_history(), split=split, directory=rd.path, device=device,
-               checkpoint=str(rd / ckpt_name), calibration=read_calibration(rd.path, cfg))
+               checkpoint=str(rd / ckpt_name), calibration=read_calibration(rd.path, cfg), guard=guard)

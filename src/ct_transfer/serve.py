@@ -431,6 +431,8 @@ def analyse(served: Served, uploads, *, method: str = "gradcam", overlay: bool =
     return {"run": served.name, "classes": run.classes, "method": method if overlay else None,
             "threshold": run.threshold, "temperature": run.temperature,
             "positive_class": run.classes[1] if len(run.classes) == 2 else None,
+            "shift_guard": None if run.guard is None else {"detector": run.guard.name,
+                                                           "threshold": float(run.guard.threshold)},
             "results": results, "patients": patients, "errors": errors}
 
 
@@ -771,6 +773,8 @@ def _api_models() -> dict:
         threshold: float | None = Field(description="decision threshold on p(positive_class); null = argmax")
         temperature: float
         positive_class: str | None
+        shift_guard: dict | None = Field(None, description="{detector, threshold} of the run's shift guard; "
+                                         "null: the run has none (fit one with `ct-transfer guard`)")
         results: list[Result]
         patients: list[Patient] = Field([], description="scans (DICOM series, multi-frame DICOM, NIfTI): one each")
         errors: list[FileError] = Field(description="files that could not be decoded (the others are answered)")

@@ -390,6 +390,10 @@ def finish(parts: Parts) -> Run:
               device=parts.device)
     if cfg.calibrate:  # on val only; test sees the fitted temperature and threshold unchanged
         _calibrate(run, subsets["val"], cfg)
+    if cfg.shift_guard != "none":  # train images fit it, val sets its threshold; never an external set
+        from ..shift import fit_guard
+
+        fit_guard(run, detector=cfg.shift_guard, train=subsets["train"], val=subsets["val"], save=rundir is not None)
     metrics = run.evaluate_subsets({s: subsets[s] for s in ("val", "test") if s in subsets}, write=rundir is not None)
     if cfg.calibrate:
         metrics["calibration"] = run.predictor.calibration.to_dict()

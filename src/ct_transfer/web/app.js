@@ -123,6 +123,7 @@ function addResults(body) {
       file: r.name, run: body.run, pred: r.label, probabilities: r.probabilities, classes: body.classes,
       threshold: body.threshold, positive: body.positive_class, temperature: body.temperature,
       method: body.method, input: r.input, overlay: r.overlay || null, explained: r.explained_class || null,
+      shift: r.shift_score ?? null, inDist: r.in_distribution ?? null, guard: body.shift_guard || null,
     });
   }
   renderTable();
@@ -141,6 +142,7 @@ function columns() {
     { key: "pred", label: "Prediction", value: (r) => r.pred },
     ...classColumns().map((c) => ({ key: "p:" + c, label: `p(${c})`, value: (r) => r.probabilities[c] ?? null, num: true })),
     { key: "threshold", label: "Decision rule", value: (r) => (r.threshold === null ? -1 : r.threshold) },
+    { key: "shift", label: "Like the training images?", value: (r) => (r.shift === null ? -Infinity : r.shift), num: true },
     { key: "input", label: "Input", sortable: false },
     { key: "overlay", label: "Overlay", sortable: false },
   ];
@@ -180,6 +182,7 @@ function renderTable() {
       tr.append(td);
     }
     tr.append(el("td", { class: "rule", text: r.threshold === null ? "argmax" : `p(${r.positive}) ≥ ${num(r.threshold, 3)}` }));
+    tr.append(shiftCell(r));
     tr.append(el("td", {}, el("img", { class: "input", src: r.input, alt: `model input for ${r.file}` })));
     const ov = el("td");
     if (r.overlay) {
@@ -213,6 +216,18 @@ function renderPatients() {
       el("figcaption", { class: "small", text: `slice ${d.index} · p=${num(d.probability, 3)}` + (d.explained_class ? ` · evidence for ${d.explained_class}` : "") }))));
     return el("article", { class: "patient", "data-name": p.name }, head, strip,
       el("h3", { text: "Most decisive slices" }), heat);
+
+// The shift guard's verdict on this image, apart from the prediction: a warning when the image is
+// unlike the run's training images (the label may then be confidently wrong).
+function shiftCell(r) {
+  if (r.inDist === null) return el("td", { class: "shift muted", text: "no guard" });
+  const score = `shift score ${num(r.shift, 3)} (threshold ${num(r.guard.threshold, 3)})`;
+  if (r.inDist) return el("td", { class: "shift ok", title: score, text: "yes" });
+  return el("td", { class: "shift" }, el("div", {
+    class: "warning shift-warning", role: "alert", title: score,
+    text: "Unlike this run's training images (another scanner, site or framing?): the prediction beside it " +
+      "may be wrong however confident it looks. Check it by other means, or validate and adapt the model on " +
+      `labelled slices from this site. ${score}.`,
   }));
 }
 
@@ -237,11 +252,12 @@ function csvCell(v) {
 
 function downloadCsv() {
   const classes = classColumns();
-  const header = ["file", "run", "pred", ...classes.map((c) => "prob_" + c), "threshold", "temperature", "method"];
+  const header = ["file", "run", "pred", ...classes.map((c) => "prob_" + c), "threshold", "temperature", "method",
+    "shift_score", "in_distribution"];
   const lines = [header.map(csvCell).join(",")];
   for (const r of state.rows) {
     lines.push([r.file, r.run, r.pred, ...classes.map((c) => r.probabilities[c]), r.threshold, r.temperature,
-      r.method].map(csvCell).join(","));
+      r.method, r.shift, r.inDist].map(csvCell).join(","));
   }
   const blob = new Blob([lines.join("\n") + "\n"], { type: "text/csv" });
   const a = el("a", { href: URL.createObjectURL(blob), download: "ct-transfer-predictions.csv" });

@@ -208,7 +208,8 @@ def test_external_evaluation_has_set_level_and_risk_coverage(trained_run, tmp_pa
     assert rec["shift"]["p_value"] < 0.01 and rec["shift"]["n"] == rec["metrics"]["n"]
     sel = rec["metrics"]["selective"]
     assert sel["curve"][-1]["coverage"] == 1.0 and sel["curve"][-1]["accuracy"] == pytest.approx(rec["metrics"]["accuracy"])
-    assert 0 <= sel["at_threshold"]["accepted"] < 0.5
+    assert sel["at_threshold"]["accepted"] == pytest.approx(1 - rec["shift"]["flagged"])  # one threshold, both views
+    assert rec["shift"]["flagged"] > rec["shift"]["val_flagged"]
     rows = list(csv.DictReader(open(copy / "external" / "ucsd-small" / "predictions.csv")))
     assert {"shift_score", "in_distribution"} <= set(rows[0])
     assert (copy / "external" / "ucsd-small" / "shift_hist.png").is_file()

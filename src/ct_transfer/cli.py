@@ -845,7 +845,8 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (already printed) and --help: a code, also in-process
         return exc.code if isinstance(exc.code, int) else 2
-    restore_logging = _setup_logging(quiet=getattr(args, "quiet", False))
+    # --json: stdout is the JSON document alone (the library's log lines would break it)
+    restore_logging = _setup_logging(quiet=getattr(args, "quiet", False) or getattr(args, "json", False))
     try:
         args.func(args)
     except ConfigError as exc:

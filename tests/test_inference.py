@@ -98,7 +98,9 @@ def _export_answers(run, fmt: str, slices, tmp: Path):
         import torch
 
         with torch.no_grad():
-            proba = torch.export.load(str(out)).module()(torch.from_numpy(x)).numpy()
+            got = torch.export.load(str(out)).module()(torch.from_numpy(x))
+            # a run with a shift guard has a second output (the sidecar names them in order)
+            proba = (got[info["outputs"].index("probabilities")] if len(info["outputs"]) > 1 else got).numpy()
     labels = decide(proba, info["threshold"])  # what a user of the file does with the sidecar
     return {s.name: (list(p), info["classes"][k]) for s, p, k in zip(slices, proba, labels)}
 

@@ -117,7 +117,9 @@ def test_dicom_series_order_hu_and_one_patient_row(run, pictures, tmp_path):
     assert pp.probability == pytest.approx(singles[:, 1].mean(), abs=1e-6)  # default: the mean
     assert pp.label == run.classes[int(pp.probability >= 0.5)]
     assert [s["label"] for s in pp.slices] == [run.decide(p) for p in singles]
-    assert pp.patient.startswith("PT-") and pp.flagged_share is None
+    assert pp.patient.startswith("PT-")
+    # the session's run has a shift guard (fitted by fit): the share of used slices it flags
+    assert pp.flagged_share == pytest.approx(np.mean([not s["in_distribution"] for s in pp.slices]))
     # a cap: evenly spaced among the lung slices, first and last kept, recorded
     assert run.predict_patient(tmp_path / "series", max_slices=3).used == [0, 2, 5]
 
@@ -382,7 +384,8 @@ def test_browser_shows_the_series_as_a_patient(browser, scan_server, run, pictur
     positive = [s["label"] == "COVID" for s in expected.slices]
     assert [("positive" in (c or "")) for c in strip.evaluate_all("els => els.map(e => e.className)")] == positive
     assert article.locator(".decisive img.overlay").count() == 3
-    assert "6 of 6 slices used" in article.inner_text() and "no shift guard" in article.inner_text()
+    assert "6 of 6 slices used" in article.inner_text()
+    assert "of slices flagged by the shift guard" in article.inner_text()  # the run has a guard
     assert page.locator("#results-panel").is_hidden()  # no single slices uploaded
     page.click("#clear-scans")
     assert page.locator("#patients-panel").is_hidden()

@@ -544,9 +544,8 @@ def cmd_predict(args):
               + ("  shift score  like training?" if guard else ""))
         for r in rows:
             print(f"{r['path'][-width:]:<{width}}  {r['pred']:<12}" + "".join(f"{r['prob_' + c]:>14.4f}" for c in run.classes)
-                  + (f"  {r['shift_score']:>11.4g}  {'yes' if r['in_distribution'] else 'NO: unlike the training images'}"
-                     if guard else ""))
-        if guard and any(not r["in_distribution"] for r in rows):
+                  + (f"  {_shift_text(r.get('shift_score'), r.get('in_distribution'))}" if guard else ""))
+        if guard and any(r.get("in_distribution") is False for r in rows):
             print("NO: the image is unlike the run's training images (another scanner, site or framing?); its "
                   "prediction may be wrong however confident. `ct-transfer shift` checks a whole folder.")
     if patients:
@@ -562,6 +561,13 @@ def cmd_predict(args):
         if patients:
             write_rows([p.row() for p in patients], patients_path(args.out))
             print(f"wrote {patients_path(args.out)} ({len(patients)} patients)")
+
+
+def _shift_text(score, accepted) -> str:
+    """predict's two guard columns (a scan's slice rows carry the flag without the score)."""
+    score = "—" if score is None else f"{score:.4g}"
+    flag = "—" if accepted is None else ("yes" if accepted else "NO: unlike the training images")
+    return f"{score:>11}  {flag}"
 
 
 def cmd_explain(args):

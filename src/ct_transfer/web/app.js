@@ -216,6 +216,8 @@ function renderPatients() {
       el("figcaption", { class: "small", text: `slice ${d.index} · p=${num(d.probability, 3)}` + (d.explained_class ? ` · evidence for ${d.explained_class}` : "") }))));
     return el("article", { class: "patient", "data-name": p.name }, head, strip,
       el("h3", { text: "Most decisive slices" }), heat);
+  }));
+}
 
 // The shift guard's verdict on this image, apart from the prediction: a warning when the image is
 // unlike the run's training images (the label may then be confidently wrong).

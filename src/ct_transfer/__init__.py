@@ -6,7 +6,7 @@ The public door. A notebook does the whole job in a few lines::
     run = ct.fit(ct.TrainConfig(data="../shared/datasets/sarscov2-ct", model="EfficientNetLite0",
                                 weights="imagenet", epochs=3))      # out=None: nothing written
     run.metrics["test"]["accuracy"]
-    run.predict(["scan.png", "slice.dcm", numpy_array, pil_image])  # [(label, {class: p}), ...]
+    run.predict(["scan.png", "slice.dcm", numpy_array, pil_image])  # [Prediction(label, {class: p}, shift_score, in_distribution)]
     run.explain("scan.png", method="gradcam")                       # heat map + overlay
     run.save("runs/lite0"); run = ct.load_run("runs/lite0"); run.export("model.onnx")
 

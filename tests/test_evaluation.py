@@ -123,11 +123,11 @@ def test_grouped_split_with_patients_keeps_every_patient_in_one_subset(tmp_path)
 def test_grouped_split_bad_groups_file(tmp_path, data_dir, capsys):
     bad = tmp_path / "groups.csv"
     bad.write_text("path,group\nCOVID/Covid (1).png,p1\n")
-    assert main(["split", "--data", str(data_dir), "--preset", "grouped", "--groups", str(bad),
+    assert main(["split", "--data", str(data_dir), "--split-preset", "grouped", "--split-groups", str(bad),
                  "--out", str(tmp_path / "s.csv"), "--no-duplicates"]) == 2
     _one_line_error(capsys, "have no group")
     assert main(["split", "--data", str(data_dir), "--groups", str(bad), "--out", str(tmp_path / "s.csv")]) == 2
-    _one_line_error(capsys, "only with --preset grouped")
+    _one_line_error(capsys, "only with --split-preset grouped")
 
 
 # -- external validation -------------------------------------------------------------------------

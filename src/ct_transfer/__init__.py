@@ -14,12 +14,16 @@ The flow: ``data`` → ``models`` → ``engine`` (``fit``) → ``evaluate`` → 
 export) → ``experiment`` / ``report``; ``cli`` is a thin layer over these.
 """
 
-from .config import TrainConfig
-from .data import Preprocess, make_split, read_image, read_split, scan_folder, write_split
-from .engine import Callback, EarlyStopping, StopWhen, TimeToAccuracy, fit
-from .errors import ConfigError, CTTransferError
-from .models import MODEL_TABLE, create_model, resolve as resolve_model
-from .run import Prediction, Run, load_run
+# The public names load on first use (PEP 562): `import ct_transfer` and `ct-transfer --help` stay
+# fast (torch, timm and scipy take seconds to import), while `ct.fit`, `ct.Run`... work as before.
+_EXPORTS = {
+    "TrainConfig": "config", "fit": "engine", "Callback": "engine", "EarlyStopping": "engine",
+    "StopWhen": "engine", "TimeToAccuracy": "engine", "Preprocess": "data", "read_image": "data",
+    "make_split": "data", "read_split": "data", "scan_folder": "data", "write_split": "data",
+    "ConfigError": "errors", "CTTransferError": "errors", "MODEL_TABLE": "models", "create_model": "models",
+    "resolve_model": "models", "Prediction": "run", "Run": "run", "load_run": "run",
+}
+_RENAMED = {"resolve_model": "resolve"}
 
 __version__ = "0.2.0"
 
@@ -28,3 +32,17 @@ __all__ = [
     "Preprocess", "read_image", "scan_folder", "make_split", "read_split", "write_split",
     "Callback", "EarlyStopping", "StopWhen", "TimeToAccuracy", "CTTransferError", "ConfigError", "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ct_transfer' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), _RENAMED.get(name, name))
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

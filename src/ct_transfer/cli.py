@@ -2,7 +2,9 @@
 
 ``train``/``experiment`` flags are generated from ``TrainConfig``'s fields, so every default and
 help text lives in one place. Library errors (``CTTransferError``) become one line on stderr and
-exit code 2; parameter errors are shown as their flags (``--lr nan: ...``).
+exit code 2; parameter errors are shown as their flags (``--lr nan: ...``). Results go to stdout,
+log and progress lines to stderr. Modules that import torch are imported inside the commands, so that
+``--help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ GRID_FIELDS = ("model", "weights", "seed", "out")  # set per cell by `experiment
 
 
 class _Console(logging.Handler):
-    """Library log lines as plain text on the current stdout (works under pytest's capture too)."""
+    """Library log lines as plain text on the current stderr (results alone go to stdout, so that
+    `ct-transfer predict ... > preds.txt` holds results only; looked up per line: pytest's capture)."""
 
     def emit(self, record):
-        print(self.format(record), file=sys.stdout, flush=True)
+        print(self.format(record), file=sys.stderr, flush=True)
 
 
 def _setup_logging(quiet: bool = False):
@@ -135,9 +138,11 @@ def add_config_flags(p: argparse.ArgumentParser, *, skip=(), required=()) -> Non
         meta, kind = f.metadata, _base_type(f.type)
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         help_text = meta.get("help", "")
-        if kind is bool:
-            action = "store_false" if f.default is True else "store_true"
-            p.add_argument(flag, dest=f.name, action=action, default=argparse.SUPPRESS, help=help_text)
+        if kind is bool:  # --x / --no-x, so that a recipe's or the default's choice can be undone
+            if f.default is not None:
+                help_text += f" (default: {'on' if f.default else 'off'})"
+            p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=help_text)
             continue
         kw = {"dest": f.name, "help": help_text, "type": _finite_float if kind is float else kind,
               "default": argparse.SUPPRESS}
@@ -147,13 +152,15 @@ def add_config_flags(p: argparse.ArgumentParser, *, skip=(), required=()) -> Non
             kw["action"] = "append"
         if f.default is MISSING or f.name in required:
             kw["required"] = True
-        if f.default is not MISSING and f.default is not None:
+        if f.default is not MISSING and f.default is not None and "default" not in help_text:
             kw["help"] += f" (default: {f.default})"
         p.add_argument(flag, **kw)
     group = p.add_mutually_exclusive_group()
     group.add_argument("--recipe", choices=sorted(RECIPES),
-                       help="a named recipe (paper = the paper's protocol, the defaults); flags override it")
-    group.add_argument("--recipe-file", help="a YAML/JSON recipe file (e.g. written by `tune`); flags override it")
+                       help="a named recipe; flags override it (default: paper = the paper's protocol, the "
+                            "defaults shown here)")
+    group.add_argument("--recipe-file", help="a YAML/JSON recipe file (e.g. written by `tune`); flags override it "
+                                             "(default: none, the --recipe)")
 
 
 def config_from_args(args, **overrides):
@@ -190,9 +197,10 @@ def cmd_split(args):
 
     _check_output(args.out)
     _, classes = D.scan_folder(args.data)
-    if args.groups and args.preset != "grouped":
-        raise CTTransferError(f"--groups {args.groups}: only with --preset grouped")
-    rows = D.split_folder(args.data, args.preset, args.seed, groups_file=args.groups, threshold=args.threshold)
+    if args.split_groups and args.split_preset != "grouped":
+        raise CTTransferError(f"--split-groups {args.split_groups}: only with --split-preset grouped")
+    rows = D.split_folder(args.data, args.split_preset, args.split_seed, groups_file=args.split_groups,
+                          threshold=args.threshold)
     # the duplicate check decodes every image: an unreadable one fails here, before anything is written
     pairs = None if args.no_duplicates else D.pixel_duplicates_across_subsets(rows, args.data)
     D.write_split(rows, args.out)
@@ -446,7 +454,7 @@ def cmd_experiment(args):
 
     from .rundir import RunDir
 
-    models, weights, seeds = _grid_lists(args, PRESETS[args.preset])
+    models, weights, seeds = _grid_lists(args, PRESETS[args.model_set])
     if set(RunDir(args.out).run_files()) - {"split.csv"}:  # a grid holds runs/ and its split, no run's files
         raise CTTransferError(f"{args.out}: is a run directory; choose another --out for the grid")
     _io.check_writable(args.out)
@@ -497,21 +505,26 @@ def cmd_tune(args):
 
 def cmd_report(args):
     from . import _io
-    from .report import gallery_section, write_report
+    from .report import build_summary, gallery_section, write_report
+    from .report.write import default_out
 
-    out = args.out or args.grid_dir
+    out = Path(args.out) if args.out else default_out(args.grid_dir)
+    build_summary(args.grid_dir, audit=args.audit, grouped=args.grouped)  # bad input fails before any write
     _io.check_writable(out)
     extra = []
     if not args.no_gallery:
         section = gallery_section(args.grid_dir, out, args.method)
         if section:
             extra.append(section)
-    summary = write_report(args.grid_dir, args.out, extra_sections=extra)
-    ratio = summary["ratios"]["ours"]["test"]["accuracy_ratio"]
-    ratio_text = "n/a" if ratio is None else f"{ratio:.3f}"
+    summary = write_report(args.grid_dir, out, extra_sections=extra, audit=args.audit, grouped=args.grouped)
+    for a in summary["answer"]:  # the answer first, as the report opens with it
+        print(f"{a['model']} ({a['weights']}, {a['seeds']} seed(s)): internal test accuracy "
+              f"{a['internal']['accuracy']['mean']:.3f}; " + "; ".join(a["verdict"]))
+    ratios = summary["ratios"]
+    if ratios and ratios["ours"]["test"]["accuracy_ratio"] is not None:
+        print(f"test accuracy ratio (with/without TL) {ratios['ours']['test']['accuracy_ratio']:.3f}")
     print(f"{len(summary['runs'])} runs reported (split: {summary['split']['name']}); "
-          f"test accuracy ratio (with/without TL) {ratio_text}")
-    print(f"wrote {Path(out) / 'report.md'} and {Path(out) / 'report.html'}")
+          f"wrote {out / 'report.md'} and {out / 'report.html'}")
 
 
 def _load_run_with_window(args):
@@ -627,8 +640,23 @@ def cmd_serve(args):
 # ---------------------------------------------------------------------------------------------
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless the text already says it ("(default: ...)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.required or action.nargs == 0
+                or action.default in (None, argparse.SUPPRESS)):
+            return text
+        return text + " (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (``ct-transfer: error: ...``) and exit 2, like library errors."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         import re
@@ -637,7 +665,22 @@ class _Parser(argparse.ArgumentParser):
         m = re.fullmatch(r"argument (--[\w-]+): (\S+): (.*)", message, flags=re.S)
         if m:
             message = f"{m[1]} {m[2]}: {m[3]}"
-        self.exit(2, f"ct-transfer: error: {self.prog.removeprefix('ct-transfer ')}: {clean(message)}\n")
+        where = self.prog.removeprefix("ct-transfer").strip()  # the subcommand, if any
+        self.exit(2, f"ct-transfer: error: {where + ': ' if where else ''}{clean(message)}\n")
+
+
+def _alias(p, flag: str, dest: str, **kw) -> None:
+    """An old spelling that still works, hidden from the help (one name per option in the help)."""
+    p.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+
+
+def _add_run_flag(p, **kw) -> None:
+    p.add_argument("--run", required=True, help="run directory (written by `train` or `experiment`)", **kw)
+
+
+def _add_window_flag(p) -> None:
+    p.add_argument("--window", help="DICOM window WIDTH,LEVEL in HU (default: the run's, 1500,-600 = lung, "
+                                    "unless the run was trained with another)")
 
 
 def _add_executor_flags(p) -> None:
@@ -646,36 +689,51 @@ def _add_executor_flags(p) -> None:
     p.add_argument("--address", help="ray: the cluster to join, auto or HOST:PORT (default: start Ray here)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .config import SPLIT_PRESETS
-    from .data.groups import DEFAULT_THRESHOLD as THRESHOLD
-    from .explain import METHODS
-    from .experiment import PRESETS
+def _add_quiet_flag(p) -> None:
+    p.add_argument("--quiet", action="store_true", help="no log or progress lines on stderr, only results and errors")
 
-    parser = _Parser(prog="ct-transfer", description="CT-scan classification by transfer learning")
-    sub = parser.add_subparsers(dest="command", required=True)
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .registry import EXPLAINERS
+
+    METHODS = EXPLAINERS.describe()
+    from .config import GRID_PRESETS, SPLIT_PRESETS
+    from .config import NEAR_DUPLICATE_THRESHOLD as THRESHOLD
+
+    parser = _Parser(prog="ct-transfer", description="CT-scan classification by transfer learning. "
+                     "`ct-transfer COMMAND --help` lists a command's options.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("models", help="the model table")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the table as JSON on stdout")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("split", help="write a train/val/test split CSV")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--preset", choices=list(SPLIT_PRESETS), default="stratified")
-    p.add_argument("--seed", type=_int_in(0, 2**31 - 1), default=0)
+    p.add_argument("--data", required=True, help="dataset folder, one sub-folder per class")
+    p.add_argument("--out", required=True, help="the split CSV to write (path,class,subset)")
+    # the same names and defaults as train's split options
+    p.add_argument("--split-preset", choices=list(SPLIT_PRESETS), default="stratified",
+                   help="stratified 80:10:10, the paper's Table 1 counts, or grouped (near-duplicates kept together)")
+    p.add_argument("--split-seed", type=_int_in(0, 2**31 - 1), default=0, help="seed of the split")
+    p.add_argument("--split-groups", help="grouped: CSV path,group (or path,...,patient) keeping each group in one "
+                                          "subset, besides near-duplicates (default: near-duplicates only)")
+    p.add_argument("--threshold", type=int, help=f"grouped: pHash distance of near-duplicates (default: {THRESHOLD})")
     p.add_argument("--no-duplicates", action="store_true", help="skip the cross-subset duplicate check")
-    p.add_argument("--groups", help="grouped: CSV path,group (or path,...,patient) kept inside one subset")
-    p.add_argument("--threshold", type=int, help=f"grouped: pHash distance of near-duplicates (default {THRESHOLD})")
+    _alias(p, "--preset", "split_preset", choices=list(SPLIT_PRESETS))
+    _alias(p, "--seed", "split_seed", type=_int_in(0, 2**31 - 1))
+    _alias(p, "--groups", "split_groups")
     p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("audit", help="leakage audit: exact and near-duplicate images within and across subsets")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split-file", help="split CSV: count duplicates within and across its subsets")
-    p.add_argument("--against", help="a second dataset folder: the same images in both")
+    p.add_argument("--data", required=True, help="dataset folder, one sub-folder per class")
+    p.add_argument("--split-file", help="split CSV: count duplicates within and across its subsets "
+                                        "(default: the whole folder as one set)")
+    p.add_argument("--against", help="a second dataset folder: the same images in both (default: none)")
     p.add_argument("--out", required=True, help="folder for audit.json, audit.md and the contact sheet")
     p.add_argument("--threshold", type=int, default=THRESHOLD,
-                   help=f"near-duplicate: 256-bit pHash Hamming distance <= N (default {THRESHOLD})")
+                   help="near-duplicate: 256-bit pHash Hamming distance <= N")
     p.set_defaults(func=cmd_audit)
 
     from .patients import AGGREGATORS  # importing it registers the aggregators
@@ -683,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="fit temperature scaling and a decision threshold on a run's val subset; "
                                          "with patient ids, also the patient aggregator (one of "
                                          f"{', '.join(AGGREGATORS.names())}) and a patient-level threshold")
-    p.add_argument("--run", required=True)
+    _add_run_flag(p)
     p.add_argument("--sensitivity", type=_finite_float, help="threshold reaching this val sensitivity "
                    "(default: Youden's J)")
     p.add_argument("--force", action="store_true", help="fit even on a val subset too small for it and keep the "
@@ -746,39 +804,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (its checkpoints, "
                    "metrics and external results are removed once the new run's data has loaded)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_quiet_flag(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a run on its val and test, or on an external dataset")
-    p.add_argument("--run", required=True)
+    _add_run_flag(p)
     p.add_argument("--data", help="another dataset folder (folder per class): external validation, "
-                                  "written to RUN/external/NAME/")
-    p.add_argument("--split-file", help="split CSV of --data (with --subset: only that subset)")
-    p.add_argument("--subset", help="external: only this subset of --split-file")
+                                  "written to RUN/external/NAME/ (default: the run's own data)")
+    p.add_argument("--split-file", help="split CSV of --data, with --subset: only that subset "
+                                        "(default: the run's split, or all of --data)")
+    p.add_argument("--subset", help="external: only this subset of --split-file (default: all of it)")
     p.add_argument("--class-map", help="external folder names to the run's classes, e.g. "
-                                       "CT_COVID=COVID,CT_NonCOVID=non-COVID")
+                                       "CT_COVID=COVID,CT_NonCOVID=non-COVID (default: the same names)")
     p.add_argument("--name", help="external: result folder name (default: the data folder's name)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("experiment", help="run the paper's grid of models x weights x seeds")
     add_config_flags(p, skip=GRID_FIELDS + ("split_preset",))
     p.add_argument("--split-preset", dest="grid_split_preset", choices=list(SPLIT_PRESETS),
-                   help="split made when no --split-file is given (default: paper)")
+                   help="split made when no --split-file is given (default: paper, unlike train's stratified: "
+                        "the grid reproduces the paper's protocol)")
     p.add_argument("--out", required=True, help="grid directory")
-    p.add_argument("--external", help="a second dataset folder: every run is also evaluated there")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="paper",
-                   help="paper: the 12 archs; offline: EfficientNetLite0/1/2 (weights install here)")
-    p.add_argument("--models", help="comma-separated model names (default: the preset's)")
+    p.add_argument("--external", help="a second dataset folder: every run is also evaluated there (default: none)")
+    p.add_argument("--model-set", choices=list(GRID_PRESETS), default="paper",
+                   help="paper: the paper's 12 archs; offline: EfficientNetLite0/1/2 (ImageNet weights install here)")
+    _alias(p, "--preset", "model_set", choices=list(GRID_PRESETS))
+    p.add_argument("--models", help="comma-separated model names (default: the --model-set's)")
     p.add_argument("--weights", dest="grid_weights",  # a list, not TrainConfig.weights (set per run)
-                   help="comma-separated: none,imagenet or paths (default: none,imagenet)")
-    p.add_argument("--seeds", default="0")
+                   help="comma-separated: none,imagenet or paths; a list here, one value in train "
+                        "(default: none,imagenet)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, one run each")
     p.add_argument("--jobs", type=_positive_int, default=1,
                    help="runs at once on this machine (each with cores/N threads; a GPU is shared)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_quiet_flag(p)
     _add_executor_flags(p)
-    p.add_argument("--cpus-per-run", type=_finite_float, default=1, help="ray: CPUs each run reserves (default: 1)")
+    p.add_argument("--cpus-per-run", type=_finite_float, default=1, help="ray: CPUs each run reserves")
     p.add_argument("--gpus-per-run", type=_finite_float, default=0,
-                   help="ray: GPUs each run reserves; fractions share one GPU, e.g. 0.25 (default: 0)")
+                   help="ray: GPUs each run reserves; fractions share one GPU, e.g. 0.25")
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("tune", help="hyper-parameter search on the validation set (Optuna; Ray Tune with --executor ray)")
@@ -787,27 +849,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, required=True, help="number of trials")
     p.add_argument("--out", required=True, help="folder for best.yaml, trials.csv, search.md/png (and study.db)")
     p.add_argument("--metric", choices=["val_accuracy", "val_loss"], default="val_accuracy",
-                   help="what the search optimises, on the validation subset (default: val_accuracy)")
-    p.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler (default: 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+                   help="what the search optimises, on the validation subset")
+    p.add_argument("--search-seed", type=int, default=0, help="seed of the TPE sampler")
+    _add_quiet_flag(p)
     _add_executor_flags(p)
     p.add_argument("--cpus-per-trial", type=_finite_float, default=1, help="ray: CPUs each trial reserves")
     p.add_argument("--gpus-per-trial", type=_finite_float, default=0, help="ray: GPUs each trial reserves")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("report", help="tables, statistics, plots and explanations of a grid")
-    p.add_argument("grid_dir", help="grid directory (from `experiment`)")
-    p.add_argument("--out", help="output folder (default: the grid directory)")
+    p = sub.add_parser("report", help="the decision-first report of a grid or of a single run")
+    p.add_argument("grid_dir", metavar="GRID_OR_RUN", help="grid directory (from `experiment`) or one run directory")
+    p.add_argument("--out", help="output folder (default: the grid directory; for a run: RUN/report)")
+    p.add_argument("--audit", help="an audit folder (from `audit`) to summarise (default: audit/ inside or "
+                                   "beside GRID_OR_RUN, if there)")
+    p.add_argument("--grouped", help="a grid or run trained on the grouped split, set beside this one's "
+                                     "figures (default: none; a grid on the grouped split is its own)")
     p.add_argument("--method", choices=sorted(METHODS), default="gradcam", help="explanation gallery method")
     p.add_argument("--no-gallery", action="store_true", help="leave out the explanation gallery")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("predict", help="classify new images, folders or DICOM files with a trained run")
-    p.add_argument("--run", required=True, help="run directory")
+    _add_run_flag(p)
     p.add_argument("inputs", nargs="+", help="image files, folders (recursive), DICOM files, DICOM series "
                                              "folders, NIfTI (.nii, .nii.gz) or a .zip of a series")
-    p.add_argument("--out", help="predictions file (.csv or .json); scans also write OUT.patients.csv/.json")
-    p.add_argument("--window", help="DICOM window WIDTH,LEVEL in HU (default 1500,-600: lung)")
+    p.add_argument("--out", help="predictions file (.csv or .json); scans also write OUT.patients.csv/.json "
+                                 "(default: a table on stdout)")
+    _add_window_flag(p)
     p.add_argument("--batch-size", type=_int_in(1, 4096), default=64, help="images per forward pass (1..4096)")
     p.add_argument("--patient", action="store_true",
                    help="every folder given is one patient's scan (slice images included); DICOM series, "
@@ -817,30 +884,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("explain", help="heat-map overlays (Grad-CAM, Grad-CAM++, CAM, LRP) for images")
-    p.add_argument("--run", required=True)
+    _add_run_flag(p)
     p.add_argument("inputs", nargs="+", help="image files, folders or DICOM files")
-    p.add_argument("--method", choices=sorted(METHODS), default="gradcam")
-    p.add_argument("--out", required=True, help="folder for the overlay PNGs")
+    p.add_argument("--method", choices=sorted(METHODS), default="gradcam",
+                   help="; ".join(f"{k} = {v}" for k, v in METHODS.items()))
+    p.add_argument("--out", required=True, help="folder for the overlay PNGs (at the image's resolution, with a "
+                                                "colour bar) and the raw heat maps")
     p.add_argument("--target-layer", help="module name (default: the feature map the head pools)")
-    p.add_argument("--window", help="DICOM window WIDTH,LEVEL in HU (default 1500,-600)")
+    _add_window_flag(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("export", help="export a run to ONNX or torch.export (.pt2), with a parity check")
-    p.add_argument("--run", required=True)
-    p.add_argument("--format", choices=["onnx", "pt2", "torchscript", "timm"], help="default: from the file name "
-                   "(timm: a .safetensors file timm.create_model loads, with the classes in a .json beside it)")
-    p.add_argument("--out", required=True)
+    _add_run_flag(p)
+    p.add_argument("--format", choices=["onnx", "pt2", "torchscript", "timm"], help="default: from the --out file "
+                   "name (timm: a .safetensors file timm.create_model loads, with the classes in a .json beside it)")
+    p.add_argument("--out", required=True, help="the exported model file (a .json description is written beside it)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="a local web page (and JSON API) to classify and explain scans with runs")
-    p.add_argument("--run", required=True, action="append", help="run directory (repeat for several runs)")
+    _add_run_flag(p, action="append")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--max-upload-mb", type=int, default=100, help="largest request body in MB (default 100)")
+                   help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port")
+    p.add_argument("--max-upload-mb", type=int, default=100, help="largest request body in MB")
     p.add_argument("--allow-host", action="append", metavar="NAME",
                    help="a host name browsers may use to reach the server besides localhost and --host "
-                        "(repeat; * for any). Other Host headers are refused (DNS rebinding)")
+                        "(repeat; * for any; default: none). Other Host headers are refused (DNS rebinding)")
     p.set_defaults(func=cmd_serve)
     return parser
 
@@ -851,6 +920,10 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (already printed) and --help: a code, also in-process
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:  # `ct-transfer` alone: the usage once, then one error line
+        parser.print_usage(sys.stderr)
+        return _fail(f"choose a command: {', '.join(parser._subparsers._group_actions[0].choices)} "
+                     "(ct-transfer --help says what each does)")
     # --json: stdout is the JSON document alone (the library's log lines would break it)
     restore_logging = _setup_logging(quiet=getattr(args, "quiet", False) or getattr(args, "json", False))
     try:

@@ -25,6 +25,10 @@ STORES = ("auto", "memory", "disk")  # data/store.py; engine/data.py decides
 SHIFT_GUARDS = (*DETECTORS.names(), "none")
 DEFAULT_SHIFT_GUARD = "mahalanobis-multi"  # chosen by bench/shift.py: AUROC 0.988, flags 97% of UCSD (docs/shift.md)
 DEFAULT_GUARD_ACCEPT = 0.95  # the guard's threshold accepts this share of the val images
+# Names the command line lists, kept here, in a module that imports no torch, so that
+# `ct-transfer --help` stays fast; the modules that implement them import these.
+GRID_PRESETS = ("paper", "offline")  # experiment.PRESETS: which models a grid trains
+NEAR_DUPLICATE_THRESHOLD = 32  # data/groups.py: 256-bit pHash Hamming distance of near-duplicates
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch
 MIN_IMAGE_SIZE = 32  # the networks downsample 32x; some archs need more (models.ModelSpec.min_size)
 RANGE_WHY = {
@@ -50,12 +54,14 @@ class TrainConfig:
                                  "best.safetensors) to start from: its backbone, and its head when the classes match")
     split_file: str | list[str] | None = _opt(None, "split CSV (path,class,subset) to reuse; with several --data "
                                                     "one per dataset in the same order ('-' = preset split), or "
-                                                    "one file with a source column", multiple=True)
-    class_map: str | None = _opt(None, "rename classes of the datasets, e.g. 'CT_COVID=COVID,CT_NonCOVID=non-COVID'")
+                                                    "one file with a source column (default: made by --split-preset)", multiple=True)
+    class_map: str | None = _opt(None, "rename classes of the datasets, e.g. 'CT_COVID=COVID,CT_NonCOVID=non-COVID' "
+                                       "(default: the folder names)")
     split_preset: str = _opt("stratified", "split made when no --split-file is given", choices=SPLIT_PRESETS)
     split_seed: int = _opt(0, "seed of the split")
     split_groups: str | None = _opt(None, "grouped split: CSV path,group (or path,...,patient) keeping each "
-                                          "group in one subset, besides near-duplicates")
+                                          "group in one subset, besides near-duplicates (default: "
+                                          "near-duplicates only)")
     epochs: int = _opt(100, "training epochs")
     image_size: int | None = _opt(None, "input size in px (default: the model table's: 64; Xception 71; "
                                         "InceptionResNetV2 75)")
@@ -67,8 +73,8 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy loss")
     dropout: float = _opt(0.8, "dropout before the linear head")
     seed: int = _opt(0, "seed of initialisation, augmentation and batch order")
-    limit: int | None = _opt(None, "at most N images per class (quick trials)")
-    augment: bool = _opt(True, "train-time augmentation (--no-augment: none)", flag="--no-augment")
+    limit: int | None = _opt(None, "at most N images per class, for quick trials (default: all)")
+    augment: bool = _opt(True, "train-time augmentation (--no-augment: none)")
     augmentation: str = _opt("paper", "augmentation preset: paper = the paper's (rotation, shift, flips, "
                                       "brightness); domain = for domain shift (zoom/crop, contrast, gamma, blur, "
                                       "noise, JPEG)", choices=AUGMENTATIONS)
@@ -80,7 +86,7 @@ class TrainConfig:
     head_init: str = _opt("random", "full/partial: start the head from a linear probe (probe) or at random",
                           choices=HEAD_INITS)
     resize_from: int | None = _opt(None, "progressive resizing: first epoch at this size (px), growing to "
-                                         "--image-size by mid-training (second half at full size)")
+                                         "--image-size by mid-training (second half at full size; default: off)")
     bn_stats: str = _opt("train", "BatchNorm statistics while fine-tuning: train = updated from augmented batches "
                                   "(the paper's Keras behaviour); frozen = every BN layer keeps its ImageNet "
                                   "statistics (its scale and shift still learn)", choices=BN_STATS)
@@ -94,17 +100,21 @@ class TrainConfig:
                                 "training images from each as the smallest has, the linear probe weights them "
                                 "so, and the epoch is chosen on the mean of the per-source val accuracies)",
                         choices=BALANCES)
-    freeze_until: int | None = _opt(None, "partial: last frozen stage (timm parameter group, 0 = stem)")
+    freeze_until: int | None = _opt(None, "partial: last frozen stage (timm parameter group, 0 = stem; default: the "
+                                          "first half of the stages)")
     frozen_views: int = _opt(2, "frozen + augmentation: augmented views cached per image")
     positive: str | None = _opt(None, "positive class (default COVID if present)")
     on_bad: str = _opt("error", "unreadable images: stop, or skip and list them", choices=ON_BAD)
-    cache_dir: str | None = _opt(None, "on-disk cache of decoded images, keyed by file content")
+    cache_dir: str | None = _opt(None, "on-disk cache of decoded images, keyed by file content (default: "
+                                      "memory only)")
     store: str = _opt("auto", "where decoded images live while training: memory (one array), disk (a store file "
                               "per subset under --cache-dir, else the user cache, read per batch: memory stays "
                               "flat at any dataset size), or auto = memory when the estimate fits, else disk",
                       choices=STORES)
-    channels_last: bool = _opt(True, "channels-last memory format", flag="--no-channels-last")
-    bf16: bool = _opt(False, "bfloat16 autocast (fp32 master weights; default on CUDA)")
+    channels_last: bool = _opt(True, "channels-last (NHWC) memory format for the model and batches, faster "
+                                     "convolutions on most CPUs and GPUs; --no-channels-last: NCHW")
+    bf16: bool | None = _opt(None, "bfloat16 autocast with fp32 master weights; --no-bf16 turns it off "
+                                   "(default: on with CUDA, off on CPU)")
     compile: bool = _opt(False, "torch.compile the model (drops the last partial batch: static shapes)")
     compile_mode: str = _opt("default", "torch.compile mode (reduce-overhead: CUDA graphs)", choices=COMPILE_MODES)
     checkpoint_every: int = _opt(1, "write last.pt (resume state) every N epochs and at the end; best.safetensors "
@@ -246,7 +256,7 @@ def _validate(c: TrainConfig) -> None:
             raise ConfigError("split_file", v, "give a non-empty text value (or leave it out)")
     _validate_weights(c.weights)
     for name in ("augment", "channels_last", "bf16", "compile", "calibrate", "force_calibration"):
-        if not isinstance(getattr(c, name), bool):
+        if not isinstance(getattr(c, name), bool) and not (name == "bf16" and c.bf16 is None):
             raise ConfigError(name, getattr(c, name), "choose true or false")
     _validate_device(c.device)
     if c.cache_dir is not None and os.path.exists(c.cache_dir) and not os.path.isdir(c.cache_dir):

@@ -122,11 +122,17 @@ def curves_figure(history: list[dict], title: str = ""):
     fig = Figure(figsize=(8, 3.2))
     axes = fig.subplots(1, 2)
     for key, ax in (("loss", axes[0]), ("acc", axes[1])):
-        ax.plot(ep, [h[f"train_{key}"] for h in history], label="train")
-        ax.plot(ep, [h[f"val_{key}"] for h in history], label="val")
-        ax.set_xlabel("epoch")
+        train, val = [h[f"train_{key}"] for h in history], [h[f"val_{key}"] for h in history]
+        if len(history) == 1:  # one fit (the linear probe): bars with their values, not empty axes
+            bars = ax.bar(["train", "val"], [train[0], val[0]], color=["C0", "C1"])
+            ax.bar_label(bars, fmt="%.3f", fontsize=8)
+            ax.set_xlabel("single fit (no epochs)")
+        else:
+            ax.plot(ep, train, label="train", marker="o" if len(ep) < 12 else None)
+            ax.plot(ep, val, label="val", marker="o" if len(ep) < 12 else None)
+            ax.set_xlabel("epoch")
+            ax.legend()
         ax.set_ylabel(key)
-        ax.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig

@@ -26,7 +26,7 @@ from .run import load_run
 
 log = logging.getLogger(__name__)
 
-PRESETS = {
+PRESETS = {  # names in config.GRID_PRESETS (listed by the CLI)
     "paper": {"models": M.PAPER_MODELS, "weights": ["none", "imagenet"]},
     "offline": {"models": M.OFFLINE_MODELS, "weights": ["none", "imagenet"]},
 }

@@ -131,20 +131,35 @@ def overlay_array(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> n
     return np.clip((1 - alpha) * image + alpha * colour, 0, 255).astype(np.uint8)
 
 
-def overlay_figure(image: np.ndarray, heat: np.ndarray, title: str):
-    """The input beside the overlay, titled with the prediction (a matplotlib ``Figure``)."""
+MIN_PANEL_PX = 256  # smaller images are shown enlarged by a whole factor (each pixel a k x k block)
+
+
+def overlay_figure(image: np.ndarray, heat: np.ndarray, title: str, *, dpi: int = 100):
+    """The input beside the overlay at the image's own resolution (one image pixel = one figure pixel,
+    or a k x k block for images under ``MIN_PANEL_PX``), with a colour bar giving the heat map's scale;
+    titled with the prediction. Save it with ``dpi=fig.dpi`` to keep the pixels exact."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 3.1))
-    axes = fig.subplots(1, 2)
-    axes[0].imshow(image)
-    axes[0].set_title("input", fontsize=9)
-    axes[1].imshow(image)
-    axes[1].imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-    axes[1].set_title(title, fontsize=9)
-    for ax in axes:
+    h, w = image.shape[:2]
+    k = max(1, -(-MIN_PANEL_PX // max(h, w)))  # ceil: whole-pixel enlargement only
+    ph, pw = h * k, w * k
+    gap, top, bar = 8, 34, 70  # px: between the panels, title band, colour bar with its labels
+    width, height = 2 * pw + gap + bar, ph + top
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    ax_in = fig.add_axes((0, 0, pw / width, ph / height))
+    ax_ov = fig.add_axes(((pw + gap) / width, 0, pw / width, ph / height))
+    cax = fig.add_axes(((2 * pw + gap + 10) / width, 0.1 * ph / height, 12 / width, 0.8 * ph / height))
+    ax_in.imshow(image, interpolation="nearest")
+    ax_ov.imshow(image, interpolation="nearest")
+    shown = ax_ov.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1, interpolation="nearest")
+    for ax in (ax_in, ax_ov):
         ax.axis("off")
-    fig.tight_layout()
+    bar_ = fig.colorbar(shown, cax=cax)
+    bar_.set_label("relevance (0-1)", fontsize=7)
+    bar_.ax.tick_params(labelsize=7)
+    size = f"{w}x{h} px" + (f", shown x{k}" if k > 1 else "")
+    fig.text(0.5 * pw / width, 1 - 4 / height, f"input ({size})", ha="center", va="top", fontsize=8)
+    fig.text((pw + gap + 0.5 * pw) / width, 1 - 4 / height, title, ha="center", va="top", fontsize=8, wrap=True)
     return fig
 
 
@@ -212,7 +227,8 @@ def explain_files(run, paths: list[Path], *, method: str, out_dir, target_layer:
         image = D.read_input(p, run.preprocess.window)
         ex = explain_images(run, [image], method=method, target_layer=target_layer)[0]
         target = out_dir / f"{stems[i]}_{method}.png"
-        save_figure(overlay_figure(image, ex.heatmap, ex.title), target, dpi=80)
+        fig = overlay_figure(image, ex.heatmap, ex.title)
+        save_figure(fig, target, dpi=fig.dpi)
         results.append({"path": str(p), "pred": ex.label, "prob": ex.probability, "overlay": str(target),
                         "heatmap": ex.heatmap})
     return results

@@ -10,6 +10,7 @@ from . import _io
 from . import data as D
 from .data import DEFAULT_WINDOW, DICOM_EXTENSIONS, IMAGE_EXTENSIONS, is_dicom, read_dicom, read_input  # noqa: F401
 from .errors import ConfigError, CTTransferError
+from .progress import track
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -103,11 +104,8 @@ def predict(run, inputs: list[str], *, batch_size: int = 64, progress: bool = Fa
 def _predict_files(run, paths: list[Path], *, batch_size: int, progress: bool) -> list[dict]:
     rows = []
     chunks = range(0, len(paths), batch_size)
-    if progress and len(paths) > batch_size:
-        from tqdm import tqdm
-
-        chunks = tqdm(chunks, desc="predict", unit="batch", disable=None)
-    for start in chunks:
+    for start in track(chunks, desc="predict", total=len(paths), enabled=progress and len(paths) > batch_size,
+                       size=lambda start: len(paths[start:start + batch_size])):
         chunk = paths[start:start + batch_size]
         for p, pred in zip(chunk, run.predict(chunk, batch_size=batch_size)):
             row = {"path": str(p), "pred": pred.label, **{f"prob_{c}": v for c, v in pred.probabilities.items()}}

@@ -119,12 +119,9 @@ class ImageCache:
         if on_bad not in ("error", "skip"):
             raise CTTransferError(f"on_bad={on_bad}: choose error or skip")
         out, kept, bad = [], [], []
-        iterator = enumerate(paths)
-        if progress and len(paths) > 200:
-            from tqdm import tqdm
+        from ..progress import track
 
-            iterator = tqdm(iterator, total=len(paths), desc=desc, leave=False, disable=None, mininterval=1.0)
-        for i, p in iterator:
+        for i, p in track(enumerate(paths), total=len(paths), desc=desc, enabled=progress and len(paths) > 200):
             try:
                 out.append(self.get(p))
                 kept.append(i)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import _io
+from ..config import NEAR_DUPLICATE_THRESHOLD
 from ..errors import CTTransferError
 from .decode import read_input
 
@@ -27,7 +28,7 @@ HASH_SIZE = 16  # 16 x 16 = 256-bit pHash
 # Chosen on sarscov2-ct by looking at pairs (docs/results/audit-paper-split/): every pair at distance
 # <= 36 we looked at is the same slice or a neighbouring slice of one scan; the first COVID/non-COVID
 # pair (necessarily two patients) appears at 40. 32 keeps a margin: 207 pairs, groups of <= 6 images.
-DEFAULT_THRESHOLD = 32
+DEFAULT_THRESHOLD = NEAR_DUPLICATE_THRESHOLD
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,9 @@ def fingerprint(file: str | os.PathLike, name: str | None = None) -> Fingerprint
 
 def fingerprints(data_dir, paths: list[str], *, progress: bool = False) -> list[Fingerprint]:
     """Fingerprints of ``data_dir/path`` for each relative path (decoding each file once)."""
-    out = []
-    for k, p in enumerate(paths, 1):
-        out.append(fingerprint(Path(data_dir) / p, p))
-        if progress and k % 500 == 0:
-            log.info("hashed %d/%d images", k, len(paths))
-    return out
+    from ..progress import track
+
+    return [fingerprint(Path(data_dir) / p, p) for p in track(paths, desc="hash", enabled=progress)]
 
 
 def _words(fps: list[Fingerprint]) -> np.ndarray:

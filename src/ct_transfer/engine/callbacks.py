@@ -145,35 +145,42 @@ class HistoryCSV(Callback):
 
 
 class ProgressLog(Callback):
-    """One log line per epoch (and a tqdm bar within the epoch when stderr is a terminal)."""
+    """One log line per epoch; within an epoch a bar on a terminal or in a notebook, else a log line
+    now and then (``ct_transfer.progress``). The linear probe's single fit is called what it is."""
 
     order = 30
 
     def __init__(self, bar: bool = True):
-        self.bar_enabled, self.bar, self.last_post = bar, None, 0
+        self.bar_enabled, self.progress = bar, None
 
     def on_epoch_start(self, state):
-        if self.bar_enabled:
-            from tqdm import tqdm
+        from ..progress import Progress
 
-            self.bar = tqdm(total=state.n_train, desc=f"epoch {state.epoch + 1}/{state.config.epochs}", leave=False,
-                            unit="img", disable=None, mininterval=1.0)  # no bar when stderr is not a terminal
+        if self.bar_enabled and state.config.strategy != "linear":  # the probe reports its feature extraction
+            epochs = state.end_epoch or state.config.epochs
+            self.progress = Progress(state.n_train, f"epoch {state.epoch + 1}/{epochs}", unit="img")
 
     def on_batch_end(self, state, n, loss_sum, correct):
-        if self.bar is not None and not self.bar.disable:
-            self.bar.update(n)
-            seen = self.bar.n
-            if seen - self.last_post >= 256 or seen >= self.bar.total:  # a host sync only now and then
-                self.bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", acc=f"{int(correct) / seen:.3f}")
-                self.last_post = seen
+        if self.progress is not None:
+            seen = self.progress.n + n
+            # the running loss syncs a GPU: only computed when a line or the bar's postfix is due
+            self.progress.update(n, note=lambda: f"loss {float(loss_sum) / seen:.4f} acc {int(correct) / seen:.3f}")
 
     def on_epoch_end(self, state, row):
-        if self.bar is not None:
-            self.bar.close()
-            self.bar, self.last_post = None, 0
+        if self.progress is not None:
+            self.progress.enabled = self.progress.bar is not None  # the epoch line below says it all
+            self.progress.close()
+            self.progress = None
+        if state.config.strategy == "linear":
+            probe = state.extra.get("probe", {})
+            log.info("linear probe: train loss %.4f acc %.4f  val_loss %.4f val_acc %.4f  (C=%s; features %.0fs, "
+                     "fit %.0fs)", row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
+                     probe.get("C"), probe.get("feature_seconds", float("nan")),
+                     probe.get("solver_seconds", float("nan")))
+            return
         log.info("epoch %d/%d  loss %.4f acc %.4f  val_loss %.4f val_acc %.4f  [%.0fs]", row["epoch"],
-                 state.config.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
-                 state.train_seconds)
+                 state.end_epoch or state.config.epochs, row["train_loss"], row["train_acc"], row["val_loss"],
+                 row["val_acc"], state.train_seconds)
 
 
 class EarlyStopping(Callback):

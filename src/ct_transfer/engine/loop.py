@@ -25,6 +25,7 @@ from .._io import ensure_writable_dir
 from ..config import TrainConfig
 from ..errors import CTTransferError, first_line, show
 from ..inference import autocast, predict_proba
+from ..progress import track
 from ..rundir import RunDir
 from ..run import Run
 from . import callbacks as C
@@ -59,6 +60,7 @@ class TrainState:
     ema: object = None  # timm ModelEmaV3 of the model (--ema), or None
     train_pool: object = None  # --balance sources: the train images' source ids (each epoch draws evenly)
     val_sources: tuple = ((), None)  # (names, per-image source id) of the val images; names empty: one source
+    progress: bool = False  # fit(progress=True): long steps (feature extraction) report their progress
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -303,7 +305,7 @@ def assemble(config: TrainConfig, *, callbacks=(), progress: bool = True, resume
         config = _resumed_config(config, rundir)
     cfg = config.resolved()
     device = pick_device(cfg.device)
-    bf16 = cfg.bf16 or device.startswith("cuda")  # on a GPU mixed precision is the default
+    bf16 = device.startswith("cuda") if cfg.bf16 is None else cfg.bf16  # None: on a GPU mixed precision
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     preprocess = D.Preprocess(cfg.image_size, crop=cfg.crop, intensity=cfg.intensity)
@@ -331,7 +333,8 @@ def assemble(config: TrainConfig, *, callbacks=(), progress: bool = True, resume
     pool = torch.as_tensor(train_ids, device=device) if cfg.balance == "sources" and len(train_names) > 1 else None
     n_epoch = pool_size(pool, len(subsets["train"].x))
     state = TrainState(cfg, model, opt, classes, device, n_epoch, subsets=subsets, train_pool=pool,
-                       val_sources=(val_names if len(val_names) > 1 else (), torch.as_tensor(val_ids)))
+                       val_sources=(val_names if len(val_names) > 1 else (), torch.as_tensor(val_ids)),
+                       progress=progress)
     state.scheduler = make_scheduler(cfg, opt, steps_per_epoch(n_epoch, cfg.batch_size, drop_last=cfg.compile))
     if cfg.strategy == "linear":
         state.end_epoch = 1  # one convex fit; the epochs option does not apply
@@ -579,11 +582,14 @@ def _shrink(xb, size: int):
 
 @torch.inference_mode()
 def pooled_features(model, x_u8, transform, *, channels_last=True, bf16=False, device="cpu", generator=None,
-                    batch_size=256, size: int | None = None):
-    """Backbone features after global average pooling (at ``size`` px: shrunk as training shrinks)."""
+                    batch_size=256, size: int | None = None, desc: str | None = None):
+    """Backbone features after global average pooling (at ``size`` px: shrunk as training shrinks);
+    ``desc``: progress under that name (the probe's minutes of extraction on a CPU)."""
     model.eval()
     out = []
-    for start in range(0, len(x_u8), batch_size):
+    starts = range(0, len(x_u8), batch_size)
+    for start in track(starts, desc=desc or "", total=len(x_u8), enabled=desc is not None,
+                       size=lambda s: min(batch_size, len(x_u8) - s)):
         xb = transform(x_u8[start:start + batch_size], generator)
         if size and size != xb.shape[-1]:
             xb = _shrink(xb, size)
@@ -602,8 +608,10 @@ def _probe(state: TrainState, subsets, mean, std, bf16, *, size: int | None = No
     eval_tf = D.batch_transform(mean, std, augment=False)
     kw = dict(channels_last=cfg.channels_last, bf16=bf16, device=device, batch_size=64, size=size)
     t0 = time.perf_counter()
-    f_tr = pooled_features(model, subsets["train"].x, eval_tf, **kw).cpu().numpy()
-    f_va = pooled_features(model, subsets["val"].x, eval_tf, **kw).cpu().numpy()
+    shown = state.progress
+    f_tr = pooled_features(model, subsets["train"].x, eval_tf, desc="features train" if shown else None, **kw)
+    f_va = pooled_features(model, subsets["val"].x, eval_tf, desc="features val" if shown else None, **kw)
+    f_tr, f_va = f_tr.cpu().numpy(), f_va.cpu().numpy()
     feat_s = time.perf_counter() - t0
     weights = {}
     if cfg.balance == "sources":  # every source weighs the same in the fit and in the choice of C
@@ -647,9 +655,12 @@ def _frozen_epochs(state: TrainState, subsets, mean, std, bf16):
         nonlocal feats, val_feats
         if feats is None:  # counted in train_seconds: part of what this strategy costs
             views = max(1, cfg.frozen_views) if cfg.augment else 1
-            feats = [pooled_features(model, x_tr, train_tf, generator=_epoch_generator(cfg.seed, -1 - v, device), **kw)
+            shown = state.progress
+            feats = [pooled_features(model, x_tr, train_tf, generator=_epoch_generator(cfg.seed, -1 - v, device),
+                                     desc=f"features train (view {v + 1}/{views})" if shown else None, **kw)
                      for v in range(views)]
-            val_feats = pooled_features(model, subsets["val"].x, eval_tf, **kw)
+            val_feats = pooled_features(model, subsets["val"].x, eval_tf, desc="features val" if shown else None,
+                                        **kw)
         t0 = time.perf_counter()
         f = feats[epoch % len(feats)]
         model.train()

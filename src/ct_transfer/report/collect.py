@@ -1,4 +1,5 @@
-"""Collect: the runs of a grid directory, their metrics, history, external results, and the split."""
+"""Collect: the runs of a grid directory (or one run directory), their metrics, history, external
+results and shift checks, the split, and a leakage audit when one is found."""
 
 from __future__ import annotations
 
@@ -85,6 +86,31 @@ def read_external(run_dir: Path) -> list[dict]:
     return out
 
 
+def read_shift_checks(run_dir: Path) -> list[dict]:
+    """The shift guard's set-level checks, ``RUN/external/<name>/shift*.json`` (labelled or not)."""
+    root = run_dir / "external"
+    if not root.is_dir():
+        return []
+    out = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(folder.glob("shift*.json"))[:1]:
+            data = read_json(path)
+            if "verdict" not in data:
+                log.info("%s: no verdict, skipped", path)
+                continue
+            out.append({"name": folder.name, "path": str(path), "verdict": str(data["verdict"]),
+                        "shifted": data.get("shifted"), "n": data.get("n"), "flagged": data.get("flagged"),
+                        "val_flagged": data.get("val_flagged"), "p_value": data.get("p_value"),
+                        "detector": data.get("detector"), "data": data.get("data")})
+    return out
+
+
+def is_run_dir(path) -> bool:
+    """A single run's folder (what `train` writes), not a grid of runs."""
+    path = Path(path)
+    return (path / "metrics.json").is_file() and (path / "config.json").is_file()
+
+
 def condition(weights: str) -> str:
     """none | imagenet | file (a weights file: neither of the paper's two conditions)."""
     return weights if weights in CONDITIONS else "file"
@@ -101,15 +127,18 @@ def read_run(run_dir: Path) -> dict:
             "weights": condition(config["weights"]), "seed": metrics["seed"],
             "strategy": metrics.get("strategy", "full"), "metrics": metrics,
             "history": read_history(run_dir / "history.csv"), "config": config,
-            "external": read_external(run_dir)}
+            "external": read_external(run_dir), "shift": read_shift_checks(run_dir)}
 
 
 def collect_runs(grid_dir) -> tuple[list[dict], list[dict]]:
-    """(finished runs, failed or unfinished runs) of a grid directory."""
+    """(finished runs, failed or unfinished runs) of a grid directory, or of one run directory."""
     grid_dir = Path(grid_dir)
+    if is_run_dir(grid_dir):
+        return [read_run(grid_dir)], []
     runs_dir = grid_dir / "runs"
     if not runs_dir.is_dir():
-        raise CTTransferError(f"{grid_dir}: not a grid directory (no runs/ folder)")
+        raise CTTransferError(f"{grid_dir}: not a grid directory (no runs/ folder) nor a finished run "
+                              "(no metrics.json)")
     done, other = [], []
     for run_dir in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
         if (run_dir / "metrics.json").exists():
@@ -133,9 +162,48 @@ def group_runs(runs: list[dict]) -> dict:
 
 
 def read_grid_info(grid_dir) -> dict:
-    """GRID/grid.json (data, models, weights, seeds, split, settings); {} for a grid without one."""
-    path = Path(grid_dir) / "grid.json"
+    """GRID/grid.json (data, models, weights, seeds, split, settings); {} for a grid without one.
+    For a single run, the same facts from its config.json."""
+    grid_dir = Path(grid_dir)
+    if is_run_dir(grid_dir):
+        config = read_json(grid_dir / "config.json")
+        split_file = config.get("split_file")
+        if isinstance(split_file, list):
+            split_file = ", ".join(str(f) for f in split_file)
+        return {"data": config.get("data"), "split": str(grid_dir / "split.csv"), "split_file": split_file,
+                "split_preset": None if split_file else config.get("split_preset"),
+                "split_groups": config.get("split_groups"), "settings": {}, "source": "config.json"}
+    path = grid_dir / "grid.json"
     return read_json(path) if path.exists() else {}
+
+
+AUDIT_KEYS = ("data", "split_file", "threshold", "n_images", "n_exact_pairs", "n_near_pairs", "n_cross_class_pairs",
+              "n_groups", "n_pairs_across_subsets", "n_pairs_train_test", "n_exact_pairs_across_subsets", "text")
+
+
+def find_audit(grid_dir, audit=None) -> dict | None:
+    """The leakage audit to summarise: ``audit`` (a folder from `ct-transfer audit`, or its audit.json),
+    else ``audit/`` inside the grid (or run) folder or beside it; None when there is none."""
+    grid_dir = Path(grid_dir)
+    if audit is not None:
+        path = Path(audit)
+        path = path / "audit.json" if path.is_dir() or not path.suffix else path
+        if not path.is_file():
+            raise CTTransferError(f"{audit}: no audit.json (write one with `ct-transfer audit`)")
+    else:
+        found = [p / "audit.json" for p in (grid_dir / "audit", grid_dir.parent / "audit")
+                 if (p / "audit.json").is_file()]
+        if not found:
+            return None
+        path = found[0]
+    data = read_json(path)
+    _require(data, ("n_images", "n_near_pairs"), path)
+    out = {k: data.get(k) for k in AUDIT_KEYS}
+    against = data.get("against") or {}
+    out["against"] = {k: against.get(k) for k in ("data", "n_images", "n_pairs", "n_exact_pairs", "text")
+                      if k in against} or None
+    out["path"] = str(path)
+    return out
 
 
 def _split_counts(path: Path) -> dict | None:
@@ -168,6 +236,7 @@ def describe_split(grid_dir, grid_info: dict) -> dict:
     """
     grid_dir = Path(grid_dir)
     settings = grid_info.get("settings") or {}
+    source = grid_info.get("source", "grid.json")  # where the facts come from (a single run: its config.json)
     split_path = Path(grid_info.get("split") or grid_dir / "split.csv")
     if not split_path.exists() and (grid_dir / "split.csv").exists():
         split_path = grid_dir / "split.csv"  # grid moved: grid.json holds the old absolute path
@@ -176,9 +245,9 @@ def describe_split(grid_dir, grid_info: dict) -> dict:
     user_file = grid_info.get("split_file") or settings.get("split_file")
     preset = grid_info.get("split_preset") or settings.get("split_preset")
     if user_file:
-        name, how = Path(user_file).name, "split file (grid.json)"
+        name, how = Path(user_file).name, f"split file ({source})"
     elif preset:
-        name, how = str(preset), "preset (grid.json)"
+        name, how = str(preset), f"preset ({source})"
     elif split_path.name != "split.csv":
         name, how = split_path.name, "split file (grid.json)"
     elif counts and all(counts.get(s, {}) and set(counts[s].values()) == {n} for s, n in PAPER_PER_CLASS.items()):

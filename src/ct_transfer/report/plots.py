@@ -32,9 +32,13 @@ def bars_figure(rows: list[dict], *, ylabel: str, title: str, paper: dict | None
     fig = Figure(figsize=(max(5, 1.1 * len(rows) + 2), 3.6), layout="tight")
     ax = fig.subplots()
     for off, cond, key in ((-0.2, "none", "without"), (0.2, "imagenet", "with")):
-        means = [(r[key]["mean"] or 0) * scale for r in rows]
-        errs = [(r[key]["std"] or 0) * scale for r in rows]
-        ax.bar(x + off, means, 0.4, yerr=errs, label=LABELS[cond], color=COLORS[cond], capsize=3)
+        ran = [i for i, r in enumerate(rows) if r[key] and r[key]["mean"] is not None]
+        means = [rows[i][key]["mean"] * scale for i in ran]
+        errs = [(rows[i][key]["std"] or 0) * scale for i in ran]
+        if ran:  # a condition that was not run has no bar (a bar at 0 would read as accuracy 0)
+            ax.bar(x[ran] + off, means, 0.4, yerr=errs, label=LABELS[cond], color=COLORS[cond], capsize=3)
+        for i in sorted(set(range(len(rows))) - set(ran)):
+            ax.text(x[i] + off, 0, "not run", rotation=90, ha="center", va="bottom", fontsize=7, color="grey")
         if paper:
             px = [i + off for i, r in enumerate(rows) if r["model"] in paper]
             py = [paper[r["model"]][key] * scale for r in rows if r["model"] in paper]
@@ -106,7 +110,7 @@ def _class_labels(classes: list[str] | None, metrics: dict, k: int) -> list[str]
 def write_plots(out_dir, *, tables: dict, groups: dict, runs: list[dict], paper_val: dict) -> dict[str, str]:
     """All report figures as PNG in ``out_dir``; returns {file name: caption}."""
     out_dir = Path(out_dir)
-    figures = {
+    figures = {} if tables is None else {  # no run of the paper's two conditions: no comparison bars
         "accuracy_val.png": ("validation accuracy, ours (bars) and the paper's Table 6 (diamonds)",
                              bars_figure(tables["val"]["accuracy"]["rows"], ylabel="val accuracy",
                                          title="Validation accuracy (mean ± std over seeds) vs paper",
@@ -118,9 +122,10 @@ def write_plots(out_dir, *, tables: dict, groups: dict, runs: list[dict], paper_
         "train_time.png": ("training time", bars_figure(tables["test"]["train_seconds"]["rows"], ylabel="minutes",
                                                         title="Training time per run (our epochs and hardware)",
                                                         scale=1 / 60)),
-        "val_curves.png": ("validation curves", val_curves_figure(groups)),
-        "confusion_matrices.png": ("test confusion matrices", confusion_figure(runs)),
     }
+    if groups:
+        figures["val_curves.png"] = ("validation curves", val_curves_figure(groups))
+    figures["confusion_matrices.png"] = ("test confusion matrices", confusion_figure(runs))
     for name, (_, fig) in figures.items():
         save(fig, out_dir / name)
     return {name: caption for name, (caption, _) in figures.items()}

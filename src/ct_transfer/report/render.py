@@ -162,7 +162,9 @@ def render_markdown(summary: dict, *, runs: list[dict], plots: dict[str, str], e
         **summary, "plots": plots, "extra_sections": extra_sections,
         "run_rows": _run_rows(runs), "table_numbers": TABLE_NUMBERS, "titles": METRIC_TITLES,
         "external_columns": EXTERNAL_COLUMNS, "paper_epochs": PAPER_EPOCHS,
-        "reduced": bool(protocol["epochs"]) and max(protocol["epochs"]) < PAPER_EPOCHS,
+        # a linear probe is one convex fit: epochs do not apply to it
+        "reduced": bool(protocol["epochs"]) and max(protocol["epochs"]) < PAPER_EPOCHS
+                   and protocol["strategies"] != ["linear"],
     }
     return _env().get_template("report.md.j2").render(context)
 

@@ -164,3 +164,66 @@ def external_comparison(groups: dict) -> list[dict]:
                              "metrics": summarise_metrics([e["metrics"] for e in found])})
             out.append({"model": model, "weights": cond, "sets": sets})
     return out
+
+
+def _chance(metric_dicts: list[dict]) -> float:
+    """Accuracy of a coin: 1/k for k classes (k from the confusion matrix; 2 when unknown)."""
+    for m in metric_dicts:
+        cm = m.get("confusion_matrix")
+        if cm:
+            return 1.0 / len(cm)
+    return 0.5
+
+
+def _verdict(internal: dict, externals: list[dict], split_name: str, grouped: dict | None) -> list[str]:
+    """What the numbers say, in the reader's words: at chance, a drop, or holding up."""
+    acc = internal["accuracy"]
+    notes = []
+    if not externals:
+        notes.append("no external validation: nothing here says how it does on another site's scans")
+    for e in externals:
+        ext = e["metrics"]["accuracy"]
+        if ext["mean"] is None:
+            continue
+        ci = ext.get("ci95")
+        if ci and ci[0] <= e["chance"] <= ci[1]:
+            notes.append(f"at chance on {e['name']}: accuracy {ext['mean']:.3f}, its 95% interval includes "
+                         f"{e['chance']:.2g}")
+        elif acc["mean"] is not None and ext["mean"] < acc["mean"] - 0.05:
+            notes.append(f"drops on {e['name']}: {ext['mean']:.3f} vs {acc['mean']:.3f} internal")
+        else:
+            notes.append(f"holds on {e['name']}: {ext['mean']:.3f} vs {acc['mean']:.3f} internal")
+    if split_name not in ("grouped",) and grouped is None:
+        notes.append("internal figure from a split that may put near-duplicate slices in train and test "
+                     "(no grouped-split result given)")
+    return notes
+
+
+def decision_rows(groups: dict, *, split_name: str, grouped_groups: dict | None = None) -> list[dict]:
+    """The report's answer: per model x weights, internal test, grouped-split test and every external set
+    side by side (intervals as in ``summarise_metrics``), the shift checks, and a verdict.
+
+    ``grouped_groups``: runs of the same models on a grouped split (another grid), matched by model and
+    weights; a grid whose own split is grouped is its own grouped figure."""
+    rows = []
+    for model, conds in groups.items():
+        for cond, runs in conds.items():
+            internal = summarise_metrics([r["metrics"]["test"] for r in runs])
+            grouped, grouped_from = None, None
+            if split_name == "grouped":
+                grouped, grouped_from = internal, "this split"
+            elif grouped_groups and grouped_groups.get(model, {}).get(cond):
+                other = grouped_groups[model][cond]
+                grouped = summarise_metrics([r["metrics"]["test"] for r in other])
+                grouped_from = f"{len(other)} run(s) on the grouped split"
+            externals = []
+            for name in sorted({e["name"] for r in runs for e in r["external"]}):
+                found = [e["metrics"] for r in runs for e in r["external"] if e["name"] == name]
+                externals.append({"name": name, "seeds": len(found), "n": found[0].get("n"),
+                                  "metrics": summarise_metrics(found), "chance": _chance(found)})
+            shift = [{**s, "seed": r["seed"]} for r in runs for s in r.get("shift", [])]
+            rows.append({"model": model, "weights": cond, "strategy": runs[0]["strategy"], "seeds": len(runs),
+                         "n_test": runs[0]["metrics"]["test"].get("n"), "internal": internal, "grouped": grouped,
+                         "grouped_from": grouped_from, "external": externals, "shift": shift,
+                         "verdict": _verdict(internal, externals, split_name, grouped)})
+    return rows

@@ -1,4 +1,7 @@
-"""write_report: collect a grid, compute its statistics, draw its plots, render md/HTML/JSON."""
+"""write_report: collect a grid (or one run), compute its statistics, draw its plots, render md/HTML/JSON.
+
+The report opens with the answer (internal, grouped-split and external results side by side, the
+leakage audit, the shift checks), then the paper's tables."""
 
 from __future__ import annotations
 
@@ -9,10 +12,10 @@ from pathlib import Path
 from .. import _io
 from ..errors import CTTransferError
 from . import paper as P
-from .collect import CONDITIONS, collect_runs, describe_split, group_runs, read_grid_info
+from .collect import CONDITIONS, collect_runs, describe_split, find_audit, group_runs, is_run_dir, read_grid_info
 from .plots import write_plots
 from .render import render_html, render_markdown
-from .stats import build_tables, external_comparison, headline_ratios, paired_comparison
+from .stats import build_tables, decision_rows, external_comparison, headline_ratios, paired_comparison
 
 log = logging.getLogger(__name__)
 
@@ -53,36 +56,61 @@ def _paired(groups: dict) -> dict:
             for model, conds in groups.items() if conds.get("none") and conds.get("imagenet")}
 
 
-def build_summary(grid_dir) -> tuple[dict, list[dict], dict]:
-    """(report.json's content, the runs, the runs grouped by model and condition)."""
+def _grouped_groups(grouped) -> dict | None:
+    """Runs on a grouped split to set beside the grid's (another grid, or one run)."""
+    if grouped is None:
+        return None
+    runs, _ = collect_runs(grouped)
+    split = describe_split(grouped, read_grid_info(grouped))
+    if split["name"] != "grouped":
+        raise CTTransferError(f"{grouped}: its split is {split['name']}, not grouped")
+    return group_runs(runs)
+
+
+def build_summary(grid_dir, *, audit=None, grouped=None) -> tuple[dict, list[dict], dict]:
+    """(report.json's content, the runs of the paper's two conditions, those runs grouped by model and
+    condition). ``grid_dir`` may be one run's folder; ``audit``: an audit folder (default: found beside);
+    ``grouped``: a grid or run on the grouped split, set beside this one's figures."""
     grid_dir = Path(grid_dir)
-    runs, failed = collect_runs(grid_dir)
+    all_runs, failed = collect_runs(grid_dir)
     grid_info = read_grid_info(grid_dir)
-    other = [r["name"] for r in runs if r["weights"] not in CONDITIONS]
-    if other:  # runs from a weights file are neither of the paper's two conditions
-        log.info("%d run(s) with a weights file left out of the comparison: %s", len(other), ", ".join(other))
-    runs = [r for r in runs if r["weights"] in CONDITIONS]
-    if not runs:
+    if not all_runs:
         raise CTTransferError(f"{grid_dir}: no finished runs to report")
+    split = describe_split(grid_dir, grid_info)
+    answer = decision_rows(group_runs(all_runs), split_name=split["name"], grouped_groups=_grouped_groups(grouped))
+    other = [r["name"] for r in all_runs if r["weights"] not in CONDITIONS]
+    if other:  # runs from a weights file are neither of the paper's two conditions
+        log.info("%d run(s) with a weights file left out of the paper's tables: %s", len(other), ", ".join(other))
+    runs = [r for r in all_runs if r["weights"] in CONDITIONS]
     groups = group_runs(runs)
     paper = P.paper_results()
-    tables = {s: build_tables(groups, s) for s in SUBSETS}
+    tables = {s: build_tables(groups, s) for s in SUBSETS} if runs else None
     summary = {
-        "grid": str(grid_dir), "split": describe_split(grid_dir, grid_info),
-        "settings": _settings(runs, grid_info), "protocol": _protocol(runs),
-        "models": list(groups), "tables": tables, "paper": _paper_section(tables, paper),
-        "ratios": _ratios(tables, paper), "comparisons": _paired(groups),
-        "external": external_comparison(groups), "runs": [r["name"] for r in runs], "failed": failed,
+        "grid": str(grid_dir), "single_run": is_run_dir(grid_dir), "split": split, "answer": answer,
+        "audit": find_audit(grid_dir, audit), "settings": _settings(all_runs, grid_info),
+        "protocol": _protocol(all_runs), "models": list(groups), "tables": tables,
+        "paper": _paper_section(tables, paper) if tables else None,
+        "ratios": _ratios(tables, paper) if tables else None, "comparisons": _paired(groups),
+        "external": external_comparison(groups), "runs": [r["name"] for r in all_runs], "failed": failed,
     }
-    return summary, runs, groups
+    return summary, all_runs, groups
 
 
-def write_report(grid_dir, out_dir=None, *, extra_sections: list[str] | None = None) -> dict:
-    """Write report.md, report.html (images embedded), report.json and the PNG plots into
-    ``out_dir`` (default: the grid directory); returns report.json's content."""
+def default_out(grid_dir) -> Path:
+    """Where a report goes by default: the grid directory; for one run, RUN/report (a run's own
+    folder holds only what training wrote)."""
     grid_dir = Path(grid_dir)
-    out_dir = Path(out_dir) if out_dir else grid_dir
-    summary, runs, groups = build_summary(grid_dir)
+    return grid_dir / "report" if is_run_dir(grid_dir) else grid_dir
+
+
+def write_report(grid_dir, out_dir=None, *, extra_sections: list[str] | None = None, audit=None,
+                 grouped=None) -> dict:
+    """Write report.md, report.html (images embedded), report.json and the PNG plots into
+    ``out_dir`` (default: ``default_out``); returns report.json's content. ``grid_dir``: a grid or
+    one run; ``audit``/``grouped``: see ``build_summary``."""
+    grid_dir = Path(grid_dir)
+    out_dir = Path(out_dir) if out_dir else default_out(grid_dir)
+    summary, runs, groups = build_summary(grid_dir, audit=audit, grouped=grouped)
     _io.ensure_writable_dir(out_dir)
     paper_val = {k: {r["model"]: r for r in P.paper_rows(k)} for k in ("accuracy", "f1")}
     plots = write_plots(out_dir, tables=summary["tables"], groups=groups, runs=runs, paper_val=paper_val)

@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -82,11 +83,16 @@ def test_tables_6_7_carry_every_paper_architecture(report, paper_json, subset, k
     _, md, _ = report
     title = {"accuracy": "Table 6 — accuracy", "f1": "Table 7 — F1 score"}[key]
     rows = by_model(md_table(md, f"{title} ({subset})"))
+    # the paper's 12 architectures, none run here: one line naming them, their values in report.json
+    [collapsed] = [r for r in rows.values() if r[0].startswith("12 architectures not run: ")]
+    assert collapsed[4] == collapsed[5] == "not run"
+    assert [m.strip() for m in collapsed[0].split(": ", 1)[1].split(",")] == [t["model"] for t in paper_json["tables"]]
+    assert not set(rows) & {t["model"] for t in paper_json["tables"]}
+    beside = {r["model"]: r for r in report[2]["paper"]["beside"][subset][key]}
     for t in paper_json["tables"]:
-        row = rows[t["model"]]
-        assert float(row[1]) == t[table]["without"] and float(row[2]) == t[table]["with"]
-        assert float(row[3]) == pytest.approx(t[table]["difference"])
-        assert row[4] == row[5] == "not run"
+        row = beside[t["model"]]
+        assert row["paper"]["without"] == t[table]["without"] and row["paper"]["with"] == t[table]["with"]
+        assert row["ours"] is None
     ours = rows["EfficientNetLite0"]  # ran here, not in the paper
     assert ours[1] == ours[2] == "not in paper"
     runs, _ = R.collect_runs(report[2]["grid"])
@@ -97,9 +103,11 @@ def test_tables_6_7_carry_every_paper_architecture(report, paper_json, subset, k
 
 def test_table_8_times_equal_the_json(report, paper_json):
     rows = by_model(md_table(report[1], "Table 8 — training time"))
-    for t in paper_json["tables"]:
-        assert rows[t["model"]][1] == t["train_time"]["without"]
-        assert rows[t["model"]][2] == t["train_time"]["with"]
+    beside = {r["model"]: r["paper"] for r in report[2]["paper"]["beside"]["test"]["train_seconds"]}
+    for t in paper_json["tables"]:  # not run here: collapsed in the table, the values in report.json
+        assert P.format_hms(beside[t["model"]]["without"]) == t["train_time"]["without"]
+        assert P.format_hms(beside[t["model"]]["with"]) == t["train_time"]["with"]
+    assert any(r[0].startswith("12 architectures not run") for r in rows.values())
     mean = next(r for r in rows.values() if r[0].startswith("**mean**"))
     by_hand = sum(t["train_time"]["without_seconds"] for t in paper_json["tables"]) / len(paper_json["tables"])
     assert by_hand == 2207 and mean[1] == "0:36:47"  # the paper's text says 0:36:52
@@ -250,3 +258,110 @@ def test_strings_from_runs_are_escaped_in_report_html(tiny_grid, tmp_path):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # shown as text
     assert html.count("&lt;script&gt;") >= 3  # summary line, tables, external section
     assert "<script>" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+
+
+def test_report_opens_with_the_answer(external_report):
+    grid, md, summary = external_report
+    headings = [line for line in md.splitlines() if line.startswith("## ")]
+    assert headings[0] == "## The answer" and headings.index("## The answer") < headings.index(
+        "## Table 6 — accuracy (val)")
+    rows = md_table(md, "The answer")
+    assert [r[:3] for r in rows] == [["EfficientNetLite0", "none", "1"], ["EfficientNetLite0", "imagenet", "1"]]
+    scratch, imagenet = rows
+    test = json.loads((grid / "runs" / RUN / "metrics.json").read_text())["test"]
+    lo, hi = test["ci95"]["accuracy"]
+    assert imagenet[3] == f"{test['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]"
+    assert imagenet[4] == "not run"  # the paper split; no grouped grid given
+    assert imagenet[5:9] == ["ucsd-dev (n=541)", "0.543 [0.501, 0.585]", "0.612 [0.550, 0.670] / 0.483 [0.425, 0.541]",
+                             "0.571 [0.522, 0.620]"]
+    assert "holds on ucsd-dev" in imagenet[9] or "drops on ucsd-dev" in imagenet[9]
+    assert scratch[5] == "not run" and scratch[9].startswith("no external validation")
+    assert summary["answer"][1]["external"][0]["metrics"]["accuracy"]["ci95"] == [0.501, 0.585]
+
+
+def test_answer_flags_chance_and_shows_audit_and_shift_check(tiny_grid, tmp_path, data_dir):
+    from ct_transfer.audit import audit
+
+    grid = tmp_path / "grid"
+    shutil.copytree(tiny_grid, grid)
+    target = grid / "runs" / RUN / "external" / "ucsd-dev"
+    target.mkdir(parents=True)
+    at_chance = json.loads(json.dumps(EXTERNAL))
+    at_chance["metrics"].update(accuracy=0.52)
+    at_chance["metrics"]["ci95"]["accuracy"] = [0.478, 0.562]
+    (target / "metrics.json").write_text(json.dumps(at_chance))
+    shift = {"n": 541, "flagged": 0.61, "val_flagged": 0.05, "p_value": 1e-30, "shifted": True, "detector": "energy",
+             "verdict": "Unlike the run's training images: 61% of 541 images flagged (val: 5%)"}
+    (target / "shift.json").write_text(json.dumps(shift))
+    # a real audit of a few real images, beside the grid where the report finds it
+    small = tmp_path / "small"
+    for cls in ("COVID", "non-COVID"):
+        (small / cls).mkdir(parents=True)
+        for f in sorted((data_dir / cls).iterdir())[:6]:
+            shutil.copy(f, small / cls / f.name)
+    shutil.copy(small / "COVID" / "Covid (1).png", small / "non-COVID" / "copy.png")  # one exact duplicate
+    audit(str(small), str(tmp_path / "audit"))
+    summary = R.write_report(grid, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text()
+    answer = md[md.index("## The answer"):md.index("## Protocol")]
+    row = by_model(md_table(md, "The answer"))["EfficientNetLite0"]
+    imagenet = [r for r in md_table(md, "The answer") if r[1] == "imagenet"][0]
+    assert "at chance on ucsd-dev" in imagenet[9] and "includes 0.5" in imagenet[9], row
+    assert summary["audit"]["n_exact_pairs"] == 1 and summary["audit"]["n_images"] == 13
+    assert "**Leakage audit**" in answer and "1 pixel-identical pair(s)" in answer and "13 images" in answer
+    assert "**Shift check**" in answer and shift["verdict"] in answer
+    # an audit folder named on the command line; a missing one is a one-line error
+    with pytest.raises(CTTransferError, match="no audit.json"):
+        R.build_summary(grid, audit=tmp_path / "nowhere")
+
+
+def test_report_of_a_single_run(trained_run, tmp_path, capsys):
+    run_dir, metrics = trained_run
+    run = tmp_path / "lite0"
+    shutil.copytree(run_dir, run)
+    assert main(["report", str(run), "--no-gallery"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"EfficientNetLite0 (imagenet, 1 seed(s)): internal test accuracy "
+                                          f"{metrics['test']['accuracy']:.3f}")
+    md = (run / "report" / "report.md").read_text()  # beside the run's files, not among them
+    assert md.startswith("# Run lite0: report") and "**Split: stratified** — preset (config.json)" in md
+    rows = md_table(md, "The answer")
+    assert len(rows) == 1 and rows[0][3].startswith(f"{metrics['test']['accuracy']:.3f} [")
+    assert "## Table 6 — accuracy (val)" in md
+    # every plot has something drawn: no empty axes for the condition that was not run
+    for name in re.findall(r"^!\[[^\]]*\]\(([^)]+)\)", md, flags=re.M):
+        with Image.open(run / "report" / name) as im:
+            assert np.asarray(im.convert("L")).std() > 5, name
+
+
+def test_a_linear_probe_curves_figure_is_not_empty(tmp_path):
+    from ct_transfer.evaluate import curves_figure, save_figure
+
+    one = [{"epoch": 1, "train_loss": 0.21, "val_loss": 0.6, "train_acc": 0.98, "val_acc": 0.75}]
+    fig = curves_figure(one, "probe")
+    assert all(ax.patches for ax in fig.axes) and "single fit" in fig.axes[0].get_xlabel()
+    save_figure(fig, tmp_path / "curves.png")
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]  # the bars' value labels
+    assert "0.750" in texts and "0.210" in texts
+
+
+def test_explanation_figure_at_the_image_resolution_with_a_colour_bar(tmp_path, data_dir):
+    from ct_transfer.data import read_image
+    from ct_transfer.evaluate import save_figure
+    from ct_transfer.explain import overlay_figure
+
+    image = read_image(data_dir / "COVID" / "Covid (5).png")
+    h, w = image.shape[:2]
+    heat = np.linspace(0, 1, h * w).reshape(h, w)
+    fig = overlay_figure(image, heat, "Grad-CAM · pred COVID (p=0.9)")
+    save_figure(fig, tmp_path / "o.png", dpi=fig.dpi)
+    with Image.open(tmp_path / "o.png") as im:
+        width, height = im.size
+        shown = np.asarray(im.convert("RGB"))
+    assert height > h and width > 2 * w  # both panels at full size, plus the title and the colour bar
+    panel = fig.axes[0].get_window_extent()
+    assert round(panel.width) == w and round(panel.height) == h  # one image pixel, one figure pixel
+    bar = fig.axes[2]
+    assert bar.get_ylim() == (0.0, 1.0)  # the colour bar spans the heat map's scale
+    # the input panel shows the image's own pixels, unresampled
+    assert np.array_equal(shown[height - h:, :w], image[:, :, :3])

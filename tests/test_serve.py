@@ -70,7 +70,8 @@ def runs(trained_run, tmp_path_factory):
     shutil.copytree(trained_run[0], plain)
     shutil.copytree(trained_run[0], calibrated)
     cfg = _io.read_json(calibrated / "config.json")
-    _io.write_json(calibrated / "config.json", {**cfg, "calibration": CALIBRATION})
+    # "paper": the recipe of TrainConfig's defaults, which the fixture's run used (with its epochs/limit)
+    _io.write_json(calibrated / "config.json", {**cfg, "calibration": CALIBRATION, "recipe": "paper"})
     run = load_run(calibrated)
     rows = [r for r in _io.read_csv(UCSD / "SPLIT.csv") if r["subset"] == "val"]
     picked = [r for c in ("COVID", "non-COVID") for r in [r for r in rows if r["class"] == c][:10]]
@@ -153,6 +154,16 @@ def mr_dicom() -> bytes:
     return buf.getvalue()
 
 
+def chance_warnings(runs) -> list[str]:
+    """The card's warning for the calibrated run's 20 external images: at chance when the accuracy's
+    95% interval includes 0.5 (20 images give a wide interval; computed, not assumed)."""
+    lo, hi = runs["external"]["ci95"]["accuracy"]
+    if not lo <= 0.5 <= hi:
+        return []
+    return [f"External accuracy at chance on ucsd-val-20: {runs['external']['accuracy']:.3f} [{lo:.3f}, {hi:.3f}], "
+            "the 95% interval includes 0.5. Do not rely on this run for scans like those."]
+
+
 def cli_predict(run_dir, files, tmp_path):
     out = tmp_path / "cli.csv"
     assert main(["predict", "--run", str(run_dir), *map(str, files), "--out", str(out)]) == 0
@@ -199,7 +210,7 @@ def test_calibrated_run_and_cards(server, runs, slices):
 
     api = httpx.get(server["url"] + "/openapi.json").json()
     form = api["components"]["schemas"]["Body_predict_api_predict_post"]["properties"]
-    assert set(form) == {"files", "run", "method", "overlay"}
+    assert set(form) == {"files", "run", "method", "overlay", "window"}
     assert {"200", "413", "422", "500"} <= set(api["paths"]["/api/predict"]["post"]["responses"])
 
     cards = {c["name"]: c for c in httpx.get(server["url"] + "/api/runs").json()["runs"]}
@@ -207,7 +218,8 @@ def test_calibrated_run_and_cards(server, runs, slices):
     assert cards["plain"]["external"] == [] and "No external validation" in cards["plain"]["warnings"][0]
     assert cards["plain"]["internal"]["test"]["accuracy"] == pytest.approx(run.metrics["test"]["accuracy"])
     ext = cards["calibrated"]["external"]
-    assert cards["calibrated"]["warnings"] == [] and [e["name"] for e in ext] == ["ucsd-val-20"]
+    assert cards["calibrated"]["warnings"] == chance_warnings(runs) and [e["name"] for e in ext] == ["ucsd-val-20"]
+    assert cards["plain"]["recipe_name"] is None and cards["calibrated"]["recipe_name"] == "paper"
     assert ext[0]["metrics"]["accuracy"] == pytest.approx(runs["external"]["accuracy"])
     assert ext[0]["metrics"]["n"] == 20 and ext[0]["metrics"]["ci95"]["accuracy"] == pytest.approx(
         runs["external"]["ci95"]["accuracy"])
@@ -464,7 +476,7 @@ def test_browser_upload_predict_sort_csv_and_errors(browser, server, runs, slice
     # the other run, with its calibration and external result on the card
     page.select_option("#run", "calibrated")
     assert page.inner_text("#card h2") == "Run calibrated"
-    assert page.locator("#card .warning").count() == 0
+    assert page.locator("#card .warning").all_inner_texts() == chance_warnings(runs)
     assert "external: ucsd-val-20" in page.inner_text("#card table.metrics")
     # drag and drop: a real file dropped on the drop zone (DataTransfer built in the page)
     page.evaluate("""([name, b64]) => {
@@ -670,4 +682,96 @@ def test_shift_guard_in_the_api_and_a_warning_on_the_page(browser, server, runs,
     assert "Unlike" not in shown[flagged[0].name].locator("td.pred").inner_text()  # apart from the label
     assert shown[accepted[0].name].locator("td.shift").inner_text() == "yes"
     assert shown[accepted[0].name].locator(".shift-warning").count() == 0
+
+
+def test_heat_map_layers_blend_to_the_overlay_and_window_field(server, runs, slices):
+    """The page's opacity slider stacks `heatmap` on `image`: at the server's alpha (0.45) that is the
+    overlay; the `window` field re-windows DICOM files like `predict --window`."""
+    from ct_transfer.explain import overlay_array
+
+    run = load_run(runs["plain"])
+    body = post(server, [slices[0], Path(CT)], run="plain").json()
+    png, dcm = body["results"]
+    assert body["window"] == [1500.0, -600.0] and not png["dicom"] and dcm["dicom"]
+    image, heat, overlay = (decode_data_url(png[k]).astype(float) for k in ("image", "heatmap", "overlay"))
+    assert image.shape == heat.shape == overlay.shape
+    assert np.abs(0.55 * image + 0.45 * heat - overlay).max() <= 6  # thumbnails of blended vs blended thumbnails
+    ex = run.explain(str(slices[0]))
+    expected = Image.fromarray(overlay_array(np.asarray(Image.open(slices[0]).convert("RGB")), ex.heatmap, alpha=1.0))
+    expected.thumbnail((320, 320), Image.BILINEAR)
+    assert np.abs(heat - np.asarray(expected).astype(float)).mean() < 2
+
+    body = post(server, [Path(CT)], run="plain", overlay="false", window="400,40").json()
+    [r] = body["results"]
+    assert body["window"] == [400.0, 40.0]
+    windowed = run.predict_proba([pydicom_array(CT, (400.0, 40.0))])[0]
+    np.testing.assert_allclose(probs(r, run.classes), windowed, atol=1e-5)
+    assert not np.allclose(probs(r, run.classes), probs(dcm, run.classes))  # the window changed the input
+    for bad in ("400", "0,40", "abc,1", "nan,nan"):
+        resp = post(server, [Path(CT)], run="plain", window=bad)
+        assert resp.status_code == 400 and resp.json()["detail"].startswith(f"window={bad}: give WIDTH,LEVEL")
+
+
+def pydicom_array(path, window):
+    from ct_transfer.data import read_dicom
+
+    return read_dicom(path, window)
+
+
+def test_browser_card_zoom_opacity_and_dicom_window(browser, server, runs, slices, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page_errors = []
+    page.on("pageerror", lambda e: page_errors.append(str(e)))
+    page.goto(server["url"] + "/")
+    page.wait_for_selector("#card h2")
+    assert "no named recipe" in page.inner_text("#card dl")
+    page.select_option("#run", "calibrated")
+    facts = page.inner_text("#card dl")
+    assert "paper — epochs 2" in facts and "limit 60" in facts
+    page.select_option("#run", "plain")
+
+    page.set_input_files("#files", [str(slices[0]), CT])
+    page.wait_for_function("document.querySelectorAll('#results tbody tr').length === 2", timeout=120_000)
+    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+
+    # opacity: the heat layer follows the slider
+    heat = page.locator("#results tbody tr").first.locator("img.heat")
+    assert float(heat.evaluate("e => getComputedStyle(e).opacity")) == pytest.approx(0.45)
+    page.locator("#opacity").fill("0.8")
+    assert float(heat.evaluate("e => getComputedStyle(e).opacity")) == pytest.approx(0.8)
+    assert page.inner_text("#opacity-value") == "0.80"
+
+    # zoom: a click opens the image large, Escape closes it
+    small = page.locator("#results tbody tr").first.locator(".stack").bounding_box()
+    page.locator("#results tbody tr").first.locator(".stack").click()
+    page.wait_for_selector("dialog#zoom[open]")
+    big = page.locator("#zoom-body .stack").bounding_box()
+    assert big["width"] > 1.5 * small["width"]
+    assert float(page.locator("#zoom-body img.heat").evaluate("e => getComputedStyle(e).opacity")) == pytest.approx(0.8)
+    page.keyboard.press("Escape")
+    page.wait_for_selector("dialog#zoom:not([open])", state="attached")
+    page.locator("#results img.input").first.click()
+    page.wait_for_selector("dialog#zoom[open] img.zoomed")
+    page.locator("dialog#zoom").click()
+    page.wait_for_selector("dialog#zoom:not([open])", state="attached")
+
+    # window/level: the DICOM row is re-requested with the mediastinal window, the PNG row stays
+    dicom_row = page.locator("#results tbody tr", has_text=Path(CT).name)
+    png_row = page.locator("#results tbody tr", has_text=slices[0].name)
+    assert "window 1500 / -600 HU" in dicom_row.inner_text()
+    before = {"dicom": dicom_row.locator("img.input").get_attribute("src"),
+              "png": png_row.locator("img.input").get_attribute("src")}
+    page.select_option("#window-preset", "400,40")
+    assert page.input_value("#window-width") == "400" and page.input_value("#window-level") == "40"
+    page.click("#window-apply")
+    page.wait_for_function("document.querySelector('#results tbody').innerText.includes('window 400 / 40 HU')",
+                           timeout=120_000)
+    assert page.locator("#results tbody tr").count() == 2
+    assert dicom_row.locator("img.input").get_attribute("src") != before["dicom"]
+    assert png_row.locator("img.input").get_attribute("src") == before["png"]
+    run = load_run(runs["plain"])
+    expected = run.predict_proba([pydicom_array(CT, (400.0, 40.0))])[0]
+    shown = float(dicom_row.locator("td.prob[data-class='COVID']").inner_text())
+    assert shown == pytest.approx(expected[run.classes.index("COVID")], abs=1e-4)
+    assert page_errors == []
     page.close()

@@ -159,7 +159,9 @@ def _recipe(cfg: dict) -> dict:
     if isinstance(cfg.get("recipe"), dict):
         return cfg["recipe"]
     keys = ("epochs", "batch_size", "lr", "dropout", "augment", "strategy", "seed", "split_preset", "limit")
-    return {k: cfg[k] for k in keys if k in cfg}
+    if cfg.get("strategy") == "linear":  # one convex fit on fixed features: no epochs, batches or dropout
+        keys = ("strategy", "image_size", "seed", "split_preset", "limit")
+    return {k: cfg[k] for k in keys if cfg.get(k) is not None}
 
 
 def run_card(name: str, run: Run) -> dict:
@@ -172,11 +174,29 @@ def run_card(name: str, run: Run) -> dict:
     if not any(e["independent"] for e in external):
         warnings.append("No external validation: the metrics below come from held-out images of the "
                         "training dataset only. Expect lower accuracy on another hospital's scans.")
+    for e in external:  # an interval that includes a coin's accuracy: no evidence the model works there
+        acc, ci = e["metrics"].get("accuracy"), e["metrics"].get("ci95", {}).get("accuracy")
+        chance = 1 / len(run.classes)
+        if acc is not None and ci and ci[0] <= chance <= ci[1]:
+            warnings.append(f"External accuracy at chance on {e['name']}: {acc:.3f} [{ci[0]:.3f}, {ci[1]:.3f}], "
+                            f"the 95% interval includes {chance:.2g}. Do not rely on this run for scans like those.")
+    from .calibration import T_BOUNDS, at_bound
+
+    if run.temperature is not None and run.temperature != 1.0 and at_bound(run.temperature):
+        warnings.append(f"Calibration: the temperature ({run.temperature:.3g}) sits at the bound of its search "
+                        f"{list(T_BOUNDS)}: val was too small or too easy to fit it, and the probabilities shown "
+                        "are squeezed towards " + ("0.5." if run.temperature > 1 else "0 and 1."))
+    calibration = metrics.get("calibration")
+    if isinstance(calibration, dict) and calibration.get("reasons"):  # what `calibrate` recorded
+        warnings.append(f"Calibration {calibration.get('status', '')}: " + "; ".join(map(str, calibration["reasons"])))
     if not internal:
         warnings.append("This run has no recorded validation or test metrics.")
+    recipe = cfg.get("recipe")
     return {"name": name, "model": cfg.get("model"), "weights": str(cfg.get("weights")),
             "data": cfg.get("data"), "classes": run.classes, "image_size": run.image_size,
             "preprocess": run.preprocess.describe(), "recipe": _recipe(cfg),
+            "recipe_name": Path(recipe).name if isinstance(recipe, str) and recipe else None,
+            "strategy": cfg.get("strategy", "full"),
             "temperature": run.temperature, "threshold": run.threshold,
             "positive_class": run.classes[1] if len(run.classes) == 2 else None,
             "internal": internal, "external": external, "warnings": warnings}
@@ -352,9 +372,23 @@ def bounded(arr: np.ndarray, max_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize(size, Image.BILINEAR), dtype=np.uint8)
 
 
+def parse_window_field(text: str | None) -> tuple[float, float] | None:
+    """The ``window`` form field, ``WIDTH,LEVEL`` in HU (None or empty: the run's window)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        width, level = (float(v) for v in text.split(","))
+    except ValueError:
+        width = level = float("nan")
+    if not (0 < width < 1e5 and abs(level) < 1e5):  # also false for NaN
+        raise UploadError(f"window={text[:40]}: give WIDTH,LEVEL in HU, width > 0, e.g. 1500,-600", 400)
+    return width, level
+
+
 def analyse(served: Served, uploads, *, method: str = "gradcam", overlay: bool = True,
-            limits: Limits = Limits()) -> dict:
+            limits: Limits = Limits(), window: tuple[float, float] | None = None) -> dict:
     """Decode, predict (calibrated) and explain uploaded files; per-file problems are listed.
+    ``window``: DICOM width/level in HU for this request (default: the run's).
 
     Memory: files are read and decoded one at a time; each full-resolution image is reduced at once
     to the model's input (what ``predict`` computes from it) and a copy whose longest side is
@@ -369,13 +403,15 @@ def analyse(served: Served, uploads, *, method: str = "gradcam", overlay: bool =
     from .data.volume import scans_in_items
 
     run = served.run
+    window = tuple(window) if window else tuple(run.preprocess.window)
     budget = Budget(limits)
-    inputs, shown, names, sizes, errors = [], [], [], [], []
+    inputs, shown, names, sizes, errors, dicom = [], [], [], [], [], []
 
     def add_slice(name, data):
         try:
             budget.take_pixels(declared_pixels(data, name), name)
-            arr = D.decode_any(data, name, run.preprocess.window)
+            arr = D.decode_any(data, name, window)
+            dicom.append(D.decode.is_dicom_bytes(data) or name.lower().endswith(D.DICOM_EXTENSIONS))
         except CTTransferError as exc:
             errors.append({"name": name, "error": " ".join(str(exc).split())})
             return
@@ -410,7 +446,7 @@ def analyse(served: Served, uploads, *, method: str = "gradcam", overlay: bool =
     results = []
     if not inputs:
         return {"run": served.name, "classes": run.classes, "method": method if overlay else None,
-                "threshold": run.threshold, "temperature": run.temperature,
+                "window": list(window), "threshold": run.threshold, "temperature": run.temperature,
                 "positive_class": run.classes[1] if len(run.classes) == 2 else None,
                 "results": results, "patients": patients, "errors": errors}
     x = torch.cat(inputs)
@@ -420,15 +456,23 @@ def analyse(served: Served, uploads, *, method: str = "gradcam", overlay: bool =
         for i, (name, pred) in enumerate(zip(names, predictions)):
             results.append({"name": name, "label": pred.label, "probabilities": pred.probabilities,
                             "shift_score": pred.shift_score, "in_distribution": pred.in_distribution,
-                            "size": sizes[i], "input": png_data_url(x[i].permute(1, 2, 0).numpy())})
+                            "size": sizes[i], "dicom": bool(dicom[i]),
+                            "input": png_data_url(x[i].permute(1, 2, 0).numpy())})
         if overlay:  # a few at a time: each overlay becomes a small PNG before the next ones are made
             step = limits.explain_batch
             for start in range(0, len(results), step):
-                explanations = run.explain(shown[start:start + step], method=method)
+                from .explain import overlay_array
+
+                images = shown[start:start + step]
+                explanations = run.explain(images, method=method)
                 shown[start:start + step] = [None] * len(explanations)
-                for row, ex in zip(results[start:start + step], explanations):
-                    row.update(overlay=png_data_url(ex.overlay, limits.preview_px), explained_class=ex.label)
+                for row, ex, image in zip(results[start:start + step], explanations, images):
+                    # the page stacks the coloured heat map on the image with an opacity the user sets
+                    row.update(overlay=png_data_url(ex.overlay, limits.preview_px), explained_class=ex.label,
+                               image=png_data_url(image, limits.preview_px),
+                               heatmap=png_data_url(overlay_array(image, ex.heatmap, alpha=1.0), limits.preview_px))
     return {"run": served.name, "classes": run.classes, "method": method if overlay else None,
+            "window": list(window),
             "threshold": run.threshold, "temperature": run.temperature,
             "positive_class": run.classes[1] if len(run.classes) == 2 else None,
             "shift_guard": None if run.guard is None else {"detector": run.guard.name,
@@ -697,7 +741,9 @@ def create_app(runs: dict[str, Served], *, limits: Limits = Limits(), hosts: Hos
     async def predict(files: list[UploadFile] = File(..., description="PNG/JPEG/TIFF/DICOM/NIfTI files or .zip"),
                       run: str | None = Form(None, description=f"run name (default: the first: {names[0]})"),
                       method: Literal[tuple(METHODS)] = Form("gradcam"),
-                      overlay: bool = Form(True, description="compute the heat-map overlay")):
+                      overlay: bool = Form(True, description="compute the heat-map overlay"),
+                      window: str | None = Form(None, description="DICOM window WIDTH,LEVEL in HU, e.g. "
+                                                                  "400,40 (default: the run's, lung 1500,-600)")):
         """Per file: predicted class (calibrated decision), class probabilities, the preprocessed input
         (PNG data URL) and the heat-map overlay. Files that cannot be decoded are listed in ``errors``;
         when none can be, the answer is 422. Limits: 413."""
@@ -706,9 +752,11 @@ def create_app(runs: dict[str, Served], *, limits: Limits = Limits(), hosts: Hos
             raise UploadError(f"run={run}: not served here; choose {', '.join(names)}", 404)
         # the parts stay where Starlette put them (memory, or a spooled temp file above 1 MB) and are
         # read one at a time by ``analyse`` in a worker thread, never all at once
+        wl = parse_window_field(window)  # a bad window is refused before any decoding
         uploads = [(Path(f.filename or "upload").name or "upload", f.file) for f in files]
         try:
-            return await run_in_threadpool(analyse, served, uploads, method=method, overlay=overlay, limits=limits)
+            return await run_in_threadpool(analyse, served, uploads, method=method, overlay=overlay, limits=limits,
+                                           window=wl)
         finally:
             for f in files:
                 await f.close()
@@ -732,6 +780,9 @@ def _api_models() -> dict:
                                                              "images); null when the run has no guard")
         in_distribution: bool | None = Field(None, description="false: unlike the training images, do not trust "
                                                                "the label; null when the run has no guard")
+        dicom: bool = Field(False, description="a DICOM file (window applies)")
+        image: str | None = Field(None, description="the decoded image, PNG data URL (overlay=true)")
+        heatmap: str | None = Field(None, description="the heat map alone, jet colours, PNG data URL (overlay=true)")
 
     class FileError(BaseModel):
         name: str
@@ -775,6 +826,7 @@ def _api_models() -> dict:
         positive_class: str | None
         shift_guard: dict | None = Field(None, description="{detector, threshold} of the run's shift guard; "
                                          "null: the run has none (fit one with `ct-transfer guard`)")
+        window: list[float] = Field(description="DICOM window used, [width, level] in HU")
         results: list[Result]
         patients: list[Patient] = Field([], description="scans (DICOM series, multi-frame DICOM, NIfTI): one each")
         errors: list[FileError] = Field(description="files that could not be decoded (the others are answered)")

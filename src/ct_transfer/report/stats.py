@@ -175,7 +175,7 @@ def _chance(metric_dicts: list[dict]) -> float:
     return 0.5
 
 
-def _verdict(internal: dict, externals: list[dict], split_name: str, grouped: dict | None) -> list[str]:
+def _decision_notes(internal: dict, externals: list[dict], split_name: str, grouped: dict | None) -> list[str]:
     """What the numbers say, in the reader's words: at chance, a drop, or holding up."""
     acc = internal["accuracy"]
     notes = []
@@ -225,5 +225,5 @@ def decision_rows(groups: dict, *, split_name: str, grouped_groups: dict | None 
             rows.append({"model": model, "weights": cond, "strategy": runs[0]["strategy"], "seeds": len(runs),
                          "n_test": runs[0]["metrics"]["test"].get("n"), "internal": internal, "grouped": grouped,
                          "grouped_from": grouped_from, "external": externals, "shift": shift,
-                         "verdict": _verdict(internal, externals, split_name, grouped)})
+                         "verdict": _decision_notes(internal, externals, split_name, grouped)})
     return rows

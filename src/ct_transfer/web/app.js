@@ -48,11 +48,12 @@ function renderCard() {
   const card = $("card");
   card.replaceChildren();
   if (!run) return;
-  const recipe = Object.entries(run.recipe || {}).map(([k, v]) => `${k} ${v}`).join(" · ");
+  const values = Object.entries(run.recipe || {}).map(([k, v]) => `${k} ${v}`).join(" · ");
+  const recipe = `${run.recipe_name || "no named recipe (options given one by one)"}${values ? " — " + values : ""}`;
   const facts = [
     ["Model", `${run.model} · weights ${run.weights} · input ${run.image_size}×${run.image_size}`],
     ["Training data", run.data || "—"],
-    ["Recipe", recipe || "—"],
+    ["Recipe", recipe],
     ["Preprocessing", run.preprocess],
     ["Classes", run.classes.join(", ")],
     ["Decision", `${thresholdText(run)} · temperature ${num(run.temperature, 3)}`],
@@ -80,15 +81,17 @@ function detailText(body, status) {
   return `the server answered ${status}`;
 }
 
-async function upload(fileList) {
+// opts (re-analysis with another DICOM window): run, method, overlay, window, replace
+async function upload(fileList, opts = {}) {
   const files = Array.from(fileList || []);
   if (!files.length) return;
-  const run = currentRun();
   const form = new FormData();
   for (const f of files) form.append("files", f, f.name);
-  form.append("run", run.name);
-  form.append("method", $("method").value);
-  form.append("overlay", $("overlay").checked ? "true" : "false");
+  form.append("run", opts.run || currentRun().name);
+  form.append("method", opts.method || $("method").value);
+  form.append("overlay", (opts.overlay ?? $("overlay").checked) ? "true" : "false");
+  const win = opts.window !== undefined ? opts.window : windowValue();
+  if (win) form.append("window", win);
   $("status").textContent = `Analysing ${files.length} file${files.length > 1 ? "s" : ""}…`;
   showMessages([]);
   document.body.classList.add("busy");
@@ -101,7 +104,7 @@ async function upload(fileList) {
       showMessages([detailText(body, resp.status)]);
       return;
     }
-    addResults(body);
+    addResults(body, files, opts.replace);
     addPatients(body);
     $("status").textContent = `${body.results.length} image${body.results.length === 1 ? "" : "s"} classified` +
       (body.patients && body.patients.length ? `, ${body.patients.length} scan${body.patients.length === 1 ? "" : "s"}` : "") +
@@ -117,16 +120,66 @@ async function upload(fileList) {
 }
 
 // ---- results table -------------------------------------------------------------------------
-function addResults(body) {
+function addResults(body, files = [], replace = false) {
   for (const r of body.results) {
-    state.rows.push({
+    // the uploaded file a result came from (a zip's members are named zip/inner/path): kept to
+    // re-request it with another DICOM window
+    const source = files.find((f) => r.name === f.name || r.name.startsWith(f.name + "/")) || null;
+    const row = {
       file: r.name, run: body.run, pred: r.label, probabilities: r.probabilities, classes: body.classes,
       threshold: body.threshold, positive: body.positive_class, temperature: body.temperature,
       method: body.method, input: r.input, overlay: r.overlay || null, explained: r.explained_class || null,
       shift: r.shift_score ?? null, inDist: r.in_distribution ?? null, guard: body.shift_guard || null,
-    });
+      image: r.image || null, heatmap: r.heatmap || null, dicom: !!r.dicom, window: body.window || null, source,
+    };
+    const at = replace ? state.rows.findIndex((x) => x.run === row.run && x.file === row.file) : -1;
+    if (at >= 0) state.rows[at] = row; else state.rows.push(row);
   }
   renderTable();
+}
+
+// ---- DICOM window / level ----------------------------------------------------------------------
+function windowValue() {
+  if ($("window-preset").value === "") return "";
+  const w = Number($("window-width").value), l = Number($("window-level").value);
+  if ($("window-width").value === "" || $("window-level").value === "" || !(w > 0)) return "";
+  return `${w},${l}`;
+}
+
+function choosePreset() {
+  const v = $("window-preset").value;
+  if (v === "" || v === "custom") {
+    if (v === "") { $("window-width").value = ""; $("window-level").value = ""; }
+    return;
+  }
+  const [w, l] = v.split(",");
+  $("window-width").value = w;
+  $("window-level").value = l;
+}
+
+// every DICOM row again, from its uploaded file, with the window chosen (same run, method, overlay)
+async function applyWindow() {
+  const groups = new Map();
+  for (const r of state.rows) {
+    if (!r.dicom || !r.source) continue;
+    const key = `${r.run}\u0000${r.method || ""}`;
+    if (!groups.has(key)) groups.set(key, { run: r.run, method: r.method, files: [] });
+    const g = groups.get(key);
+    if (!g.files.includes(r.source)) g.files.push(r.source);
+  }
+  if (!groups.size) { $("status").textContent = "No DICOM images in the table."; return; }
+  for (const g of groups.values()) {
+    await upload(g.files, { run: g.run, method: g.method || undefined, overlay: !!g.method,
+                            window: windowValue(), replace: true });
+  }
+}
+
+// ---- zoom --------------------------------------------------------------------------------------
+function zoom(node) {
+  const copy = node.cloneNode(true);
+  if (copy.tagName === "IMG") copy.classList.add("zoomed");
+  $("zoom-body").replaceChildren(copy);
+  $("zoom").showModal();
 }
 
 function classColumns() {
@@ -183,9 +236,18 @@ function renderTable() {
     }
     tr.append(el("td", { class: "rule", text: r.threshold === null ? "argmax" : `p(${r.positive}) ≥ ${num(r.threshold, 3)}` }));
     tr.append(shiftCell(r));
-    tr.append(el("td", {}, el("img", { class: "input", src: r.input, alt: `model input for ${r.file}` })));
+    const inp = el("td", {}, el("img", { class: "input", src: r.input, alt: `model input for ${r.file}` }));
+    if (r.dicom && r.window) {
+      inp.append(el("div", { class: "muted small window-note", text: `DICOM · window ${r.window[0]} / ${r.window[1]} HU` }));
+    }
+    tr.append(inp);
     const ov = el("td");
-    if (r.overlay) {
+    if (r.image && r.heatmap) {  // the heat map over the image, its opacity from the slider
+      ov.append(el("div", { class: "stack", title: "click to zoom" },
+        el("img", { class: "base", src: r.image, alt: `image ${r.file}` }),
+        el("img", { class: "overlay heat", src: r.heatmap, alt: `${r.method} heat map for ${r.file}` })),
+      el("div", { class: "muted small", text: `${r.method} · evidence for ${r.explained}` }));
+    } else if (r.overlay) {
       ov.append(el("img", { class: "overlay", src: r.overlay, alt: `${r.method} overlay for ${r.file}` }),
         el("div", { class: "muted small", text: `${r.method} · evidence for ${r.explained}` }));
     } else ov.append(el("span", { class: "muted", text: "—" }));
@@ -290,6 +352,22 @@ async function start() {
   $("run").addEventListener("change", renderCard);
   $("files").addEventListener("change", (e) => upload(e.target.files));
   $("csv").addEventListener("click", downloadCsv);
+  const opacity = () => {
+    document.body.style.setProperty("--overlay-opacity", $("opacity").value);
+    $("opacity-value").textContent = Number($("opacity").value).toFixed(2);
+  };
+  $("opacity").addEventListener("input", opacity);
+  opacity();
+  $("window-preset").addEventListener("change", choosePreset);
+  for (const id of ["window-width", "window-level"]) {
+    $(id).addEventListener("input", () => { $("window-preset").value = "custom"; });
+  }
+  $("window-apply").addEventListener("click", applyWindow);
+  $("results").addEventListener("click", (e) => {
+    const target = e.target.closest(".stack") || (e.target.matches("img.input, img.overlay") ? e.target : null);
+    if (target) zoom(target);
+  });
+  $("zoom").addEventListener("click", () => $("zoom").close());
   $("clear-scans").addEventListener("click", () => { state.patients = []; renderPatients(); });
   $("clear").addEventListener("click", () => { state.rows = []; state.patients = []; renderTable(); renderPatients(); showMessages([]); $("status").textContent = ""; });
   const drop = $("drop");

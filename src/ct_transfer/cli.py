@@ -888,8 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files, folders or DICOM files")
     p.add_argument("--method", choices=sorted(METHODS), default="gradcam",
                    help="; ".join(f"{k} = {v}" for k, v in METHODS.items()))
-    p.add_argument("--out", required=True, help="folder for the overlay PNGs (at the image's resolution, with a "
-                                                "colour bar) and the raw heat maps")
+    p.add_argument("--out", required=True, help="folder for the overlay PNGs: the input beside its heat map at "
+                                                "the image's resolution, with a colour bar")
     p.add_argument("--target-layer", help="module name (default: the feature map the head pools)")
     _add_window_flag(p)
     p.set_defaults(func=cmd_explain)

@@ -153,7 +153,7 @@ def test_driver_killed_then_rerun_matches_local(cluster, local_grid, data_dir, t
     rerun = _cli(cluster, "experiment", "--data", str(data_dir), "--out", str(grid), *FLAGS, "--seeds", "0,1",
                  "--executor", "ray", "--address", cluster.address)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert "resuming" in rerun.stdout  # the interrupted run went on from its checkpoint
+    assert "resuming" in rerun.stderr  # a log line: the interrupted run went on from its checkpoint
     _same_as_local(grid, local_grid, [r.name for r in runs])
 
     # a third start finds everything done and trains nothing

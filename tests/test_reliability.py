@@ -175,9 +175,9 @@ def test_corrupt_last_pt_falls_back_to_previous(tmp_path, rel_data, rel_run, cap
     args = ["train", "--data", str(rel_data), "--model", "EfficientNetLite0", "--epochs", "3", "--limit", "6",
             "--out", str(run), "--resume"]
     assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "last.pt: cannot load checkpoint (the file is damaged or truncated)" in out
-    assert "resuming from last.prev.pt (epoch 1)" in out
+    err = capsys.readouterr().err  # log lines: stderr
+    assert "last.pt: cannot load checkpoint (the file is damaged or truncated)" in err
+    assert "resuming from last.prev.pt (epoch 1)" in err
     history = (run / "history.csv").read_text().strip().splitlines()
     assert [line.split(",")[0] for line in history[1:]] == ["1", "2", "3"]
 

@@ -177,7 +177,7 @@ def test_on_bad_skip_lists_unreadable_files(tmp_path, data_dir, capsys):
     assert main([*args, "--out", str(tmp_path / "ok"), "--on-bad", "skip"]) == 0
     skipped = (tmp_path / "ok" / "skipped.txt").read_text()
     assert "broken.png" in skipped and "empty.png" in skipped
-    assert "skipped 2 unreadable file(s)" in capsys.readouterr().out
+    assert "skipped 2 unreadable file(s)" in capsys.readouterr().err  # a log line: stderr
 
 
 def test_bad_options_give_one_line_errors(tmp_path, data_dir, capsys):

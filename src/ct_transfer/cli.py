@@ -518,8 +518,9 @@ def cmd_report(args):
             extra.append(section)
     summary = write_report(args.grid_dir, out, extra_sections=extra, audit=args.audit, grouped=args.grouped)
     for a in summary["answer"]:  # the answer first, as the report opens with it
+        acc = a["internal"]["accuracy"]["mean"]
         print(f"{a['model']} ({a['weights']}, {a['seeds']} seed(s)): internal test accuracy "
-              f"{a['internal']['accuracy']['mean']:.3f}; " + "; ".join(a["verdict"]))
+              f"{'—' if acc is None else f'{acc:.3f}'}; " + "; ".join(a["verdict"]))
     ratios = summary["ratios"]
     if ratios and ratios["ours"]["test"]["accuracy_ratio"] is not None:
         print(f"test accuracy ratio (with/without TL) {ratios['ours']['test']['accuracy_ratio']:.3f}")

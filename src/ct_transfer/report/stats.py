@@ -189,7 +189,9 @@ def _decision_notes(internal: dict, externals: list[dict], split_name: str, grou
         if ci and ci[0] <= e["chance"] <= ci[1]:
             notes.append(f"at chance on {e['name']}: accuracy {ext['mean']:.3f}, its 95% interval includes "
                          f"{e['chance']:.2g}")
-        elif acc["mean"] is not None and ext["mean"] < acc["mean"] - 0.05:
+        elif acc["mean"] is None:
+            notes.append(f"{ext['mean']:.3f} on {e['name']} (no internal test accuracy to compare)")
+        elif ext["mean"] < acc["mean"] - 0.05:
             notes.append(f"drops on {e['name']}: {ext['mean']:.3f} vs {acc['mean']:.3f} internal")
         else:
             notes.append(f"holds on {e['name']}: {ext['mean']:.3f} vs {acc['mean']:.3f} internal")

@@ -366,3 +366,22 @@ def test_explanation_figure_at_the_image_resolution_with_a_colour_bar(tmp_path, 
     assert bar.get_ylim() == (0.0, 1.0)  # the colour bar spans the heat map's scale
     # the input panel shows the image's own pixels, unresampled
     assert np.array_equal(shown[height - h:, :w], image[:, :, :3])
+
+
+def test_grouped_split_results_beside_the_grid(tiny_grid, tmp_path):
+    grouped = tmp_path / "grouped"
+    shutil.copytree(tiny_grid, grouped)
+    info = json.loads((grouped / "grid.json").read_text())
+    info["split_preset"] = "grouped"  # as `experiment --split-preset grouped` records it
+    (grouped / "grid.json").write_text(json.dumps(info))
+    summary, _, _ = R.build_summary(tiny_grid, grouped=grouped)
+    runs, _ = R.collect_runs(grouped)
+    for a in summary["answer"]:
+        [run] = [r for r in runs if r["weights"] == a["weights"]]
+        assert a["grouped"]["accuracy"]["mean"] == run["metrics"]["test"]["accuracy"]
+        assert a["grouped_from"] == "1 run(s) on the grouped split"
+        assert not any("no grouped-split result" in n for n in a["verdict"])
+    own, _, _ = R.build_summary(grouped)  # a grid on the grouped split is its own grouped figure
+    assert all(a["grouped_from"] == "this split" for a in own["answer"])
+    with pytest.raises(CTTransferError, match="its split is paper, not grouped"):
+        R.build_summary(grouped, grouped=tiny_grid)

@@ -15,6 +15,8 @@ from ct_transfer import data as D
 from ct_transfer.cli import main
 from ct_transfer.errors import CTTransferError
 
+from .conftest import error_line
+
 
 def test_originals_decode_exactly_like_reencoded_copies(data_dir, originals_dir):
     rows = list(csv.reader(open(originals_dir / "SHA256SUMS.tsv"), delimiter="\t"))
@@ -137,8 +139,8 @@ def test_bad_dataset_folders_give_one_line_errors(tmp_path, case, capsys):
     if case == "empty_class":
         (root / "non-COVID").mkdir()
     code = main(["split", "--data", str(root), "--out", str(tmp_path / "s.csv")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    err = error_line(capsys.readouterr().err)
+    assert code == 2
     assert {"missing": "ds", "empty_class": "non-COVID", "one_class": "at least two"}[case] in err
     assert not (tmp_path / "s.csv").exists()
 

@@ -18,6 +18,8 @@ from ct_transfer.errors import CTTransferError
 from ct_transfer.evaluate import read_predictions
 from ct_transfer.run import load_run
 
+from .conftest import error_line
+
 CT = get_testdata_file("CT_small.dcm")
 
 
@@ -95,8 +97,8 @@ def test_bad_dicom_files_give_one_line_errors(trained_run, tmp_path, capsys):
     ds.save_as(compressed, enforce_file_format=True)
     for path, needle in ((mr, "not CT"), (no_pixels, "no pixel data"), (compressed, "JPEG-LS")):
         assert main(["predict", "--run", str(trained_run[0]), str(path)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+        err = error_line(capsys.readouterr().err)
+        assert needle in err, err
 
 
 @pytest.mark.parametrize("method", sorted(X.METHODS))
@@ -150,8 +152,8 @@ def test_bad_run_directories(trained_run, tmp_path, capsys, data_dir):
     (other / "config.json").write_text(json.dumps(cfg))
     for cmd in (["predict", "--run", str(other), f], ["export", "--run", str(other), "--out", str(tmp_path / "m.onnx")]):
         assert main(cmd) == 2
-        err = capsys.readouterr().err.strip()
-        assert "another architecture" in err and len(err.splitlines()) == 1
+        err = error_line(capsys.readouterr().err)
+        assert "another architecture" in err
     (other / "best.safetensors").write_bytes(b"broken")
     (other / "last.pt").unlink()
     assert main(["predict", "--run", str(other), f]) == 2

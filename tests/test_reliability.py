@@ -20,7 +20,7 @@ from ct_transfer.cli import main
 from ct_transfer.engine.data import check_memory
 from ct_transfer.errors import ConfigError, CTTransferError, first_line
 
-from .conftest import ROOT, small_dataset
+from .conftest import ROOT, error_line, small_dataset
 
 
 def tree_hash(folder: Path) -> dict:
@@ -29,9 +29,7 @@ def tree_hash(folder: Path) -> dict:
 
 
 def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("ct-transfer: error: ") and "Traceback" not in err, err
-    return err
+    return error_line(capsys.readouterr().err)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 import ct_transfer
 from ct_transfer.cli import _HelpFormatter, build_parser
 

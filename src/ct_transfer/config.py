@@ -128,7 +128,7 @@ class TrainConfig:
                                           "images or 10 per class) and keep the fitted temperature even when it "
                                           "reaches its bound or makes val ECE worse (the reasons are recorded)")
     log: str | None = _opt(None, "experiment trackers, comma-separated: tensorboard (RUN/tensorboard), mlflow "
-                                 "(params, per-epoch and final metrics, plots)")
+                                 "(params, per-epoch and final metrics, plots) (default: none, history.csv only)")
     mlflow_uri: str | None = _opt(None, "with --log mlflow: the tracking store (default sqlite:///RUN/mlruns.db; "
                                         "any MLflow tracking URI, e.g. http://host:5000)")
     shift_guard: str = _opt(DEFAULT_SHIFT_GUARD, "shift guard fitted after training on the train images (threshold: "

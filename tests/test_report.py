@@ -310,7 +310,7 @@ def test_answer_flags_chance_and_shows_audit_and_shift_check(tiny_grid, tmp_path
     assert "at chance on ucsd-dev" in imagenet[9] and "includes 0.5" in imagenet[9], row
     assert summary["audit"]["n_exact_pairs"] == 1 and summary["audit"]["n_images"] == 13
     assert "**Leakage audit**" in answer and "1 pixel-identical pair(s)" in answer and "13 images" in answer
-    assert "**Shift check**" in answer and shift["verdict"] in answer
+    assert "**Shift check**" in answer and "61% of 541 images flagged (val: 5%)" in answer  # text escaped
     # an audit folder named on the command line; a missing one is a one-line error
     with pytest.raises(CTTransferError, match="no audit.json"):
         R.build_summary(grid, audit=tmp_path / "nowhere")

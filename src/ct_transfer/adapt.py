@@ -41,7 +41,7 @@ from .registry import ADAPT_METHODS
 log = logging.getLogger(__name__)
 
 METHODS = ADAPT_METHODS  # registry.py: name -> what it does (the CLI's --method choices and help)
-FINETUNE_DEFAULTS = {"steps": 20, "batch_size": 8, "lr": 3e-4}  # what bench/site_adaptation.py measured
+from .config import FINETUNE_DEFAULTS  # noqa: E402  (config.py: the CLI reads it without torch)
 
 
 # -- drawing the labelled slices -----------------------------------------------------------------

@@ -754,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write it (default: RUN/model_card.md)")
     p.set_defaults(func=cmd_card)
 
-    from .adapt import FINETUNE_DEFAULTS
+    from .config import FINETUNE_DEFAULTS
     from .registry import ADAPT_METHODS  # not METHODS: that name is the explainers' here
 
     p = sub.add_parser("adapt", help="adapt a trained run to a new site with N of its labelled slices",
@@ -770,13 +770,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (and of the fine-tuning)")
     p.add_argument("--labelled-subset", default="train", help="subset of --split-file to draw from")
     p.add_argument("--held-out", default="val", help="subset of --split-file to evaluate on (never trained on)")
-    p.add_argument("--source-data", help="both: the start run's dataset folder, if not where its config says")
+    p.add_argument("--source-data", help="both: the start run's dataset folder, if not where its config says "
+                                          "(default: the run's)")
     p.add_argument("--steps", type=int, default=FINETUNE_DEFAULTS["steps"], help="fine-tuning optimizer steps")
     p.add_argument("--batch-size", type=int, default=FINETUNE_DEFAULTS["batch_size"])
     p.add_argument("--lr", type=_finite_float, default=FINETUNE_DEFAULTS["lr"])
-    p.add_argument("--threads", type=_positive_int)
-    p.add_argument("--cache-dir")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
+    p.add_argument("--cache-dir", help="on-disk cache of decoded images (default: memory only)")
+    _add_quiet_flag(p)
     p.set_defaults(func=cmd_adapt)
 
     from .config import DEFAULT_GUARD_ACCEPT as DEFAULT_ACCEPT, DEFAULT_SHIFT_GUARD as DEFAULT_DETECTOR

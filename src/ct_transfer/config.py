@@ -27,6 +27,7 @@ DEFAULT_SHIFT_GUARD = "mahalanobis-multi"  # chosen by bench/shift.py: AUROC 0.9
 DEFAULT_GUARD_ACCEPT = 0.95  # the guard's threshold accepts this share of the val images
 # Names the command line lists, kept here, in a module that imports no torch, so that
 # `ct-transfer --help` stays fast; the modules that implement them import these.
+FINETUNE_DEFAULTS = {"steps": 20, "batch_size": 8, "lr": 3e-4}  # adapt.py; what bench/site_adaptation.py measured
 GRID_PRESETS = ("paper", "offline")  # experiment.PRESETS: which models a grid trains
 NEAR_DUPLICATE_THRESHOLD = 32  # data/groups.py: 256-bit pHash Hamming distance of near-duplicates
 MAX_IMAGE_SIZE = 1024  # beyond this a 2-core/24 GB machine cannot hold the decoded set or a batch

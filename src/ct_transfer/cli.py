@@ -137,7 +137,7 @@ def add_config_flags(p: argparse.ArgumentParser, *, skip=(), required=()) -> Non
             continue
         meta, kind = f.metadata, _base_type(f.type)
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        help_text = meta.get("help", "")
+        help_text = meta.get("help", "").replace("%", "%%")  # argparse %-formats help ("95% of val")
         if kind is bool:  # --x / --no-x, so that a recipe's or the default's choice can be undone
             if f.default is not None:
                 help_text += f" (default: {'on' if f.default else 'off'})"
@@ -785,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("guard", help="fit a run's shift guard (train images; threshold on val), e.g. for a run "
                                      "saved before guards or another detector")
-    p.add_argument("--run", required=True)
+    _add_run_flag(p)
     p.add_argument("--detector", choices=list(DETECTORS), default=DEFAULT_DETECTOR,
                    help=f"shift score (default {DEFAULT_DETECTOR}; docs/shift.md compares them)")
     p.add_argument("--accept", type=_finite_float, default=DEFAULT_ACCEPT,
@@ -793,10 +793,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_guard)
 
     p = sub.add_parser("shift", help="is a folder of slices (another hospital's) like the run's training images?")
-    p.add_argument("--run", required=True)
+    _add_run_flag(p)
     p.add_argument("--data", required=True, help="folder of images or DICOM files (searched recursively; "
                                                  "labels not needed)")
-    p.add_argument("--out", help="folder for shift.json, shift_scores.csv and shift_hist.png")
+    p.add_argument("--out", help="folder for shift.json, shift_scores.csv and shift_hist.png (default: none, the verdict on stdout)")
     p.add_argument("--alpha", type=_finite_float, default=0.01, help="test level of the verdict (default 0.01)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_shift)

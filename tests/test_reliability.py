@@ -430,7 +430,6 @@ def test_resume_refuses_other_options_and_train_refuses_any_run(tmp_path, rel_da
 def test_two_concurrent_trains_on_one_folder(tmp_path, rel_data, capsys):
     """The second writer is refused by RUN/.lock (naming the first's pid); the first finishes;
     a stale lock (its process gone) and a killed writer's temporary files are cleaned on the next start."""
-    import os
     import time
 
     out = tmp_path / "run"

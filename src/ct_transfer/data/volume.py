@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import CTTransferError, first_line
 from .decode import (DEFAULT_WINDOW, DICOM_EXTENSIONS, IMAGE_EXTENSIONS, MAX_PIXELS, decode_image, is_dicom_bytes,
-                     read_bytes, window_hu)
+                     window_hu)
 
 log = logging.getLogger(__name__)
 

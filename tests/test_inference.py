@@ -67,15 +67,12 @@ def _csv_answers(path: Path, classes, key="path"):
 
 
 def _web_answers(run_dir: Path, slices, classes, tmp: Path):
-    from .conftest import start_server
+    from .serving import serve_process
 
-    url, proc = start_server(["--run", str(run_dir)], tmp / "serve.log")
-    try:
+    with serve_process([run_dir], log_path=tmp / "serve.log") as server:
         files = [("files", (s.name, s.read_bytes(), "application/octet-stream")) for s in slices]
-        answer = httpx.post(url + "/api/predict", files=files, data={"overlay": "false"}, timeout=300).json()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        answer = httpx.post(server["url"] + "/api/predict", files=files, data={"overlay": "false"},
+                            timeout=300).json()
     return {r["name"]: ([r["probabilities"][c] for c in classes], r["label"]) for r in answer["results"]}
 
 

@@ -317,13 +317,10 @@ def test_ucsd_val_patients_external(trained_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def scan_server(trained_run, tmp_path_factory):
-    from .conftest import start_server
+    from .serving import serve_process
 
-    url, proc = start_server(["--run", str(trained_run[0])], tmp_path_factory.mktemp("scan-server") / "serve.log",
-                             timeout=180)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    with serve_process([trained_run[0]], log_path=tmp_path_factory.mktemp("scan-server") / "serve.log") as server:
+        yield server["url"]
 
 
 def series_zip(folder: Path, files: list[Path]) -> bytes:

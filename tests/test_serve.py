@@ -12,8 +12,6 @@ import os
 import shutil
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zipfile
@@ -33,7 +31,7 @@ from ct_transfer.cli import build_parser, main
 from ct_transfer.evaluate import compute_metrics
 from ct_transfer.run import load_run
 
-from .serving import memory_mb, reset_peak, zero_png, zero_zip
+from .serving import free_port, memory_mb, reset_peak, serve_process, zero_png, zero_zip
 
 ROOT = Path(__file__).resolve().parents[1]
 CT = get_testdata_file("CT_small.dcm")
@@ -46,12 +44,6 @@ CALIBRATION = {"temperature": 2.0, "threshold": 0.8}
 # ---------------------------------------------------------------------------------------------
 # Runs, server, inputs
 # ---------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
@@ -90,28 +82,9 @@ def server(runs, tmp_path_factory):
     """`ct-transfer serve` in a subprocess: its own TMPDIR (checked empty later) and a small upload limit."""
     tmp = tmp_path_factory.mktemp("server-tmp")
     log_path = tmp_path_factory.mktemp("server-log") / "serve.log"
-    port = free_port()
-    env = {**os.environ, "TMPDIR": str(tmp),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "ct_transfer.cli", "serve", "--run", str(runs["plain"]), "--run",
-           str(runs["calibrated"]), "--port", str(port), "--max-upload-mb", str(MAX_UPLOAD_MB)]
-    with open(log_path, "w") as log_fh:
-        proc = subprocess.Popen(cmd, env=env, stdout=log_fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/api/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {log_path.read_text()[-2000:]}")
-        time.sleep(0.25)
-    yield {"url": url, "tmp": tmp, "log": log_path, "proc": proc}
-    proc.terminate()
-    proc.wait(timeout=20)
+    with serve_process([runs["plain"], runs["calibrated"]], log_path=log_path, env={"TMPDIR": str(tmp)},
+                       args=["--max-upload-mb", MAX_UPLOAD_MB], start_timeout=120) as srv:
+        yield {**srv, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")

@@ -218,15 +218,10 @@ def adapt(*, run, data, split_file, labels: int, method: str = "head", out=None,
 def refit_guard(run, train, val):
     """The shift guard follows the adapted run's split: refitted on its train images (the N slices,
     plus the start run's training images for ``both``), its threshold on its val (the N slices),
-    so the new site's slices are accepted. Hook for ``ct_transfer.shift`` (issue #21, first half,
-    on another branch): where that module is missing nothing is fitted and the record says so."""
-    import importlib.util
+    so the new site's slices are accepted. Returns the guard's facts (what predictor.json records)."""
+    from .shift import fit_guard
 
-    if importlib.util.find_spec("ct_transfer.shift") is None:
-        return "not refitted (this version has no shift guard)"
-    shift = importlib.import_module("ct_transfer.shift")
-    guard = shift.fit_guard(run, train=train, val=val, save=False)
-    return {k: v for k, v in getattr(guard, "facts", {}).items()}
+    return fit_guard(run, train=train, val=val, save=False).facts()
 
 
 def _threads(threads):

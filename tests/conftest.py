@@ -69,3 +69,14 @@ def tiny_grid(tmp_path_factory, data_dir):
     assert [r["status"] for r in results] == ["done", "done"]
     return out
 
+
+
+def error_line(err: str) -> str:
+    """The CLI's error on stderr: exactly one ``ct-transfer: error: ...`` line, the last one, no traceback.
+    Lines before it are the command's log and progress lines (stderr is where they go, like git's and
+    pip's), e.g. ``hash: 2481 imgs`` before a groups file is found wanting."""
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("ct-transfer: error:")]
+    assert len(errors) == 1 and lines and lines[-1] == errors[0], err
+    assert "Traceback" not in err and " at 0x" not in err, err
+    return errors[0]

@@ -27,12 +27,15 @@ def test_fit_writes_a_card_that_says_what_was_not_measured(trained_run):
     lo, hi = test["ci95"]["accuracy"]
     assert f"{test['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" in _row(card, "internal test")
     assert f"| {test['n']} |" in _row(card, "internal test")
-    # this run has no external result, no grouped split, no calibration, no guard, no audit
+    # this run has no external result, no grouped split, no calibration, no audit; fit gave it a guard
     assert NOT_MEASURED in _row(card, "external") and NOT_MEASURED in _row(card, "grouped-split test")
     facts = card_facts(out)
-    for what in ("external validation", "grouped-split performance", "calibration", "distribution-shift guard",
+    for what in ("external validation", "grouped-split performance", "calibration",
                  "patient-level performance", "by subgroup"):
         assert any(what in x for x in facts["not_measured"]), what
+    assert not any("distribution-shift guard" in x for x in facts["not_measured"])
+    guard = card.split("## Distribution-shift guard", 1)[1].split("##", 1)[0]
+    assert f"detector {facts['guard']['detector']}" in guard and "threshold" in guard
     assert "## Not measured" in card and "Leakage audit: not measured" in card
     split_counts = facts["split"]["counts"]
     assert sum(sum(c.values()) for c in split_counts.values()) == 120  # 60 per class

@@ -590,7 +590,9 @@ def cmd_explain(args):
     from .predict import collect_inputs
 
     run = _load_run_with_window(args)
-    _refuse_run_dir(Path(args.out), Path(args.out), run)
+    out = Path(args.out)
+    for folder in (out, *out.absolute().parents):  # the overlays' folder, or a folder inside a run
+        _refuse_run_dir(folder, out, run)
     _io.check_writable(args.out)
     try:
         results = explain_files(run, collect_inputs(args.inputs), method=args.method, out_dir=args.out,

@@ -256,13 +256,16 @@ class Run:
         return path
 
     def evaluate_external(self, data, *, name: str | None = None, class_map=None, split_file=None,
-                          subset: str | None = None, write: bool = True, allow_shared: bool = False) -> dict:
+                          subset: str | None = None, write: bool = True, allow_shared: bool = False,
+                          near_duplicates: bool = True) -> dict:
         """Metrics on another folder-per-class dataset; written to ``RUN/external/NAME/``. A set sharing
-        files with the run's data is refused (``allow_shared``: labelled not independent instead)."""
+        files with the run's data is refused (``allow_shared``: labelled not independent instead);
+        ``near_duplicates=False`` skips the perceptual-hash check (files are always compared)."""
         from .external import evaluate_external
 
         return evaluate_external(self, data, name=name, class_map=class_map, split_file=split_file,
-                                 subset=subset, write=write, allow_shared=allow_shared)
+                                 subset=subset, write=write, allow_shared=allow_shared,
+                                 near_duplicates=near_duplicates)
 
     # -- files -----------------------------------------------------------------------------
     def write_outputs(self, directory=None) -> None:

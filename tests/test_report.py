@@ -329,6 +329,9 @@ def test_report_of_a_single_run(trained_run, tmp_path, capsys):
     rows = md_table(md, "The answer")
     assert len(rows) == 1 and rows[0][3].startswith(f"{metrics['test']['accuracy']:.3f} [")
     assert "## Table 6 — accuracy (val)" in md
+    # the model card's "not measured" list is part of the report
+    cards = md.split("## Model cards", 1)[1]
+    assert "`lite0`" in cards and "external validation (no other hospital" in cards
     # every plot has something drawn: no empty axes for the condition that was not run
     for name in re.findall(r"^!\[[^\]]*\]\(([^)]+)\)", md, flags=re.M):
         with Image.open(run / "report" / name) as im:

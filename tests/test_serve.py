@@ -197,6 +197,9 @@ def test_calibrated_run_and_cards(server, runs, slices):
     assert ext[0]["metrics"]["n"] == 20 and ext[0]["metrics"]["ci95"]["accuracy"] == pytest.approx(
         runs["external"]["ci95"]["accuracy"])
     assert cards["calibrated"]["model"] == "EfficientNetLite0" and cards["calibrated"]["recipe"]["epochs"] == 2
+    # each card carries the run's model card: the plain run says plainly it has no external validation
+    plain_card = cards["plain"]["model_card"]
+    assert plain_card.startswith("# Model card: plain") and "external validation (no other hospital" in plain_card
 
 
 def test_overlays_for_every_method(server, runs, slices):

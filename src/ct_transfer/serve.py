@@ -199,7 +199,21 @@ def run_card(name: str, run: Run) -> dict:
             "strategy": cfg.get("strategy", "full"),
             "temperature": run.temperature, "threshold": run.threshold,
             "positive_class": run.classes[1] if len(run.classes) == 2 else None,
-            "internal": internal, "external": external, "warnings": warnings}
+            "internal": internal, "external": external, "warnings": warnings,
+            "model_card": _model_card(run)}
+
+
+def _model_card(run: Run) -> str | None:
+    """The run's model card as Markdown (``modelcard``), shown on the page; None for a run without a folder."""
+    from .modelcard import model_card
+
+    if run.directory is None:
+        return None
+    try:
+        return model_card(run.directory)
+    except CTTransferError as exc:
+        log.warning("%s: no model card (%s)", run.directory, exc)
+        return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -152,7 +152,22 @@ def _run_rows(runs: list[dict]) -> list[dict]:
     return [{"name": r["name"], "test": r["metrics"]["test"], "val": r["metrics"]["val"],
              "best_epoch": r["metrics"].get("best_epoch", "—"), "train_seconds": r["metrics"].get("train_seconds"),
              "external": [e["name"] for e in r["external"]],
-             "patients": r["metrics"]["test"].get("patients")} for r in runs]
+             "patients": r["metrics"]["test"].get("patients"), **_card(r.get("dir"))} for r in runs]
+
+
+def _card(run_dir) -> dict:
+    """The run's model card (``modelcard``): where it is and what it says was not measured."""
+    from ..errors import CTTransferError
+    from ..modelcard import card_facts
+
+    if run_dir is None:
+        return {"card": None, "not_measured": []}
+    try:
+        facts = card_facts(run_dir)
+    except CTTransferError:
+        return {"card": None, "not_measured": []}
+    path = Path(run_dir) / "model_card.md"
+    return {"card": str(path) if path.is_file() else None, "not_measured": facts.get("not_measured") or []}
 
 
 def render_markdown(summary: dict, *, runs: list[dict], plots: dict[str, str], extra_sections: list[str]) -> str:

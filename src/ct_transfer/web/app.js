@@ -62,6 +62,11 @@ function renderCard() {
   for (const [k, v] of facts) dl.append(el("dt", { text: k }), el("dd", { text: v }));
   card.append(el("h2", { text: `Run ${run.name}` }), dl);
   for (const w of run.warnings) card.append(el("p", { class: "warning", text: w }));
+  if (run.model_card) {  // intended use, data, metrics, what was not measured: the run's own model card
+    const details = el("details", { class: "model-card" });
+    details.append(el("summary", { text: "Model card" }), el("pre", { class: "small", text: run.model_card }));
+    card.append(details);
+  }
   const rows = Object.entries(run.internal).map(([s, m]) => [`internal ${s}`, m]);
   for (const e of run.external) rows.push([`${e.independent === false ? "NOT external (near-duplicates)" : "external"}: ${e.name}`, e.metrics]);
   if (rows.length) {

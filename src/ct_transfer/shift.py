@@ -207,11 +207,8 @@ class KNN(_Detector):
         return 1.0 - sim.topk(self.k, dim=1).values[:, -1]  # 1 - cosine of the k-th nearest
 
 
-class Energy(_Detector):
-    name = "energy"
-    """Free energy of the logits, -logsumexp (Liu et al. 2020); pytorch-ood's EnergyBased.score."""
-
-    description = "energy of the logits (-logsumexp)"
+class _LogitDetector(_Detector):
+    """A detector that scores the logits alone: nothing to fit, nothing to store."""
 
     def __init__(self):
         super().__init__()
@@ -227,31 +224,23 @@ class Energy(_Detector):
     @classmethod
     def empty(cls, state, facts):
         return cls()
+
+
+class Energy(_LogitDetector):
+    """Free energy of the logits, -logsumexp (Liu et al. 2020); pytorch-ood's EnergyBased.score."""
+
+    name = "energy"
+    description = "energy of the logits (-logsumexp)"
 
     def forward(self, feats):
         return -torch.logsumexp(feats[0].float(), dim=1)
 
 
-class MaxSoftmax(_Detector):
-    name = "msp"
+class MaxSoftmax(_LogitDetector):
     """The baseline: minus the maximum softmax probability (Hendrycks & Gimpel 2017)."""
 
+    name = "msp"
     description = "minus the maximum softmax probability (the model's own confidence; the baseline)"
-
-    def __init__(self):
-        super().__init__()
-
-    @staticmethod
-    def taps(model):
-        return [LOGITS]
-
-    @classmethod
-    def fit(cls, feats, y, num_classes):
-        return cls()
-
-    @classmethod
-    def empty(cls, state, facts):
-        return cls()
 
     def forward(self, feats):
         return -torch.softmax(feats[0].float(), dim=1).max(1).values

@@ -37,7 +37,7 @@ def worker(recipe: str, model: str, split: str, cache_dir: str, overrides: dict,
     from ct_transfer import fit
     from ct_transfer import models as M
     from ct_transfer.engine import Callback
-    from ct_transfer.evaluate import predict_proba
+    from ct_transfer.inference import predict_proba
     from ct_transfer.recipes import config_from_recipe
 
     curve, reached, eval_s = [], {}, [0.0]

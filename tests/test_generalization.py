@@ -325,7 +325,7 @@ def test_predict_on_raw_external_image_equals_evaluate(multi_run, tmp_path):
     # the flips are in it: the mean logits of the three views, not the plain image's
     import torch
 
-    from ct_transfer.evaluate import predict_logits
+    from ct_transfer.inference import predict_logits
 
     assert loaded.tta == "flips"
     x = loaded.load_images([raw])

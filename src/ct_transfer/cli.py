@@ -224,20 +224,22 @@ def _metric_line(name: str, m: dict) -> str:
     line = (f"{name:<5} acc {_ci(m, 'accuracy')}  sens {_ci(m, 'recall')}  spec {_ci(m, 'specificity')}  "
             f"f1 {_ci(m, 'f1')}  auc {_ci(m, 'roc_auc')}  ece {m.get('ece', float('nan')):.3f}  "
             f"cm {m['confusion_matrix']}  (n={m['n']})")
-    op = m.get("operating_point")
-    if op:
-        line += (f"\n{'':<5} at threshold {op['threshold']:.4f} (chosen on val): sens {_ci(op, 'sensitivity')}  "
-                 f"spec {_ci(op, 'specificity')}  acc {_ci(op, 'accuracy')}")
+    line += _operating_line("", m.get("operating_point"), "chosen on val")
     pm = m.get("patients")
     if isinstance(pm, dict) and "accuracy" in pm:  # patient ids known: one row per patient
         line += (f"\n{'':<5} patients ({pm['aggregator']}): acc {_ci(pm, 'accuracy')}  sens {_ci(pm, 'recall')}  "
                  f"spec {_ci(pm, 'specificity')}  auc {_ci(pm, 'roc_auc')}  (n={pm['n_patients']} patients, "
                  f"{pm['n_slices']} slices)")
-        pop = pm.get("operating_point")
-        if pop:
-            line += (f"\n{'':<5} patients at threshold {pop['threshold']:.4f} (fitted on val patients): "
-                     f"sens {_ci(pop, 'sensitivity')}  spec {_ci(pop, 'specificity')}  acc {_ci(pop, 'accuracy')}")
+        line += _operating_line("patients ", pm.get("operating_point"), "fitted on val patients")
     return line
+
+
+def _operating_line(who: str, op: dict | None, fitted: str) -> str:
+    """The decision threshold's operating point (sensitivity, specificity, accuracy), or nothing."""
+    if not op:
+        return ""
+    return (f"\n{'':<5} {who}at threshold {op['threshold']:.4f} ({fitted}): sens {_ci(op, 'sensitivity')}  "
+            f"spec {_ci(op, 'specificity')}  acc {_ci(op, 'accuracy')}")
 
 
 def _print_metrics(metrics, where):
@@ -933,9 +935,9 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except ConfigError as exc:
-        return _fail(flagify(exc.as_flag()))
+        return _fail(flagify(exc.as_flag(), parser))
     except CTTransferError as exc:
-        return _fail(flagify(str(exc)))
+        return _fail(flagify(str(exc), parser))
     except KeyboardInterrupt:
         print("ct-transfer: interrupted (a run continues with --resume)", file=sys.stderr)
         return 130
@@ -951,10 +953,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def _option_names() -> set[str]:
+def _option_names(parser=None) -> set[str]:
     """Every option the parser knows, by its Python name (``batch_size`` for ``--batch-size``)."""
     names = set()
-    for sub in build_parser()._subparsers._group_actions[0].choices.values():
+    for sub in (parser or build_parser())._subparsers._group_actions[0].choices.values():
         for action in sub._actions:
             names.update(o[2:].replace("-", "_") for o in action.option_strings if o.startswith("--"))
     return names
@@ -963,10 +965,10 @@ def _option_names() -> set[str]:
 _PARAM = re.compile(r"(?<![\w./-])([a-z][a-z0-9_]*)=")
 
 
-def flagify(message: str) -> str:
+def flagify(message: str, parser=None) -> str:
     """The library names parameters (``batch_size=0``); the CLI speaks in flags (``--batch-size 0``).
-    Only names that are options of some command are rewritten."""
-    names = _option_names()
+    Only names that are options of some command (of ``parser``, the one ``main`` built) are rewritten."""
+    names = _option_names(parser)
     return _PARAM.sub(lambda m: f"--{m.group(1).replace('_', '-')} " if m.group(1) in names else m.group(0), message)
 
 

@@ -8,8 +8,6 @@ import numpy as np
 
 from . import _io
 from .errors import CTTransferError
-# the batched forward and the softmax live in the inference core; re-exported for existing callers
-from .inference import autocast, predict_logits, predict_proba, tta_logits  # noqa: F401
 
 
 def compute_metrics(y_true, proba, classes: list[str], *, threshold: float | None = None,

@@ -50,13 +50,6 @@ class Registry:
         self._entries[name] = Entry(name, help, target, dict(kwargs))
         return target
 
-    def decorator(self, name: str, *, help: str = ""):
-        """``@REG.decorator("x", help=...)`` registers the decorated function or class."""
-        def wrap(obj):
-            self.register(name, obj, help=help)
-            return obj
-        return wrap
-
     # -- lookup ----------------------------------------------------------------------------
     def __contains__(self, name) -> bool:
         return name in self._entries

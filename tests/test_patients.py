@@ -403,12 +403,13 @@ def test_dicom_slices_are_training_data_kept_by_patient(pictures, data_dir, tmp_
         for f in sorted((data_dir / cls).iterdir())[::60][:10]:  # far apart: no near-duplicates
             (root / cls).mkdir(parents=True, exist_ok=True)
             shutil.copy(f, root / cls / f.name)
-    items, classes = D.scan_folder(root)
-    assert sum(it.path.endswith(".dcm") for it in items) == 12 and len(items) == 32
+    items, classes = D.scan_folder(root)  # each patient folder is a series: one volume, two slice rows
+    assert sum(it.slice is not None for it in items) == 12 and len(items) == 32
+    assert {it.path for it in items if it.slice is not None} == {f"{c}/patient{j}" for c in classes for j in range(3)}
     with pytest.raises(ConfigError, match="grouped"):
         D.split_folder(root, "stratified")
     rows = D.split_folder(root, "grouped", 0)
-    dicom = [r for r in rows if r["path"].endswith(".dcm")]
+    dicom = [r for r in rows if r.get("slice") is not None]
     by_patient = {}
     for r in dicom:
         by_patient.setdefault(r["patient"], set()).add(r["subset"])

@@ -63,6 +63,8 @@ class TrainConfig:
     split_groups: str | None = _opt(None, "grouped split: CSV path,group (or path,...,patient) keeping each "
                                           "group in one subset, besides near-duplicates (default: "
                                           "near-duplicates only)")
+    volume_slices: int = _opt(16, "at most N slices per volume (NIfTI, multi-frame DICOM, DICOM series folder "
+                                  "in a class folder) become training rows: its lung slices, evenly spaced")
     epochs: int = _opt(100, "training epochs")
     image_size: int | None = _opt(None, "input size in px (default: the model table's: 64; Xception 71; "
                                         "InceptionResNetV2 75)")
@@ -211,7 +213,7 @@ def _validate(c: TrainConfig) -> None:
     if c.class_map is not None:
         parse_class_map(c.class_map)
     ints = {"epochs": (1, 100_000), "batch_size": (1, 65_536), "seed": (0, 2**31 - 1), "split_seed": (0, 2**31 - 1),
-            "frozen_views": (1, 64), "checkpoint_every": (1, 100_000)}
+            "frozen_views": (1, 64), "checkpoint_every": (1, 100_000), "volume_slices": (1, 100_000)}
     optional_ints = {"limit": (1, 10**9), "freeze_until": (0, 1000), "image_size": (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
                      "resize_from": (32, MAX_IMAGE_SIZE),
                      "threads": (1, os.cpu_count() or 1)}

@@ -56,7 +56,7 @@ def sample_images(run, n: int = 32) -> tuple[torch.Tensor, str]:
     if rows and folders and all(Path(d).is_dir() for d in folders):
 
         cache = D.ImageCache(run.preprocess)
-        arr, kept, _ = cache.load_many([D.row_path(r, D.data_root(data)) for r in rows], on_bad="skip")
+        arr, kept, _ = cache.load_many([D.row_input(r, D.data_root(data)) for r in rows], on_bad="skip")
         if kept:
             return torch.from_numpy(arr), "test images"
     g = torch.Generator().manual_seed(0)

@@ -42,7 +42,8 @@ def external_rows(run_classes: list[str], data, *, class_map=None, split_file=No
         if subset:
             raise ConfigError("subset", subset, "only with a split file")
         items, _ = D.scan_folder(data)
-        rows = [{"path": it.path, "class": it.label} for it in items]
+        rows = [{"path": it.path, "class": it.label, **({"slice": it.slice} if it.slice is not None else {}),
+                 **({"patient": it.patient} if it.patient else {})} for it in items]
     mapping = parse_class_map(class_map)
     found = sorted({r["class"] for r in rows})
     unknown = [dst for dst in mapping.values() if dst not in run_classes]

@@ -199,7 +199,7 @@ class Run:
         rows = D.read_split(split_file, data) if split_file else self.split
         if not rows:
             raise CTTransferError("split_file: this run has no split; give one")
-        missing = [r["path"] for r in rows if r["subset"] in subsets and not D.row_path(r, data).is_file()]
+        missing = [r["path"] for r in rows if r["subset"] in subsets and not D.row_exists(r, data)]
         if missing:
             raise CTTransferError(f"{data}: {len(missing)} of the split's images are missing here, e.g. {missing[0]}")
         loaded = {name: self._load(rows, name, data, split_file or "split") for name in subsets}

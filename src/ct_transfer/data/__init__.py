@@ -7,7 +7,7 @@ from .decode import (DEFAULT_WINDOW, DICOM_EXTENSIONS, IMAGE_EXTENSIONS, as_rgb_
                      is_dicom, read_dicom, read_image, read_input, to_rgb_array)
 from .preprocess import Preprocess, resize_array
 from .split import (DEFAULT_POSITIVE, PAPER_PER_CLASS, SAMPLE_FIELDS, SUBSETS, Item, apply_class_map, build_split, carve_test, class_order,
-                    data_root, limit_rows, make_split, pixel_duplicates_across_subsets, row_path, source_ids, source_names, source_weights, read_split, resolve_classes, scan_folder, split_counts,
+                    data_root, limit_rows, make_split, pixel_duplicates_across_subsets, row_exists, row_input, row_path, source_ids, source_names, source_weights, read_split, resolve_classes, scan_folder, split_counts,
                     split_folder, write_split, check_name, content_digests, file_identity,
                     normalise_path, resolve_inside, same_file_rows, shown)
 from .steps import CROPS, INTENSITIES, Clahe, CropForeground, PercentileIntensity
@@ -22,7 +22,7 @@ __all__ = [
     "data_root", "class_order", "limit_rows", "make_split", "pixel_duplicates_across_subsets", "read_split",
     "resolve_classes", "scan_folder", "split_counts", "split_folder", "write_split", "Compose", "Normalize", "RandomAffine",
     "RandomBrightness", "ToFloat", "batch_transform", "paper_augmentation",
-    "apply_class_map", "build_split", "SAMPLE_FIELDS", "carve_test", "row_path", "source_ids", "source_names", "source_weights", "CROPS", "INTENSITIES", "Clahe", "CropForeground", "PercentileIntensity", "AUGMENTATIONS", "RandomBlur",
+    "apply_class_map", "build_split", "SAMPLE_FIELDS", "carve_test", "row_exists", "row_input", "row_path", "source_ids", "source_names", "source_weights", "CROPS", "INTENSITIES", "Clahe", "CropForeground", "PercentileIntensity", "AUGMENTATIONS", "RandomBlur",
     "RandomContrastGamma", "RandomJPEG", "RandomNoise", "RandomResizedCrop", "augmentation", "domain_augmentation",
     "check_name", "content_digests", "file_identity", "normalise_path", "resolve_inside",
     "same_file_rows", "shown",

@@ -15,7 +15,8 @@ import torch
 from ..errors import CTTransferError
 from .decode import decode_any, read_bytes
 from .preprocess import Preprocess
-from .split import row_path
+from .split import row_input
+from .volume import SliceRef, VolumeReader, volume_signature
 
 DEFAULT_MEMORY_MB = int(os.environ.get("CT_TRANSFER_MEMORY_CACHE_MB", "2048"))
 
@@ -69,6 +70,7 @@ class ImageCache:
         self.preprocess = Preprocess(int(preprocess)) if isinstance(preprocess, int) else preprocess
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.memory = MEMORY if memory is None else memory
+        self.volumes = VolumeReader()  # the last volume stays open: its slices come one after another
 
     @property
     def image_size(self) -> int:
@@ -78,7 +80,9 @@ class ImageCache:
         tag = hashlib.sha256(self.preprocess.key.encode()).hexdigest()[:12]
         return self.cache_dir / f"{self.image_size}px-{tag}" / digest[:2] / f"{digest}.npy"
 
-    def get(self, path: str | os.PathLike) -> np.ndarray:
+    def get(self, path: str | os.PathLike | SliceRef) -> np.ndarray:
+        if isinstance(path, SliceRef):
+            return self._get_slice(path)
         path = Path(path)
         try:
             st = path.stat()
@@ -101,18 +105,45 @@ class ImageCache:
                     arr = None  # damaged cache entry: decode again and overwrite it
             if arr is None:
                 arr = self.preprocess(decode_any(data, str(path), self.preprocess.window))
-                try:
-                    disk.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = disk.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.npy")
-                    np.save(tmp, arr)
-                    os.replace(tmp, disk)
-                except OSError as exc:
-                    raise CTTransferError(f"{self.cache_dir}: cannot write the image cache "
-                                          f"({(exc.strerror or str(exc)).lower()})") from None
+                self._save(disk, arr)
         else:
             arr = self.preprocess(decode_any(data, str(path), self.preprocess.window))
         self.memory.put(key, arr)
         return arr
+
+    def _get_slice(self, ref: SliceRef) -> np.ndarray:
+        """Slice ``ref.index`` of a volume: HU through the run's window, then the preprocessing;
+        keyed by the volume's files (size, mtime) and the slice index."""
+        signature = volume_signature(ref.path)
+        key = (os.path.realpath(ref.path), signature, ref.index, self.preprocess.key)
+        hit = self.memory.get(key)
+        if hit is not None:
+            return hit
+        arr = disk = None
+        if self.cache_dir is not None:
+            disk = self._disk_path(hashlib.sha256("\0".join(map(str, key[:3])).encode()).hexdigest())
+            try:
+                arr = np.load(disk) if disk.exists() else None
+                if arr is not None and (arr.shape != (self.image_size, self.image_size, 3) or arr.dtype != np.uint8):
+                    arr = None
+            except (OSError, ValueError):
+                arr = None  # damaged cache entry: decode again and overwrite it
+        if arr is None:
+            arr = self.preprocess(self.volumes.rgb(ref, self.preprocess.window, signature))
+            if disk is not None:
+                self._save(disk, arr)
+        self.memory.put(key, arr)
+        return arr
+
+    def _save(self, disk: Path, arr: np.ndarray) -> None:
+        try:
+            disk.parent.mkdir(parents=True, exist_ok=True)
+            tmp = disk.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.npy")
+            np.save(tmp, arr)
+            os.replace(tmp, disk)
+        except OSError as exc:
+            raise CTTransferError(f"{self.cache_dir}: cannot write the image cache "
+                                  f"({(exc.strerror or str(exc)).lower()})") from None
 
     def load_many(self, paths, on_bad: str = "error", progress: bool = False, desc: str = "decode"):
         """Stack images into ``N x 3 x S x S`` uint8; returns (array, indices kept, bad messages)."""
@@ -144,7 +175,7 @@ def load_subset(rows, subset, classes, data_dir, preprocess, *, cache_dir=None, 
     """(uint8 tensor N x 3 x S x S, labels tensor, kept rows, bad-file messages) of one subset."""
     sub = [r for r in rows if r["subset"] == subset]
     cache = ImageCache(preprocess, cache_dir)
-    arr, kept, bad = cache.load_many([row_path(r, data_dir) for r in sub], on_bad, progress,
+    arr, kept, bad = cache.load_many([row_input(r, data_dir) for r in sub], on_bad, progress,
                                      desc=f"decode {subset}")
     kept_rows = [sub[i] for i in kept]
     labels = torch.tensor([classes.index(r["class"]) for r in kept_rows], dtype=torch.long)

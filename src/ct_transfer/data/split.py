@@ -20,7 +20,8 @@ import numpy as np
 
 from .. import _io
 from ..errors import ConfigError, CTTransferError
-from .decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS, read_image
+from .decode import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
+from .volume import VOLUME_SLICES, SliceRef, is_nifti_name, is_volume_path
 
 SUBSETS = ("train", "val", "test")
 DEFAULT_POSITIVE = "COVID"
@@ -33,6 +34,21 @@ SAMPLE_FIELDS = ("path", "class", "subset", "group", "patient", "source", "slice
 class Item:
     path: str  # relative to the dataset root, POSIX separators
     label: str
+    slice: int | None = None  # index inside a volume (NIfTI, multi-frame DICOM, DICOM series folder)
+    patient: str = ""  # DICOM slices and volumes: PatientID (else series, folder or file name)
+
+
+def _slice_key(r) -> int:
+    s = r.get("slice") if isinstance(r, dict) else r.slice
+    return -1 if s in (None, "") else int(s)
+
+
+def _row_order(r: dict):
+    return (SUBSETS.index(r["subset"]), r["class"], r["path"], _slice_key(r))
+
+
+def _sample(it: Item) -> dict:
+    return {"path": it.path, "class": it.label} | ({} if it.slice is None else {"slice": it.slice})
 
 
 def shown(path) -> str:
@@ -59,12 +75,23 @@ def resolve_inside(root, rel: str) -> Path:
     return real
 
 
-def scan_folder(root: str | os.PathLike) -> tuple[list[Item], list[str]]:
-    """List ``root/<class>/**/<image or DICOM slice>``; returns the items (sorted) and the class names (sorted).
+def scan_folder(root: str | os.PathLike, *, volume_slices: int = VOLUME_SLICES) -> tuple[list[Item], list[str]]:
+    """List ``root/<class>/**/<image, DICOM slice or volume>``; returns the items (sorted) and the
+    class names (sorted).
+
+    Volumes are expanded into one item per slice used (``slice`` = its index in scan order): NIfTI
+    files (``.nii``, ``.nii.gz``), multi-frame DICOM files, and DICOM series, i.e. a sub-folder of
+    the class folder whose DICOM files are two or more single-frame slices of one
+    ``SeriesInstanceUID`` (the item's path is then the folder). The slices used are the lung slices
+    (``volume.select_slices``), at most ``volume_slices`` per volume, evenly spaced, so a 600-slice
+    scan does not flood the dataset. A volume that cannot be read (damaged, 2-D, not CT, missing
+    slices ...) is a one-line error naming it; so is a folder holding several DICOM series.
 
     Hidden files and folders are skipped (OS metadata, notebook checkpoints); a file that links
-    outside ``root``, or two names of one file (a symlink to another listed file), are errors. The DICOM slices of one patient
-    are kept in one subset by ``split_folder``."""
+    outside ``root``, or two names of one file (a symlink to another listed file), are errors. The
+    DICOM slices and volume slices of one patient are kept in one subset by ``split_folder``."""
+    if isinstance(volume_slices, bool) or not isinstance(volume_slices, int) or volume_slices < 1:
+        raise ConfigError("volume_slices", volume_slices, "choose an integer >= 1 (slices per training volume)")
     root = Path(root)
     if not root.is_dir():
         raise CTTransferError(f"{shown(root)}: dataset folder not found")
@@ -79,7 +106,8 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[Item], list[str]]:
             for folder, dirs, names in os.walk(class_dir):  # symlinked sub-folders are not followed
                 dirs[:] = sorted(d for d in dirs if not d.startswith("."))
                 files += [Path(folder) / n for n in names
-                          if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS + DICOM_EXTENSIONS]
+                          if not n.startswith(".") and (Path(n).suffix.lower() in IMAGE_EXTENSIONS + DICOM_EXTENSIONS
+                                                        or is_nifti_name(n))]
             files = sorted(f for f in files if f.is_file())
             if not files:
                 empty.append(shown(class_dir))
@@ -91,17 +119,71 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[Item], list[str]]:
                     raise CTTransferError(f"{shown(root)}: {seen[real]} and {rel} are the same file ({shown(real)}); "
                                           "keep one")
                 seen[real] = rel
-                items.append(Item(rel, class_dir.name))
+            items += _class_items(root, class_dir, files, volume_slices)
     except OSError as exc:
         raise CTTransferError(f"{shown(root)}: cannot list ({(exc.strerror or str(exc)).lower()})") from None
     if empty:
         raise CTTransferError(f"{', '.join(empty)}: class folder holds no images "
-                              f"({'/'.join(IMAGE_EXTENSIONS + DICOM_EXTENSIONS)})")
+                              f"({'/'.join(IMAGE_EXTENSIONS + DICOM_EXTENSIONS)}/.nii/.nii.gz)")
     classes = [d.name for d in class_dirs]
     if len(classes) < 2:
         found = classes[0] if classes else "none"
         raise CTTransferError(f"{shown(root)}: need at least two class folders, found {len(classes)} ({found})")
     return items, classes
+
+
+def _dicom_head(path: Path) -> tuple[int, str, str] | None:
+    """(frames, SeriesInstanceUID, PatientID) of a DICOM file; None when its header is unreadable
+    (decoding the slice later says why, or skips it)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True,
+                             specific_tags=["NumberOfFrames", "SeriesInstanceUID", "PatientID"])
+        return (max(1, int(getattr(ds, "NumberOfFrames", 1) or 1)), str(getattr(ds, "SeriesInstanceUID", "") or ""),
+                str(getattr(ds, "PatientID", "") or ""))
+    except Exception:  # pydicom raises many types on damaged files
+        return None
+
+
+def _class_items(root: Path, class_dir: Path, files: list[Path], volume_slices: int) -> list[Item]:
+    """One class folder's items: images and single DICOM slices as they are; volumes (NIfTI,
+    multi-frame DICOM, series folders) expanded into their selected slices."""
+    from .volume import training_slices
+
+    label = class_dir.name
+    heads = {f: _dicom_head(f) for f in files if f.suffix.lower() in DICOM_EXTENSIONS}
+    volumes = [f for f in files if is_nifti_name(f.name) or (heads.get(f) and heads[f][0] > 1)]
+    singles: dict[Path, list[Path]] = defaultdict(list)
+    for f, h in heads.items():
+        if f.parent != class_dir and (h is None or h[0] == 1):
+            singles[f.parent].append(f)
+    for folder, fs in sorted(singles.items()):
+        uids = defaultdict(int)
+        for f in fs:
+            uids[heads[f][1] if heads[f] else ""] += 1
+        if len(fs) >= 2 and len(uids) == 1 and "" not in uids:  # one series: one volume
+            check_name(folder)
+            volumes.append(folder)
+        elif any(u and n >= 2 for u, n in uids.items()):  # a row names a folder, not a series inside it
+            raise CTTransferError(f"{shown(folder)}: holds {len(fs)} DICOM slices of {len(uids)} series (or without a "
+                                  "SeriesInstanceUID); a series folder holds one series: put each in a folder of its own")
+    in_volume = set(volumes) | {f for folder in volumes if folder.is_dir() for f in singles[folder]}
+    items = []
+    for f in files:
+        if f in in_volume:
+            continue
+        patient = ""
+        if f in heads:  # a single DICOM slice: its patient, else its series, else its folder
+            h = heads[f]
+            patient = (h and (h[2] or h[1])) or f.parent.relative_to(root).as_posix()
+        items.append(Item(f.relative_to(root).as_posix(), label, None, patient))
+    for v in volumes:
+        used, patient, _ = training_slices(v, max_slices=volume_slices)
+        rel = v.relative_to(root).as_posix()
+        items += [Item(rel, label, int(i), patient) for i in used]
+    items.sort(key=lambda it: (it.path, _slice_key(it)))
+    return items
 
 
 def class_order(classes: list[str], positive: str | None) -> list[str]:
@@ -138,7 +220,7 @@ def make_split(items: list[Item], preset: str = "stratified", seed: int = 0,
     rng = np.random.RandomState(seed)
     rows = []
     for label in sorted(by_class):
-        group = sorted(by_class[label], key=lambda it: it.path)
+        group = sorted(by_class[label], key=lambda it: (it.path, _slice_key(it)))
         order = rng.permutation(len(group))
         if preset == "paper":
             need = sum(PAPER_PER_CLASS.values())
@@ -152,9 +234,9 @@ def make_split(items: list[Item], preset: str = "stratified", seed: int = 0,
         start = 0
         for subset, count in zip(SUBSETS, counts):
             for j in order[start:start + count]:
-                rows.append({"path": group[j].path, "class": label, "subset": subset})
+                rows.append({**_sample(group[j]), "subset": subset})
             start += count
-    rows.sort(key=lambda r: (SUBSETS.index(r["subset"]), r["class"], r["path"]))
+    rows.sort(key=_row_order)
     return rows
 
 
@@ -162,7 +244,7 @@ def _grouped_split(items: list[Item], groups: list[str], seed: int) -> list[dict
     """Ten stratified group folds (scikit-learn): fold 0 is test, fold 1 val, the rest train."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    order = sorted(range(len(items)), key=lambda i: items[i].path)  # independent of the listing order
+    order = sorted(range(len(items)), key=lambda i: (items[i].path, _slice_key(items[i])))  # independent of the listing order
     labels = [items[i].label for i in order]
     group_ids = [groups[i] for i in order]
     per_class = defaultdict(set)
@@ -178,35 +260,44 @@ def _grouped_split(items: list[Item], groups: list[str], seed: int) -> list[dict
         if fold < 2:
             for k in held:
                 subset[k] = ("test", "val")[fold]
-    rows = [{"path": items[i].path, "class": items[i].label, "subset": subset[k], "group": group_ids[k]}
-            for k, i in enumerate(order)]
-    rows.sort(key=lambda r: (SUBSETS.index(r["subset"]), r["class"], r["path"]))
+    rows = [{**_sample(items[i]), "subset": subset[k], "group": group_ids[k]} for k, i in enumerate(order)]
+    rows.sort(key=_row_order)
     return rows
 
 
 def split_folder(data_dir, preset: str = "stratified", seed: int = 0, *, groups_file=None,
-                 threshold: int | None = None) -> list[dict]:
-    """Scan ``data_dir`` and split it; ``grouped`` first finds near-duplicate (and patient) groups."""
+                 threshold: int | None = None, volume_slices: int = VOLUME_SLICES) -> list[dict]:
+    """Scan ``data_dir`` and split it; ``grouped`` first finds near-duplicate (and patient) groups.
+    Volume slices (``scan_folder``) are grouped by their patient, with that patient's DICOM slices."""
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int)
                                   or not 0 <= threshold <= 256):
         raise ConfigError("threshold", threshold, "choose an integer in 0..256 (Hamming distance of 256-bit hashes)")
     if preset not in PRESETS:
         raise ConfigError("preset", preset, f"choose {', '.join(PRESETS)}")
-    items, _ = scan_folder(data_dir)
-    # DICOM slices: their patient (PatientID, else the series, else the folder) from the headers
-    patients = {it.path: dicom_patient(Path(data_dir) / it.path) for it in items
-                if it.path.lower().endswith(DICOM_EXTENSIONS)}
+    items, _ = scan_folder(data_dir, volume_slices=volume_slices)
+    # DICOM slices and volumes: their patient (PatientID, else the series, folder or file name); a
+    # volume's rows share its path, so {path: patient} holds for both
+    patients = {it.path: it.patient for it in items if it.patient}
+    flat = [it for it in items if it.slice is None]
     groups = None
     if preset == "grouped":
         from .groups import DEFAULT_THRESHOLD, image_groups
 
-        groups = image_groups(data_dir, [it.path for it in items], groups_file=groups_file, patients=patients,
-                              threshold=DEFAULT_THRESHOLD if threshold is None else threshold)
+        flat_groups = image_groups(data_dir, [it.path for it in flat], groups_file=groups_file,
+                                   patients={it.path: it.patient for it in flat if it.patient},
+                                   threshold=DEFAULT_THRESHOLD if threshold is None else threshold) if flat else []
+        group_of = {it.path: g for it, g in zip(flat, flat_groups)}
+        # a volume joins the group of its patient's DICOM slices, else its patient is its group
+        by_patient = {it.patient: group_of[it.path] for it in flat if it.patient}
+        groups = [group_of[it.path] if it.slice is None else by_patient.get(it.patient, f"patient:{it.patient}")
+                  for it in items]
     elif groups_file is not None:
         raise ConfigError("groups", groups_file, "only with the grouped preset")
-    elif len(set(patients.values())) < len(patients):
-        raise ConfigError("preset", preset, "the dataset holds several DICOM slices of one patient; use the grouped "
-                                            "preset (every slice of a patient in one subset)")
+    else:
+        slices = [it.patient for it in items if it.patient]
+        if len(set(slices)) < len(slices):
+            raise ConfigError("preset", preset, "the dataset holds several DICOM or volume slices of one patient; use "
+                                                "the grouped preset (every slice of a patient in one subset)")
     rows = make_split(items, preset, seed, groups=groups)
     if groups_file is not None:  # the patient ids themselves survive beside the merged groups
         from .groups import read_groups
@@ -219,10 +310,11 @@ def split_folder(data_dir, preset: str = "stratified", seed: int = 0, *, groups_
 
 def build_split(datasets, *, split_files=None, preset: str = "stratified", seed: int = 0, groups_file=None,
                 class_map: dict | None = None, limit: int | None = None, subsets=SUBSETS,
-                carve_seed: int | None = None) -> list[dict]:
+                carve_seed: int | None = None, volume_slices: int = VOLUME_SLICES) -> list[dict]:
     """The one split builder (train, experiment and tune): each dataset split on its own (its split
     file, else the preset; with several datasets rows get a ``source``), the class map applied,
-    only ``subsets`` kept, then ``limit`` images per class.
+    only ``subsets`` kept, then ``limit`` images per class. ``volume_slices``: at most this many
+    slices per volume (NIfTI, multi-frame DICOM, DICOM series folder) become rows.
 
     A split file without test rows (UCSD's official train/val) gets its val as the test and a val
     carved from its train by patient (``carve_test``); one split file with a ``source`` column (a
@@ -248,7 +340,7 @@ def build_split(datasets, *, split_files=None, preset: str = "stratified", seed:
                         "(by patient where the file names them)", split_file)
                     part = carve_test(part, seed if carve_seed is None else carve_seed)
             else:
-                part = split_folder(folder, preset, seed, groups_file=groups_file)
+                part = split_folder(folder, preset, seed, groups_file=groups_file, volume_slices=volume_slices)
             rows += [{**r, "source": name} for r in part] if name else part
     if class_map:
         found = sorted({r["class"] for r in rows})
@@ -338,6 +430,24 @@ def row_path(row: dict, data_dir) -> Path:
     return Path(data_dir) / row["path"]
 
 
+def row_input(row: dict, data_dir):
+    """What decoding reads for a split row: its file (``row_path``), or for a row with a ``slice``
+    in a volume (NIfTI, multi-frame DICOM, series folder) a ``volume.SliceRef``."""
+    path = row_path(row, data_dir)
+    if row.get("slice") not in (None, "") and is_volume_path(path):
+        try:
+            return SliceRef(path, int(row["slice"]))
+        except (TypeError, ValueError):
+            raise CTTransferError(f"{row['path']}: slice '{row['slice']}' is not a slice index") from None
+    return path
+
+
+def row_exists(row: dict, data_dir) -> bool:
+    """A split row's file is there (a series folder for a volume row)."""
+    path = row_path(row, data_dir)
+    return path.is_file() or (row.get("slice") not in (None, "") and path.is_dir())
+
+
 def apply_class_map(rows: list[dict], class_map: dict[str, str]) -> list[dict]:
     return [{**r, "class": class_map.get(r["class"], r["class"])} for r in rows]
 
@@ -402,7 +512,7 @@ def read_split(path: str | os.PathLike, data_dir: str | os.PathLike | dict | Non
     for r in rows:
         r["path"] = normalise_path(r["path"])
     if data_dir is not None:
-        missing = [r["path"] for r in rows if not row_path(r, data_dir).is_file()]
+        missing = [r["path"] for r in rows if not row_exists(r, data_dir)]
         if missing:
             raise CTTransferError(f"{path}: {len(missing)} listed file(s) missing under {data_dir}, e.g. {missing[0]}")
         for i, r in enumerate(rows, 2):
@@ -432,10 +542,12 @@ def _row_real(row: dict, data_dir) -> Path:
 
 def file_identity(row: dict, data_dir=None):
     """What identifies a split row's file: its resolved path (symlinks followed) when the data folder
-    is known, else its source and normalised relative path."""
+    is known, else its source and normalised relative path; with the slice index for a volume row."""
     if data_dir is None:
-        return (row.get("source") or "", normalise_path(row["path"]))
-    return str(_row_real(row, data_dir))
+        key = (row.get("source") or "", normalise_path(row["path"]))
+    else:
+        key = str(_row_real(row, data_dir))
+    return key if row.get("slice") in (None, "") else (key, _slice_key(row))
 
 
 def same_file_rows(rows: list[dict], data_dir=None) -> list[tuple[tuple[int, dict], tuple[int, dict]]]:
@@ -488,9 +600,14 @@ def split_counts(rows: list[dict]) -> dict[str, dict[str, int]]:
 
 def pixel_duplicates_across_subsets(rows: list[dict], data_dir: str | os.PathLike) -> list[tuple[str, str]]:
     """Pairs of files with identical decoded pixels that sit in different subsets."""
+    from .decode import read_input
+    from .volume import VolumeReader
+
     by_hash: dict[str, list[dict]] = defaultdict(list)
+    volumes = VolumeReader()
     for r in rows:
-        arr = read_image(Path(data_dir) / r["path"])
+        ref = row_input(r, data_dir)
+        arr = volumes.rgb(ref) if isinstance(ref, SliceRef) else read_input(ref)
         digest = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()
         by_hash[digest].append(r)
     pairs = []

@@ -31,6 +31,7 @@ from .. import _io
 from ..errors import CTTransferError
 from .cache import ImageCache, MemoryCache
 from .preprocess import Preprocess
+from .volume import SliceRef, volume_signature
 
 log = logging.getLogger("ct_transfer.data")
 
@@ -43,6 +44,9 @@ def store_name(paths, preprocess: Preprocess) -> str:
     changed file gives a new store; stat of 40k files takes well under a second)."""
     h = hashlib.sha256(f"{FORMAT}|{preprocess.key}\n".encode())
     for p in paths:
+        if isinstance(p, SliceRef):  # a volume's slice: its files' sizes and mtimes, and the index
+            h.update(f"{os.path.realpath(p.path)}#{p.index}\0{volume_signature(p.path)}\n".encode())
+            continue
         p = Path(p)
         try:
             st = p.stat()
@@ -152,7 +156,7 @@ def build_store(paths, preprocess: Preprocess, folder: str | os.PathLike, *, on_
     messages), as ``ImageCache.load_many`` returns them, but on disk."""
     if on_bad not in ("error", "skip"):
         raise CTTransferError(f"on_bad={on_bad}: choose error or skip")
-    paths = [str(p) for p in paths]
+    paths = [p if isinstance(p, SliceRef) else str(p) for p in paths]
     folder = Path(folder)
     name = store_name(paths, preprocess)
     found = open_store(folder, name, preprocess.image_size)

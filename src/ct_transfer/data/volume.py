@@ -596,3 +596,103 @@ def scans_in_items(items: list[tuple[str, bytes]]) -> tuple[list[Volume], list[t
         except CTTransferError as exc:
             errors.append({"name": label, "error": " ".join(str(exc).split())})
     return volumes, singles, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Volumes as training data: a split row ``path`` + ``slice``
+# ---------------------------------------------------------------------------------------------
+
+VOLUME_SLICES = 16  # default cap on the training rows one volume gives (evenly spaced lung slices)
+
+
+@dataclass(frozen=True)
+class SliceRef:
+    """Slice ``index`` (scan order, as ``Volume``) of the training volume at ``path``: a NIfTI file, a
+    multi-frame DICOM file or a DICOM series folder. What a split row with a ``slice`` decodes."""
+
+    path: Path
+    index: int
+
+    def __str__(self) -> str:
+        return f"{self.path}#{self.index}"
+
+
+def is_volume_path(path: str | os.PathLike) -> bool:
+    """Can a split row's ``path`` with a ``slice`` be a volume: a folder, a NIfTI or a DICOM file."""
+    p = Path(path)
+    return is_nifti_name(p.name) or p.suffix.lower() in DICOM_EXTENSIONS or p.is_dir()
+
+
+def series_files(folder: Path) -> list[Path]:
+    """The DICOM files of a series folder as training data: its own ``.dcm``/``.dicom`` files, not
+    those of sub-folders (``scan_folder`` lists those on their own)."""
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in DICOM_EXTENSIONS)
+
+
+def training_volume(path: str | os.PathLike) -> Volume:
+    """The one CT volume a training row names: a NIfTI file, a multi-frame DICOM file or a series
+    folder (``series_files``). Slice images are not volumes here (each image is a row of its own)."""
+    path = Path(path)
+    if path.is_dir():
+        files = series_files(path)
+        vols = dicom_volumes([path_source(p) for p in files], str(path)) if files else []
+    elif path.is_file():
+        vols = open_volumes(path)
+    else:
+        raise CTTransferError(f"{path}: volume not found")
+    vols = [v for v in vols if v.kind != "images"]
+    if len(vols) != 1:
+        raise CTTransferError(f"{path}: holds {len(vols)} CT volumes; a training volume is one NIfTI file, one "
+                              "multi-frame DICOM file or one folder per DICOM series")
+    return vols[0]
+
+
+def volume_signature(path: str | os.PathLike) -> str:
+    """What identifies a volume's content for caches: size and mtime of its file (a series folder:
+    of each of its DICOM files)."""
+    path = Path(path)
+    try:
+        files = series_files(path) if path.is_dir() else [path]
+        stats = [(f.name, f.stat()) for f in files]
+    except OSError as exc:
+        raise CTTransferError(f"{path}: cannot read ({(exc.strerror or str(exc)).lower()})") from None
+    return "|".join(f"{n}:{st.st_size}:{st.st_mtime_ns}" for n, st in stats)
+
+
+_SELECTED: dict = {}  # (resolved path, signature, cap) -> (slice indices, patient): a volume is scanned once per process
+
+
+def training_slices(path: str | os.PathLike, *, max_slices: int = VOLUME_SLICES) -> tuple[list[int], str, int]:
+    """(slice indices, patient, number of slices) a training volume gives: its lung slices
+    (``select_slices``, one slice in memory at a time), at most ``max_slices`` evenly spaced."""
+    key = (os.path.realpath(path), volume_signature(path), int(max_slices))
+    if key not in _SELECTED:
+        vol = training_volume(path)
+        sel = select_slices(vol, max_slices=max_slices)
+        if len(_SELECTED) > 10_000:
+            _SELECTED.clear()
+        _SELECTED[key] = (list(sel.used), vol.patient, len(vol))
+    return _SELECTED[key]
+
+
+class VolumeReader:
+    """Decodes ``SliceRef``s, keeping the last volume open: rows come sorted by path, so each volume
+    is opened once per decode pass (headers read once; a ``.nii.gz`` read forward)."""
+
+    def __init__(self):
+        self._open: tuple[str, str, Volume] | None = None
+
+    def volume(self, path: Path, signature: str | None = None) -> Volume:
+        real = os.path.realpath(path)
+        signature = volume_signature(path) if signature is None else signature
+        if self._open is None or self._open[:2] != (real, signature):
+            self._open = (real, signature, training_volume(path))
+        return self._open[2]
+
+    def rgb(self, ref: SliceRef, window=DEFAULT_WINDOW, signature: str | None = None) -> np.ndarray:
+        vol = self.volume(ref.path, signature)
+        if not 0 <= ref.index < len(vol):
+            raise CTTransferError(f"{ref.path}: slice {ref.index} asked for; the volume has {len(vol)} "
+                                  f"(0..{len(vol) - 1})")
+        return vol.rgb(ref.index, window)

@@ -33,7 +33,8 @@ def split_rows(cfg) -> list[dict]:
 
         class_map = parse_class_map(cfg.class_map)
     return D.build_split(cfg.datasets, split_files=cfg.split_files, preset=cfg.split_preset, seed=cfg.split_seed,
-                         groups_file=cfg.split_groups, class_map=class_map, limit=cfg.limit)
+                         groups_file=cfg.split_groups, class_map=class_map, limit=cfg.limit,
+                         volume_slices=cfg.volume_slices)
 
 
 def available_memory() -> int | None:
@@ -114,7 +115,7 @@ def load_subsets(cfg, rows, classes, preprocess, device, progress=False, *,
 def load_subset_stored(rows, subset, classes, data_dir, preprocess, folder, *, on_bad="error", progress=False):
     """``load_subset`` through a disk store: (StoredImages, labels tensor, kept rows, bad-file messages)."""
     sub = [r for r in rows if r["subset"] == subset]
-    x, kept, bad = build_store([D.row_path(r, data_dir) for r in sub], preprocess, folder, on_bad=on_bad,
+    x, kept, bad = build_store([D.row_input(r, data_dir) for r in sub], preprocess, folder, on_bad=on_bad,
                                progress=progress, desc=f"decode {subset}")
     kept_rows = [sub[i] for i in kept]
     labels = torch.tensor([classes.index(r["class"]) for r in kept_rows], dtype=torch.long)

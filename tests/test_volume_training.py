@@ -74,11 +74,17 @@ def volume_dataset(root: Path, data_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def volume_run(tmp_path_factory, data_dir):
+def volume_data(tmp_path_factory, data_dir) -> Path:
+    """Read-only for tests: the volume dataset."""
+    return volume_dataset(tmp_path_factory.mktemp("volumes") / "data", data_dir)
+
+
+@pytest.fixture(scope="module")
+def volume_run(volume_data):
     """A tiny run on the volume dataset: EfficientNetLite0, 48 px, 1 epoch, grouped split."""
     from ct_transfer import TrainConfig, fit
 
-    root = volume_dataset(tmp_path_factory.mktemp("volumes") / "data", data_dir)
+    root = volume_data
     out = root.parent / "run"
     cfg = TrainConfig(data=str(root), model="EfficientNetLite0", out=str(out), epochs=1, image_size=48,
                       split_preset="grouped", volume_slices=CAP, seed=0)
@@ -180,12 +186,20 @@ def test_bad_training_volume_is_a_one_line_error(bad, data_dir, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
-def test_stratified_split_refuses_several_slices_of_a_volume(tmp_path, data_dir):
-    root = volume_dataset(tmp_path / "data", data_dir)
+def test_split_cli_caps_the_slices_and_refuses_a_per_slice_split(volume_data, tmp_path, capsys):
+    root = volume_data
     with pytest.raises(ConfigError, match="grouped"):
         D.split_folder(root, "stratified", volume_slices=CAP)
     with pytest.raises(ConfigError, match="volume_slices"):
         D.scan_folder(root, volume_slices=0)
+    out = tmp_path / "split.csv"  # the duplicate check decodes every row, volume slices included
+    assert main(["split", "--data", str(root), "--out", str(out), "--split-preset", "grouped",
+                 "--volume-slices", "2"]) == 0
+    assert "exact duplicates (same decoded pixels) across subsets: 0" in capsys.readouterr().out
+    rows = read_csv(out)
+    for path in {r["path"] for r in rows}:
+        slices = [int(r["slice"]) for r in rows if r["path"] == path]
+        assert slices == V.select_slices(V.training_volume(root / path), max_slices=2).used and len(slices) == 2
 
 
 def test_a_folder_of_two_series_is_refused(tmp_path, data_dir):

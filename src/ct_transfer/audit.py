@@ -46,6 +46,9 @@ def audit(data, out, *, split_file=None, against=None, threshold: int = G.DEFAUL
         raise CTTransferError(f"{out}: is a run directory; choose another folder for the audit")
     items, classes = D.scan_folder(data)
     other_items = D.scan_folder(against)[0] if against else None  # a bad second folder fails before any write
+    # the audit hashes image files: volume slices (NIfTI, multi-frame DICOM, series) are left out
+    items = [it for it in items if it.slice is None]
+    other_items = None if other_items is None else [it for it in other_items if it.slice is None]
     subset_of, same_file = {}, []
     if split_file:
         rows = D.read_split(split_file, data, duplicates="keep")  # a file listed twice is reported, first

@@ -196,11 +196,11 @@ def cmd_split(args):
     from . import data as D
 
     _check_output(args.out)
-    _, classes = D.scan_folder(args.data)
+    _, classes = D.scan_folder(args.data, volume_slices=args.volume_slices)
     if args.split_groups and args.split_preset != "grouped":
         raise CTTransferError(f"--split-groups {args.split_groups}: only with --split-preset grouped")
     rows = D.split_folder(args.data, args.split_preset, args.split_seed, groups_file=args.split_groups,
-                          threshold=args.threshold)
+                          threshold=args.threshold, volume_slices=args.volume_slices)
     # the duplicate check decodes every image: an unreadable one fails here, before anything is written
     pairs = None if args.no_duplicates else D.pixel_duplicates_across_subsets(rows, args.data)
     D.write_split(rows, args.out)
@@ -726,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "subset, besides near-duplicates (default: near-duplicates only)")
     p.add_argument("--threshold", type=int, help=f"grouped: pHash distance of near-duplicates (default: {THRESHOLD})")
     p.add_argument("--no-duplicates", action="store_true", help="skip the cross-subset duplicate check")
+    p.add_argument("--volume-slices", type=_int_in(1, 100_000), default=16,
+                   help="at most N lung slices per volume (NIfTI, multi-frame DICOM, series folder) become rows "
+                        "(default: 16)")
     _alias(p, "--preset", "split_preset", choices=list(SPLIT_PRESETS))
     _alias(p, "--seed", "split_seed", type=_int_in(0, 2**31 - 1))
     _alias(p, "--groups", "split_groups")

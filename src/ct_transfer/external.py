@@ -246,7 +246,11 @@ def check_independent(run, data, rows: list[dict], *, near: bool = True, allow_s
     record = {"checked": True, "same_files": 0, "independent": True, "why": "no shared or near-duplicate images",
               "near_duplicates": None, "threshold": G.DEFAULT_THRESHOLD}
     if near:
-        fa = [G.fingerprint(f, r["path"]) for f, r in zip(run_paths, run_rows)]
+        # pHash compares images: volume slices (rows with a slice) are left out on both sides
+        flat = [(f, r) for f, r in zip(run_paths, run_rows) if r.get("slice") in (None, "")]
+        run_rows = [r for _, r in flat]
+        rows = [r for r in rows if r.get("slice") in (None, "")]
+        fa = [G.fingerprint(f, r["path"]) for f, r in flat]
         fb = G.fingerprints(data, [r["path"] for r in rows])
         pairs = G.close_pairs(fa, fb, threshold=G.DEFAULT_THRESHOLD)
         record["near_duplicates"] = len(pairs)

@@ -143,7 +143,7 @@ def test_decoded_training_slice_equals_the_volume_slice(volume_run):
 
 
 def test_predictions_and_metrics_per_patient(volume_run):
-    root, out, _ = volume_run
+    _, out, _ = volume_run
     metrics = json.loads((out / "metrics.json").read_text())
     split = {(r["path"], r["slice"]): r["patient"] for r in read_csv(out / "split.csv")}
     for subset in ("val", "test"):
@@ -204,7 +204,7 @@ def test_split_cli_caps_the_slices_and_refuses_a_per_slice_split(volume_data, tm
 
 def test_a_folder_of_two_series_is_refused(tmp_path, data_dir):
     root = tmp_path / "data"
-    for k, cls in enumerate(CLASSES):
+    for cls in CLASSES:
         (root / cls).mkdir(parents=True)
         shutil.copy(sorted((data_dir / cls).iterdir())[0], root / cls)
     pics = pictures_of(data_dir / "COVID", 200)
@@ -212,3 +212,37 @@ def test_a_folder_of_two_series_is_refused(tmp_path, data_dir):
     write_series(root / "COVID" / "two", pics[3:], seed=2, z0=0.0)
     with pytest.raises(CTTransferError, match="two: holds 6 DICOM slices of 2 series"):
         D.scan_folder(root)
+
+
+def test_decoding_streams_slices_and_opens_each_volume_once(tmp_path, data_dir, monkeypatch):
+    """A 48-slice 256 px scan (NIfTI .nii.gz and multi-frame DICOM): selecting and decoding its
+    slices never allocates anything near the whole volume in float64, and one decode pass opens the
+    NIfTI file once."""
+    import tracemalloc
+
+    import nibabel
+
+    from ct_transfer.data.cache import ImageCache, MemoryCache
+    from ct_transfer.data.preprocess import Preprocess
+
+    files = sorted((data_dir / "COVID").iterdir(), key=lambda p: int(p.stem.split("(")[1][:-1]))[300:348]
+    pics = [np.asarray(Image.open(f).convert("L").resize((256, 256), Image.BILINEAR)) for f in files]
+    whole = 256 * 256 * len(pics) * 8  # the scan in float64: 25 MB
+    scans = [write_nifti(tmp_path / "big.nii.gz", pics), write_multiframe(tmp_path / "big.dcm", pics, "BIG")]
+    opened = []
+    real_load = nibabel.load
+    monkeypatch.setattr(nibabel, "load", lambda *a, **kw: opened.append(a[0]) or real_load(*a, **kw))
+    for scan in scans:
+        opened.clear()
+        tracemalloc.start()
+        try:
+            used, _, n = V.training_slices(scan, max_slices=8)
+            cache = ImageCache(Preprocess(48), None, memory=MemoryCache(0))
+            arr, kept, bad = cache.load_many([V.SliceRef(scan, i) for i in used])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert n == 48 and len(used) == 8 and kept == list(range(8)) and not bad and arr.shape == (8, 3, 48, 48)
+        assert peak < whole / 4, (scan.name, peak)
+        if scan.suffix == ".gz":
+            assert len(opened) == 2  # once to select the slices, once for the decode pass

@@ -686,9 +686,10 @@ class VolumeReader:
     def volume(self, path: Path, signature: str | None = None) -> Volume:
         real = os.path.realpath(path)
         signature = volume_signature(path) if signature is None else signature
-        if self._open is None or self._open[:2] != (real, signature):
-            self._open = (real, signature, training_volume(path))
-        return self._open[2]
+        opened = self._open  # one read of the attribute: another thread may replace it meanwhile
+        if opened is None or opened[:2] != (real, signature):
+            opened = self._open = (real, signature, training_volume(path))
+        return opened[2]
 
     def rgb(self, ref: SliceRef, window=DEFAULT_WINDOW, signature: str | None = None) -> np.ndarray:
         vol = self.volume(ref.path, signature)

@@ -209,6 +209,7 @@ TRAIN_FLAGS = {
     "--dropout": _flag_values(["0", "0.5"], ["1", "-0.1", "nan", "inf", "2"]),
     "--seed": _flag_values(["0", "7"], ["-1", "2147483648", "x"]),
     "--split-seed": _flag_values(["0"], ["-5", "y"]),
+    "--volume-slices": _flag_values(["16", "2"], ["0", "-1", "x", "100001", "2.5"]),
     "--limit": _flag_values(["4"], ["0", "-3", "x"]),
     "--threads": _flag_values(["1"], ["0", "-1", "100000", "two"]),
     "--device": _flag_values(["cpu", "auto"], ["tpu", "cuda:abc", "", "gpu", "cuda:99", "cpu:0"]),

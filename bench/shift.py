@@ -3,7 +3,7 @@ another hospital's (UCSD-dev, all 541) slices, for a run trained on SARS-CoV-2 a
 
 For one run (default: EfficientNetLite0, ImageNet weights, linear probe, 224 px, the paper split;
 trained into bench/results/ when missing) every detector is fitted on the run's TRAIN images, its
-threshold set to accept 95% of the val images, then measured on the SARS-CoV-2 test images and on
+threshold set to accept 95% of the val images (the conformal rule of ``shift.fit_guard``), then measured on the SARS-CoV-2 test images and on
 UCSD-dev: AUROC (UCSD = positive), flagged shares at the threshold, the set-level test (20 slices
 drawn at random, one-sided Mann-Whitney against the val scores at p < 0.01, 200 draws) for UCSD and
 for SARS-CoV-2 test, and predict's time with and without the guard. Nothing is fitted on UCSD.
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from sklearn.metrics import roc_auc_score
 
-    if not (args.run / "best.pt").is_file():
+    if not (args.run / "metrics.json").is_file():  # a finished run (its weights: best.safetensors)
         print(f"training {args.run} (linear probe, 224 px, paper split)")
         train_run(args.run)
     run = load_run(args.run)
@@ -92,10 +92,13 @@ def main(argv=None) -> int:
     items, _ = D.scan_folder(UCSD)
     ucsd_paths = [UCSD / it.path for it in items]
     ucsd_x = D.stack([run.preprocess.load(p) for p in ucsd_paths])
-    all_taps = list(dict.fromkeys(shift.MultiMahalanobis.taps(run.model) + [shift.HEAD_INPUT, shift.LOGITS]))
+    all_taps = list(dict.fromkeys(t for n in shift.list_detectors() for t in shift.DETECTORS.get(n).taps(run.model)))
     cache = args.run / "shift-features.pt"  # the pooled features of every tap (a rerun skips the forward passes)
     if cache.is_file() and args.reuse_features:
         feats = torch.load(cache)
+        missing = [t for t in all_taps if t not in feats["train"]]
+        if missing:
+            raise SystemExit(f"{cache}: no features of {missing}; rerun without --reuse-features")
     else:
         feats = {s: dict(zip(all_taps, tapped(run, sub.x, all_taps))) for s, sub in subsets.items()}
         feats["ucsd"] = dict(zip(all_taps, tapped(run, ucsd_x, all_taps)))
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
         fit_s = time.perf_counter() - t1
         with torch.no_grad():
             sc = {s: det(pick(s)).numpy().astype(np.float64) for s in ("val", "test", "ucsd")}
-        threshold = float(np.quantile(sc["val"], shift.DEFAULT_ACCEPT, method="higher"))
+        threshold = shift.conformal_threshold(sc["val"], shift.DEFAULT_ACCEPT)  # the rule fit_guard uses
         guards[name] = shift.ShiftGuard(det, taps=taps, threshold=threshold,
                                         val_scores=torch.from_numpy(sc["val"]).float()).eval()
         auroc = roc_auc_score(np.r_[np.zeros(len(sc["test"])), np.ones(len(sc["ucsd"]))], np.r_[sc["test"], sc["ucsd"]])

@@ -217,3 +217,70 @@ def test_external_evaluation_has_set_level_and_risk_coverage(trained_run, tmp_pa
     assert (copy / "external" / "ucsd-small" / "shift_hist.png").is_file()
     internal = json.loads((trained_run[0] / "metrics.json").read_text())
     assert "selective" in internal["test"] and internal["test"]["selective"]["n"] == internal["test"]["n"]
+
+
+def test_block_mahalanobis_equals_sklearn_on_every_block(run, sars_unseen):
+    """mahalanobis-blocks = per layer (stem, every block, head input) the Ledoit-Wolf Mahalanobis
+    distance to the nearest class mean (scikit-learn), standardised by the training distances, summed."""
+    from sklearn.covariance import LedoitWolf
+
+    taps = shift.BlockMahalanobis.taps(run.model)
+    blocks = run.model.get_submodule("backbone.blocks")
+    assert taps[0] == "backbone.bn1" and taps[-1] == shift.HEAD_INPUT
+    assert len(taps) == 2 + sum(len(stage) for stage in blocks) > len(shift.MultiMahalanobis.taps(run.model))
+    x = run.load_images(sars_unseen[:30])
+    feats = shift._tapped_features(run.model, x, run.transform, taps, device="cpu", channels_last=True, bf16=False)
+    y = torch.tensor([0] * 12 + [1] * 12)  # 24 to fit on (the class is a label here; only the geometry matters)
+    det = shift.BlockMahalanobis.fit([f[:24] for f in feats], y, 2)
+    ours = det([f[24:] for f in feats]).numpy()
+    cols_fit, cols_new = [], []
+    for f in feats:
+        f = f.double().numpy()
+        tr, yy = f[:24], y.numpy()
+        means = [tr[yy == c].mean(0) for c in (0, 1)]
+        lw = LedoitWolf(assume_centered=True).fit(tr - np.stack(means)[yy])
+        dist = lambda z: np.min([lw.mahalanobis(z - m) for m in means], 0)  # noqa: E731
+        cols_fit.append(dist(tr))
+        cols_new.append(dist(f[24:]))
+    fit_d, new_d = np.stack(cols_fit, 1), np.stack(cols_new, 1)
+    manual = ((new_d - fit_d.mean(0)) / fit_d.std(0, ddof=1)).sum(1)
+    np.testing.assert_allclose(ours, manual, rtol=2e-3, atol=2e-2)
+
+
+def test_block_mahalanobis_guard_flags_ucsd_above_sars(trained_run, run, ucsd_files, sars_unseen, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run[0], copy)
+    other = load_run(copy)
+    shift.fit_guard(other, detector="mahalanobis-blocks")
+    other = load_run(copy)  # saved and loaded back
+    assert other.guard.name == "mahalanobis-blocks" and len(other.guard.taps) > 6
+    u, s = other.predict(ucsd_files), other.predict(sars_unseen)
+    flag_u = np.mean([not p.in_distribution for p in u])
+    flag_s = np.mean([not p.in_distribution for p in s])
+    auroc = roc_auc_score([1] * len(u) + [0] * len(s), [p.shift_score for p in u + s])
+    assert flag_u >= flag_s + 0.3 and auroc > 0.85, (flag_u, flag_s, auroc)
+    # the export carries it: the same score inside the ONNX graph
+    info = other.export(tmp_path / "m.onnx", n_check=4)
+    assert info["parity"]["max_rel_diff_shift_score"] < 1e-4 and info["parity"]["same_in_distribution"]
+
+
+def test_block_knn_equals_numpy_nearest_neighbour(run, sars_unseen, ucsd_files):
+    """knn-blocks = 1 - the largest mean over layers (stem, every block, head input) of the cosine
+    to a training image: computed here in numpy on real features of real slices."""
+    taps = shift.BlockKNN.taps(run.model)
+    assert taps == shift.BlockMahalanobis.taps(run.model)
+    x = torch.cat([run.load_images(sars_unseen[:20]), run.load_images(ucsd_files[:6])])
+    feats = shift._tapped_features(run.model, x, run.transform, taps, device="cpu", channels_last=True, bf16=False)
+    det = shift.BlockKNN.fit([f[:16] for f in feats], torch.zeros(16, dtype=torch.long), 2)
+    assert det.k == 1 and det.bank.shape == (16, sum(f.shape[1] for f in feats))
+    ours = det([f[16:] for f in feats]).numpy()
+    cos = np.zeros((len(x) - 16, 16))
+    for f in feats:
+        f = f.double().numpy()
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        cos += f[16:] @ f[:16].T / len(feats)
+    np.testing.assert_allclose(ours, 1 - cos.max(1), rtol=1e-4, atol=1e-5)
+    # a training image is its own nearest neighbour
+    np.testing.assert_allclose(det([f[:16] for f in feats]).numpy(), 0, atol=1e-5)

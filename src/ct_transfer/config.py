@@ -23,7 +23,7 @@ BALANCES = ("none", "sources")
 ON_BAD = ("error", "skip")
 STORES = ("auto", "memory", "disk")  # data/store.py; engine/data.py decides
 SHIFT_GUARDS = (*DETECTORS.names(), "none")
-DEFAULT_SHIFT_GUARD = "mahalanobis-multi"  # chosen by bench/shift.py: AUROC 0.988, flags 97% of UCSD (docs/shift.md)
+DEFAULT_SHIFT_GUARD = "knn-blocks"  # chosen by bench/shift_variants.py on SARS-CoV-2 val vs UCSD train patients (docs/shift.md)
 DEFAULT_GUARD_ACCEPT = 0.95  # the guard's threshold accepts this share of the val images
 # Names the command line lists, kept here, in a module that imports no torch, so that
 # `ct-transfer --help` stays fast; the modules that implement them import these.

@@ -146,7 +146,11 @@ DETECTORS = Registry("detector", [
        "Mahalanobis distance of the head's pooled features (class means, shared Ledoit-Wolf covariance)"),
     _e("mahalanobis-multi", "ct_transfer.shift:MultiMahalanobis",
        "Mahalanobis on every backbone stage's pooled features, standardised and summed"),
+    _e("mahalanobis-blocks", "ct_transfer.shift:BlockMahalanobis",
+       "Mahalanobis on the stem's, every block's and the head's pooled features, standardised and summed"),
     _e("knn", "ct_transfer.shift:KNN", "k-th nearest training neighbour of the normalised pooled features"),
+    _e("knn-blocks", "ct_transfer.shift:BlockKNN",
+       "nearest training neighbour of the stem's, every block's and the head's normalised pooled features"),
     _e("energy", "ct_transfer.shift:Energy", "energy of the logits (-logsumexp)"),
     _e("msp", "ct_transfer.shift:MaxSoftmax", "minus the maximum softmax probability (the baseline)"),
 ])

@@ -88,24 +88,24 @@ def main(argv=None) -> int:
     run = load_run(args.run)
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    subsets = {s: run._load(run.split, s, run.config["data"], "split") for s in ("train", "val", "test")}
-    items, _ = D.scan_folder(UCSD)
-    ucsd_paths = [UCSD / it.path for it in items]
-    ucsd_x = D.stack([run.preprocess.load(p) for p in ucsd_paths])
     all_taps = list(dict.fromkeys(t for n in shift.list_detectors() for t in shift.DETECTORS.get(n).taps(run.model)))
-    cache = args.run / "shift-features.pt"  # the pooled features of every tap (a rerun skips the forward passes)
+    cache = args.run / "shift-features.pt"  # the pooled features of every tap (a rerun skips decoding and forward passes)
     if cache.is_file() and args.reuse_features:
         feats = torch.load(cache)
         missing = [t for t in all_taps if t not in feats["train"]]
         if missing:
             raise SystemExit(f"{cache}: no features of {missing}; rerun without --reuse-features")
     else:
+        subsets = {s: run._load(run.split, s, run.config["data"], "split") for s in ("train", "val", "test")}
+        items, _ = D.scan_folder(UCSD)
+        ucsd_x = D.stack([run.preprocess.load(UCSD / it.path) for it in items])
         feats = {s: dict(zip(all_taps, tapped(run, sub.x, all_taps))) for s, sub in subsets.items()}
         feats["ucsd"] = dict(zip(all_taps, tapped(run, ucsd_x, all_taps)))
+        feats["y_train"] = subsets["train"].y.cpu()
         torch.save(feats, cache)
-    print(f"features of {sum(len(v.x) for v in subsets.values())} SARS-CoV-2 + {len(ucsd_x)} UCSD images: "
-          f"{time.perf_counter() - t0:.0f} s; taps {all_taps}")
-    y_train = subsets["train"].y.cpu()
+    n = {s: len(feats[s][shift.HEAD_INPUT]) for s in ("train", "val", "test", "ucsd")}
+    print(f"features of {n}: {time.perf_counter() - t0:.0f} s; taps {all_taps}")
+    y_train = feats["y_train"]
     rng = np.random.default_rng(0)
     rows, guards = [], {}
     for name in shift.list_detectors():
@@ -155,8 +155,8 @@ def main(argv=None) -> int:
               f"{100 * r['predict_overhead']:>10.1f}%")
     print(f"predict without a guard: {base:.3f} s for {len(timing_files)} images (median of {args.repeats})")
     write_json(args.out, {"run": str(args.run), "model": run.config["model"], "image_size": run.image_size,
-                          "strategy": run.config.get("strategy"), "n_train": len(subsets["train"].x),
-                          "n_val": len(subsets["val"].x), "n_test": len(subsets["test"].x), "n_ucsd": len(ucsd_x),
+                          "strategy": run.config.get("strategy"), "n_train": n["train"],
+                          "n_val": n["val"], "n_test": n["test"], "n_ucsd": n["ucsd"],
                           "set_level": {"n": args.n, "draws": args.draws, "alpha": args.alpha},
                           "predict_seconds_no_guard": base, "timing_images": len(timing_files),
                           "times": times, "rows": rows, "machine": machine_info()})

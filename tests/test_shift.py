@@ -75,8 +75,8 @@ def test_fit_saves_a_guard_that_flags_ucsd_and_accepts_sars(trained_run, run, uc
     finally:
         run.guard = guard
     assert all(p.shift_score is None and p.in_distribution is None for p in plain)
-    for a, b in zip(plain, u[:4]):
-        assert a.label == b.label and a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
+    for a, b in zip(plain, u[:4]):  # batches of 4 and of 31 images: float32 sums in another order
+        assert a.label == b.label and a.probabilities == pytest.approx(b.probabilities, abs=1e-5)
 
 
 def test_every_detector_fits_and_scores_in_one_pass(run, ucsd_files, sars_unseen):

@@ -239,9 +239,8 @@ def test_block_mahalanobis_equals_sklearn_on_every_block(run, sars_unseen):
         tr, yy = f[:24], y.numpy()
         means = [tr[yy == c].mean(0) for c in (0, 1)]
         lw = LedoitWolf(assume_centered=True).fit(tr - np.stack(means)[yy])
-        dist = lambda z: np.min([lw.mahalanobis(z - m) for m in means], 0)  # noqa: E731
-        cols_fit.append(dist(tr))
-        cols_new.append(dist(f[24:]))
+        for z, cols in ((tr, cols_fit), (f[24:], cols_new)):
+            cols.append(np.min([lw.mahalanobis(z - m) for m in means], 0))
     fit_d, new_d = np.stack(cols_fit, 1), np.stack(cols_new, 1)
     manual = ((new_d - fit_d.mean(0)) / fit_d.std(0, ddof=1)).sum(1)
     np.testing.assert_allclose(ours, manual, rtol=2e-3, atol=2e-2)

@@ -283,3 +283,23 @@ def test_block_knn_equals_numpy_nearest_neighbour(run, sars_unseen, ucsd_files):
     np.testing.assert_allclose(ours, 1 - cos.max(1), rtol=1e-4, atol=1e-5)
     # a training image is its own nearest neighbour
     np.testing.assert_allclose(det([f[:16] for f in feats]).numpy(), 0, atol=1e-5)
+
+
+def test_guard_without_separate_val_sets_its_threshold_out_of_fold(run, ucsd_files):
+    """An adapted run's N labelled slices are its train and its val: in-sample scores would put the
+    nearest-neighbour threshold at 0 and flag every new slice of that site; the threshold comes from
+    cross-fitted scores instead, and the site's other slices are accepted."""
+    from types import SimpleNamespace
+
+    x = run.load_images(ucsd_files[:24])
+    labelled = SimpleNamespace(x=x, y=torch.tensor([0, 1] * 12))
+    guard = shift.fit_guard(run, detector="knn-blocks", train=labelled, val=labelled, save=False)
+    try:
+        assert guard.info["threshold_on"] == "train, cross-fitted" and guard.val_scores.shape == (24,)
+        in_sample = guard(shift._tapped_features(run.model, x, run.transform, guard.taps, device="cpu",
+                                                 channels_last=True, bf16=False))
+        assert float(in_sample.max()) < 1e-4 < float(guard.threshold)  # itself: distance 0
+        others = run.predict(ucsd_files[24:])  # the same site's slices, not among the 24
+        assert np.mean([p.in_distribution for p in others]) >= 0.5
+    finally:
+        run.guard = shift.load_guard(run.directory)

@@ -196,7 +196,8 @@ class BlockMahalanobis(MultiMahalanobis):
     name = "mahalanobis-blocks"
     """``mahalanobis-multi`` on every layer FRODO would take: the stem, every block (16 in
     EfficientNetLite0, not only the 5 stage ends of timm's feature_info) and the head's input.
-    Chosen by bench/shift_variants.py on SARS-CoV-2 val vs UCSD's train patients (docs/shift.md)."""
+    Its state is a few MB whatever the training set's size (``knn-blocks`` keeps every image);
+    bench/shift_variants.py ranks it 11th of 71 variants, above ``mahalanobis-multi`` (docs/shift.md)."""
 
     description = "Mahalanobis on the stem's, every block's and the head's pooled features, standardised and summed"
 
@@ -463,6 +464,30 @@ def conformal_threshold(val_scores, accept: float) -> float:
     return float(v[k - 1])
 
 
+def _all_in(x: torch.Tensor, pool: torch.Tensor) -> bool:
+    """Is every image of ``x`` pixel-identical to one of ``pool``? (uint8 N x 3 x S x S)"""
+    import hashlib
+
+    def digest(t):
+        return {hashlib.sha1(t[i].contiguous().numpy().tobytes()).digest() for i in range(len(t))}
+    return len(x) > 0 and digest(x.cpu()) <= digest(pool.cpu())
+
+
+def _cross_fitted(cls, feats: list[torch.Tensor], y: torch.Tensor, num_classes: int, folds: int = 5) -> torch.Tensor:
+    """Out-of-fold scores of the training images (seeded folds; at most ``folds``, at least 2 images fitted)."""
+    n = len(y)
+    k = max(2, min(folds, n // 2))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    scores = torch.empty(n)
+    with torch.no_grad():
+        for part in order.chunk(k):
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[part] = False
+            det = cls.fit([f[keep] for f in feats], y[keep], num_classes).eval()
+            scores[part] = det([f[part] for f in feats]).float()
+    return scores
+
+
 def fit_guard(run, *, detector: str = DEFAULT_DETECTOR, train=None, val=None, accept: float = DEFAULT_ACCEPT,
               save: bool = True) -> ShiftGuard:
     """Fit ``run``'s shift guard on its TRAIN images, threshold on its val images, and attach it
@@ -471,7 +496,9 @@ def fit_guard(run, *, detector: str = DEFAULT_DETECTOR, train=None, val=None, ac
     ``train`` / ``val``: already-decoded subsets (``.x`` uint8 N x 3 x S x S, ``.y``), e.g. from
     ``fit``; by default the run's own split is loaded from its data folder. An adapted run (another
     site's labelled slices in its train split) refits the same way: the guard follows the split.
-    ``accept``: the share of val images the threshold accepts (0.5..1).
+    ``accept``: the share of val images the threshold accepts (0.5..1). When every val image is also
+    a train image (an adapted run's N labelled slices are both), the threshold is set on the train
+    images' cross-fitted (out-of-fold) scores instead.
     """
     cls = _check_detector(detector)
     if not (isinstance(accept, (int, float)) and not isinstance(accept, bool) and 0.5 <= accept < 1):
@@ -494,20 +521,28 @@ def fit_guard(run, *, detector: str = DEFAULT_DETECTOR, train=None, val=None, ac
     feats = _tapped_features(run.model, train.x, run.transform, taps, **kw)
     fitted = cls.fit(feats, train.y.cpu(), len(run.classes)).eval()
     probe = ShiftGuard(fitted, taps=taps, threshold=math.inf, val_scores=torch.zeros(0))
-    val_feats = _tapped_features(run.model, val.x, run.transform, taps, **kw)
-    with torch.no_grad():
-        val_scores = probe(val_feats).float()
+    if _all_in(val.x, train.x):
+        # no val apart from train (an adapted run: its N labelled slices are both): scores of the
+        # training images themselves are in-sample (0 for the nearest-neighbour detectors), so the
+        # threshold's scores come from cross-fitting instead: each fold scored by a detector fitted
+        # on the other folds
+        val_scores, threshold_on = _cross_fitted(cls, feats, train.y.cpu(), len(run.classes)), "train, cross-fitted"
+    else:
+        val_feats = _tapped_features(run.model, val.x, run.transform, taps, **kw)
+        with torch.no_grad():
+            val_scores, threshold_on = probe(val_feats).float(), "val"
     threshold = conformal_threshold(val_scores.numpy(), accept)
     guard = ShiftGuard(fitted, taps=taps, threshold=threshold, val_scores=val_scores, facts={
-        "accept": accept, "fitted_on": "train", "threshold_on": "val", "threshold_rule": "conformal", "n_train": int(len(train.x)),
+        "accept": accept, "fitted_on": "train", "threshold_on": threshold_on, "threshold_rule": "conformal",
+        "n_train": int(len(train.x)),
         "n_val": int(len(val.x)), "val_accepted": float((val_scores <= threshold).float().mean()),
         "image_size": run.image_size}).eval()
     run.predictor.guard = guard
     if save and run.directory is not None:
         guard.save(run.directory)
         run.save_predictor()  # predictor.json records the guard's facts
-    log.info("shift guard %s fitted on %d train images; threshold %.4g accepts %.1f%% of %d val images",
-             detector, len(train.x), threshold, 100 * guard.info["val_accepted"], len(val.x))
+    log.info("shift guard %s fitted on %d train images; threshold %.4g accepts %.1f%% of %d %s images",
+             detector, len(train.x), threshold, 100 * guard.info["val_accepted"], len(val_scores), threshold_on)
     return guard
 
 

@@ -93,7 +93,7 @@ def test_two_workers_write_one_normal_run_that_loads_and_predicts(two_workers, d
 
 
 def test_each_train_image_is_seen_once_per_epoch_across_workers(two_workers):
-    out, seen, run = two_workers
+    _, seen, run = two_workers
     n = sum(r["subset"] == "train" for r in run.split)
     for epoch in (0, 1):
         a, b = _steps(seen, 0, epoch), _steps(seen, 1, epoch)

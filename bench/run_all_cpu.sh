@@ -16,4 +16,6 @@ $PY bench/profile_step.py --model EfficientNetV2B0 --out bench/results/profile_s
 # 3. Time to 0.95 / 0.98 test accuracy on the paper split, cold (decoding included) then warm (disk cache).
 $PY bench/time_to_accuracy.py --cells linear-probe,cpu-fast --modes cold,warm \
     --out bench/results/time_to_accuracy.json
+# 4. One run on 1 vs 2 worker processes, same total threads and effective batch, 3 seeds (issue #25).
+$PY bench/workers.py --out bench/results/workers.json
 uptime

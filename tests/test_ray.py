@@ -209,3 +209,23 @@ def test_unreachable_address_is_one_line(cluster, data_dir, tmp_path):
              "--address", f"127.0.0.1:{_free_port()}")
     assert r.returncode == 2 and r.stderr.startswith("ct-transfer: error: --address 127.0.0.1:"), r.stderr[-2000:]
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_one_run_across_two_ray_workers_matches_the_local_workers(cluster, data_dir, tmp_path):
+    """train --workers 2 --executor ray: a Ray Train TorchTrainer with one worker on each node of the
+    cluster; the same seeded run as two local worker processes, epoch for epoch."""
+    args = ["train", "--data", str(data_dir), "--model", "EfficientNetLite0", "--weights", "none", "--image-size",
+            "32", "--limit", "16", "--batch-size", "4", "--threads", "2", "--epochs", "2", "--shift-guard", "none",
+            "--workers", "2", "--quiet"]
+    res = _cli(cluster, *args, "--out", str(tmp_path / "ray"), "--executor", "ray", "--address", cluster.address)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = _cli(cluster, *args, "--out", str(tmp_path / "local"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, want = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("ray", "local"))
+    assert (got["executor"], want["executor"], got["workers"], got["effective_batch_size"]) == ("ray", "local", 2, 8)
+    for key in ("val", "test", "epochs", "best_epoch"):
+        assert got[key] == want[key], key
+    strip = lambda p: [{k: v for k, v in zip(p[0].split(","), row.split(",")) if k not in TIMING}  # noqa: E731
+                       for row in p[1:]]
+    hist, ref = ((tmp_path / d / "history.csv").read_text().splitlines() for d in ("ray", "local"))
+    assert len(hist) == 3 and strip(hist) == strip(ref)

@@ -257,7 +257,8 @@ def _print_metrics(metrics, where):
 def cmd_train(args):
     from .engine import fit
 
-    run = fit(config_from_args(args), progress=not args.quiet, resume=args.resume, overwrite=args.overwrite)
+    run = fit(config_from_args(args), progress=not args.quiet, resume=args.resume, overwrite=args.overwrite,
+              executor=args.executor, address=args.address)
     _print_metrics(run.metrics, args.out)
 
 
@@ -813,6 +814,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out (its checkpoints, "
                    "metrics and external results are removed once the new run's data has loaded)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="with --workers: local = worker processes on this machine (torch.distributed over "
+                        "loopback); ray = a Ray Train TorchTrainer (pip install 'ct-transfer[ray]')")
+    p.add_argument("--address", help="--executor ray: the cluster to join, auto or HOST:PORT (default: start Ray here)")
     _add_quiet_flag(p)
     p.set_defaults(func=cmd_train)
 
@@ -853,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("tune", help="hyper-parameter search on the validation set (Optuna; Ray Tune with --executor ray)")
-    add_config_flags(p, skip=("out", "recipe"))
+    add_config_flags(p, skip=("out", "recipe", "workers"))  # trials run in one process each
     p.add_argument("--space", required=True, help="search space YAML (see docs/tune-space.yaml)")
     p.add_argument("--trials", type=int, required=True, help="number of trials")
     p.add_argument("--out", required=True, help="folder for best.yaml, trials.csv, search.md/png (and study.db)")

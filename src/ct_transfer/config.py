@@ -35,6 +35,7 @@ MIN_IMAGE_SIZE = 32  # the networks downsample 32x; some archs need more (models
 RANGE_WHY = {
     "image_size": " (the networks downsample 32x; larger sizes are also checked against free memory)",
     "threads": " (the cores this machine has)",
+    "workers": " (at most 4 processes per core of this machine)",
 }
 
 
@@ -122,7 +123,12 @@ class TrainConfig:
     compile_mode: str = _opt("default", "torch.compile mode (reduce-overhead: CUDA graphs)", choices=COMPILE_MODES)
     checkpoint_every: int = _opt(1, "write last.pt (resume state) every N epochs and at the end; best.safetensors "
                                     "only on improvement; both written by a background thread")
-    threads: int | None = _opt(None, "torch threads (default: all cores)")
+    threads: int | None = _opt(None, "torch threads (default: all cores); with --workers N the total, split "
+                                     "evenly between the workers")
+    workers: int = _opt(1, "data-parallel worker processes for this one run (torch.distributed, gloo over "
+                           "loopback, DDP): each trains on its shard of every epoch with batch_size images per "
+                           "step, so the effective batch is batch_size x workers (lr unchanged); full and partial "
+                           "strategies; 1 = one process, no torch.distributed")
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
     calibrate: bool = _opt(False, "fit temperature scaling and a decision threshold on val after training")
     sensitivity: float | None = _opt(None, "with --calibrate: threshold reaching this val sensitivity "
@@ -213,7 +219,8 @@ def _validate(c: TrainConfig) -> None:
     if c.class_map is not None:
         parse_class_map(c.class_map)
     ints = {"epochs": (1, 100_000), "batch_size": (1, 65_536), "seed": (0, 2**31 - 1), "split_seed": (0, 2**31 - 1),
-            "frozen_views": (1, 64), "checkpoint_every": (1, 100_000), "volume_slices": (1, 100_000)}
+            "frozen_views": (1, 64), "checkpoint_every": (1, 100_000), "volume_slices": (1, 100_000),
+            "workers": (1, 4 * (os.cpu_count() or 1))}
     optional_ints = {"limit": (1, 10**9), "freeze_until": (0, 1000), "image_size": (MIN_IMAGE_SIZE, MAX_IMAGE_SIZE),
                      "resize_from": (32, MAX_IMAGE_SIZE),
                      "threads": (1, os.cpu_count() or 1)}
@@ -277,6 +284,11 @@ def _validate(c: TrainConfig) -> None:
         raise ConfigError("ema", c.ema, "only with strategy full or partial")
     if c.head_init == "probe" and c.strategy not in ("full", "partial"):
         raise ConfigError("head_init", c.head_init, "only with strategy full or partial")
+    if c.workers > 1 and c.strategy not in ("full", "partial"):
+        raise ConfigError("workers", c.workers, f"strategy {c.strategy} trains only the head on features cached "
+                          "once, in one process; choose strategy full or partial, or workers=1")
+    if c.workers > 1 and c.out is None:
+        raise ConfigError("out", c.out, f"workers={c.workers} needs a run directory (worker 0 writes the run there)")
     if c.strategy != "partial" and c.freeze_until is not None:
         raise ConfigError("freeze_until", c.freeze_until, "only with strategy=partial")
 

@@ -61,6 +61,13 @@ class TrainState:
     train_pool: object = None  # --balance sources: the train images' source ids (each epoch draws evenly)
     val_sources: tuple = ((), None)  # (names, per-image source id) of the val images; names empty: one source
     progress: bool = False  # fit(progress=True): long steps (feature extraction) report their progress
+    dist: object = None  # workers > 1: this process's place in the group (engine/workers.py Dist); None alone
+    batch_index: object = None  # the train indices of the batch just stepped (on_batch_end; full/partial)
+
+    @property
+    def rank(self) -> int:
+        """This worker's rank (0 when training alone): rank 0 writes the run."""
+        return 0 if self.dist is None else self.dist.rank
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -99,23 +106,42 @@ def pool_size(sources: torch.Tensor | None, n: int) -> int:
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator, *, drop_last: bool = False, sources=None,
-             single: bool = False):
+             single: bool = False, rank: int = 0, world: int = 1):
     """Shuffled index batches. ``drop_last``: only full batches (static shapes for compiled/graphed
     steps; the dropped images change every epoch with the shuffle). ``sources``: draw the epoch from
     ``balanced_pool`` instead of every image once. ``single``: one-image batches are kept
-    (batch size 1, allowed only where no BatchNorm layer learns batch statistics)."""
+    (batch size 1, allowed only where no BatchNorm layer learns batch statistics). ``world`` > 1:
+    this ``rank``'s share of each step (``_shard``)."""
     pool = None if sources is None else balanced_pool(sources, generator)
     if pool is not None:
         n = len(pool)
     perm = torch.randperm(n, generator=generator, device=generator.device)
     if pool is not None:
         perm = pool[perm]
+    if world > 1:
+        yield from _shard(perm, batch_size, rank, world, drop_last=drop_last)
+        return
     for start in range(0, n, batch_size):
         idx = perm[start:start + batch_size]
         if drop_last and len(idx) < batch_size and n >= batch_size:
             return
         if len(idx) > 1 or n == 1 or single:  # a lone last image would break BatchNorm
             yield idx
+
+
+def _shard(perm: torch.Tensor, batch_size: int, rank: int, world: int, *, drop_last: bool = False):
+    """Data-parallel batches: every worker draws the same epoch permutation (same seeded generator),
+    cuts it into steps of ``batch_size x world`` images and takes every ``world``-th image of each
+    step from its ``rank`` on. No image is padded in or repeated (unlike DistributedSampler's
+    padding): each image is seen at most once per epoch across workers, and exactly once except a
+    last step too small to give every worker 2 images (BatchNorm), dropped as the one-process loop
+    drops a lone last image; every worker takes the same number of steps (DDP needs that)."""
+    step = batch_size * world
+    for start in range(0, len(perm), step):
+        chunk = perm[start:start + step]
+        if len(chunk) < step and (drop_last or len(chunk) < 2 * world):
+            return
+        yield chunk[rank::world]
 
 
 def make_optimizer(cfg: TrainConfig, params):
@@ -130,8 +156,11 @@ def make_optimizer(cfg: TrainConfig, params):
     return kind(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
-def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False) -> int:
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = False, world: int = 1) -> int:
     """Optimizer steps per epoch, as ``_batches`` yields them (a lone last image is skipped)."""
+    if world > 1:  # as ``_shard`` cuts the epoch
+        full, tail = divmod(n, batch_size * world)
+        return full + (1 if tail and not drop_last and tail >= 2 * world else 0)
     if drop_last and n >= batch_size:
         return n // batch_size
     return n // batch_size + (1 if n % batch_size > 1 or n == 1 else 0)
@@ -234,7 +263,11 @@ def fit(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: boo
     """Train ``config.model`` on ``config.data``; returns the trained ``Run`` (see ``_fit``).
     ``config.threads`` applies to this fit only: the process's torch thread count and random
     state are put back. ``overwrite``: replace a run already in ``config.out`` (refused otherwise,
-    unless ``resume``). One writer per run folder: ``RUN/.lock`` is held while the run is written."""
+    unless ``resume``). One writer per run folder: ``RUN/.lock`` is held while the run is written.
+    This is the one-process fit; ``ct_transfer.fit`` (``engine/workers.py``) also starts workers."""
+    if config.workers > 1:
+        raise CTTransferError(f"workers={config.workers}: engine.loop.fit trains in this process; call "
+                              "ct_transfer.fit, which starts the workers")
     threads = torch.get_num_threads()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
@@ -288,33 +321,47 @@ class Parts:
 
 
 def assemble(config: TrainConfig, *, callbacks=(), progress: bool = True, resume: bool = False,
-             test: bool = True, overwrite: bool = False, stack: contextlib.ExitStack | None = None) -> Parts:
+             test: bool = True, overwrite: bool = False, stack: contextlib.ExitStack | None = None,
+             dist=None) -> Parts:
     """Build every part of a fit (data, model, strategy, optimizer, schedule, EMA, callbacks) and
     write the run's config and split; bad input fails here, before anything is written. With
-    ``stack``, the run folder's lock is entered on it (held until the caller's stack closes)."""
+    ``stack``, the run folder's lock is entered on it (held until the caller's stack closes).
+    ``dist``: a worker of a data-parallel run; only rank 0 locks, writes and holds val and test,
+    the other ranks load the train images alone and only read the run (its config and last.pt)."""
     stack = stack if stack is not None else contextlib.ExitStack()
-    locked = config.out is not None and Path(config.out).is_dir()
+    writer = dist is None or dist.rank == 0
+    locked = writer and config.out is not None and Path(config.out).is_dir()
     if locked:  # first: a second writer is told who holds the run (a new folder is locked once made)
         stack.enter_context(RunDir(config.out).lock())
-    rundir = _check_out(config, resume, overwrite)
+    rundir = _check_out(config, resume, overwrite) if writer else None
+    reader = rundir if writer else RunDir(config.out)
     if locked:
         rundir.remove_temporary()
     if config.cache_dir is not None:
         _io.check_writable(config.cache_dir)
-    if resume and rundir is not None and rundir.is_run():
-        config = _resumed_config(config, rundir)
+    if resume and reader is not None and reader.is_run():
+        config = _resumed_config(config, reader)
     cfg = config.resolved()
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device) if dist is None else dist.device
     bf16 = device.startswith("cuda") if cfg.bf16 is None else cfg.bf16  # None: on a GPU mixed precision
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    if dist is not None:  # threads= is the run's total: each worker gets its share
+        torch.set_num_threads(dist.threads)
     preprocess = D.Preprocess(cfg.image_size, crop=cfg.crop, intensity=cfg.intensity)
 
     # Data and model first: bad input fails before anything is written.
     rows = split_rows(cfg)
     classes = D.resolve_classes(rows, cfg.positive)
     names = D.SUBSETS if test else ("train", "val")
-    subsets, skipped = load_subsets(cfg, rows, classes, preprocess, device, progress, names=names)
+    if not writer:  # val and test are evaluated on rank 0 alone
+        names = ("train",)
+    serial = dist is not None and cfg.store != "memory"  # a disk store is built once, by rank 0, then read
+    if serial and not writer:
+        dist.barrier()
+    subsets, skipped = load_subsets(cfg, rows, classes, preprocess, device, progress and writer, names=names)
+    if serial and writer:
+        dist.barrier()
     torch.manual_seed(cfg.seed)  # the head's init depends on the seed alone, not on what ran before
     spec = M.resolve(cfg.model)
     model = M.create_model(cfg.model, weights=cfg.weights, num_classes=len(classes), dropout=cfg.dropout,
@@ -324,26 +371,29 @@ def assemble(config: TrainConfig, *, callbacks=(), progress: bool = True, resume
     saved_cfg = {**cfg.to_dict(), "timm_name": spec.timm_name, "classes": classes,
                  "positive": classes[1] if len(classes) == 2 else None, "bf16": bf16,
                  "preprocess": preprocess.to_dict()}
+    if dist is not None:  # what a data-parallel step is: recorded in config.json and metrics.json
+        saved_cfg.update(dist.facts(cfg))
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    val_names, val_ids = D.source_ids(subsets["val"].rows)
+    val_names, val_ids = D.source_ids(subsets["val"].rows if "val" in subsets else [])
     train_names, train_ids = D.source_ids(subsets["train"].rows)
     pool = torch.as_tensor(train_ids, device=device) if cfg.balance == "sources" and len(train_names) > 1 else None
     n_epoch = pool_size(pool, len(subsets["train"].x))
     state = TrainState(cfg, model, opt, classes, device, n_epoch, subsets=subsets, train_pool=pool,
                        val_sources=(val_names if len(val_names) > 1 else (), torch.as_tensor(val_ids)),
-                       progress=progress)
-    state.scheduler = make_scheduler(cfg, opt, steps_per_epoch(n_epoch, cfg.batch_size, drop_last=cfg.compile))
+                       progress=progress, dist=dist)
+    state.scheduler = make_scheduler(cfg, opt, steps_per_epoch(n_epoch, cfg.batch_size, drop_last=cfg.compile,
+                                                               world=1 if dist is None else dist.world))
     if cfg.strategy == "linear":
         state.end_epoch = 1  # one convex fit; the epochs option does not apply
     if cfg.ema:
         from timm.utils import ModelEmaV3
 
         state.ema = ModelEmaV3(model, decay=cfg.ema)  # a copy; its BatchNorm layers stay in eval mode
-    if resume and rundir is not None:
-        _restore(state, rundir, device)  # before any write: a bad checkpoint leaves the run as it was
+    if resume and reader is not None:
+        _restore(state, reader, device)  # before any write: a bad checkpoint leaves the run as it was
     if rundir is not None:
         if not locked:
             ensure_writable_dir(rundir.path)
@@ -356,8 +406,10 @@ def assemble(config: TrainConfig, *, callbacks=(), progress: bool = True, resume
         rundir.write_config(saved_cfg)
     cbs = [C.TrackBest()] + ([C.Checkpoint(rundir, every=cfg.checkpoint_every), C.HistoryCSV(rundir)]
                              if rundir else [])
-    cbs += ([C.ProgressLog()] if progress else []) + list(callbacks)
-    if cfg.log:  # experiment trackers: checked (package installed, out given) before any training
+    cbs += ([C.ProgressLog()] if progress and writer else []) + list(callbacks)
+    if not writer:  # the other ranks train; rank 0 alone tracks the best epoch, writes and logs
+        cbs = list(callbacks)
+    if cfg.log and writer:  # experiment trackers: checked (package installed, out given) before any training
         from ..tracking import make_loggers
 
         cbs += make_loggers(cfg.log, rundir.path if rundir else None, mlflow_uri=cfg.mlflow_uri)
@@ -371,7 +423,9 @@ def train(parts: Parts) -> None:
 
     cfg, state, subsets = parts.cfg, parts.state, parts.subsets
     mean, std = M.normalization(state.model)
-    if cfg.head_init == "probe" and state.epoch == 0:  # a resumed run has its head already
+    # a resumed run has its head already; with workers, rank 0 fits it (on its val) and DDP's start
+    # gives every worker rank 0's weights
+    if cfg.head_init == "probe" and state.epoch == 0 and state.rank == 0:
         t0, first_size = time.perf_counter(), epoch_size(cfg, 0)
         res, feat_s = _probe(state, subsets, mean, std, parts.bf16, size=first_size)
         P.load_into_fc(state.model.fc, res.weight, res.bias)
@@ -406,6 +460,9 @@ def finish(parts: Parts) -> Run:
         "weights": cfg.weights, "image_size": cfg.image_size, "seed": cfg.seed, "strategy": cfg.strategy,
         "classes": classes, **parts.frozen_info, **(parts.probe_info or state.extra),
     })
+    if cfg.workers > 1 or "executor" in parts.saved_cfg:  # a data-parallel run says what a step was
+        metrics.update({k: parts.saved_cfg[k] for k in ("workers", "executor", "effective_batch_size", "lr",
+                                                        "threads_per_worker", "shard")})
     run.metrics = metrics
     if rundir is not None:
         run.save_predictor()  # first: the model card (written with the outputs) reads it
@@ -466,7 +523,8 @@ def _run_epochs(state: TrainState, epoch_fn, callbacks) -> None:
             for cb in callbacks:
                 cb.on_epoch_start(state)
             t0 = time.perf_counter()
-            torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout; exact on resume
+            # dropout; exact on resume (each worker its own masks)
+            torch.manual_seed(cfg.seed * 100_003 + epoch + 1_000_003 * state.rank)
             g = _epoch_generator(cfg.seed, epoch, state.device)
             train_loss, train_acc, loop_seconds, val = epoch_fn(epoch, g, callbacks)
             state.train_seconds += time.perf_counter() - t0
@@ -477,6 +535,8 @@ def _run_epochs(state: TrainState, epoch_fn, callbacks) -> None:
             state.history.append(row)
             for cb in callbacks:
                 cb.on_epoch_end(state, row)
+            if state.dist is not None:  # rank 0's callbacks decide for all (best epoch, early stop)
+                state.stop = state.dist.share(state.stop)
             if state.stop:
                 break
     except BaseException:
@@ -512,8 +572,11 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
     train_tf = D.batch_transform(mean, std, augment=cfg.augment, preset=cfg.augmentation)
     eval_tf = D.batch_transform(mean, std, augment=False)
     x_tr, y_tr = subsets["train"].x, subsets["train"].y
-    fwd = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) if cfg.compile \
-        else model
+    dist = state.dist
+    rank, world = (0, 1) if dist is None else (dist.rank, dist.world)
+    base = model if dist is None else dist.wrap(model)  # DDP: gradients averaged over the workers in backward
+    fwd = torch.compile(base, mode=None if cfg.compile_mode == "default" else cfg.compile_mode) if cfg.compile \
+        else base
     graphs = cfg.compile and cfg.compile_mode != "default" and device.startswith("cuda")
 
     step = make_step(fwd, opt, label_smoothing=cfg.label_smoothing, bf16=bf16, device=device, graphs=graphs,
@@ -527,9 +590,11 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         size = epoch_size(cfg, epoch)
+        # every rank shuffles with ``g`` alike; the other ranks augment from their own stream
+        aug = g if rank == 0 else _epoch_generator(cfg.seed + 1_000_003 * rank, epoch, device)
         for idx in _batches(len(x_tr), cfg.batch_size, g, drop_last=cfg.compile, sources=state.train_pool,
-                            single=cfg.batch_size == 1):
-            xb = train_tf(x_tr[idx], g)
+                            single=cfg.batch_size == 1, rank=rank, world=world):
+            xb = train_tf(x_tr[idx], aug)
             if size != xb.shape[-1]:  # progressive resizing: augment at full size, then shrink
                 xb = _shrink(xb, size)
             if cfg.channels_last:
@@ -538,13 +603,20 @@ def _full_epochs(state: TrainState, subsets, mean, std, bf16):
             total_loss += loss * len(idx)
             correct += (logits.argmax(1) == y_tr[idx]).sum()
             seen += len(idx)
+            state.batch_index = idx
             for cb in callbacks:
                 cb.on_batch_end(state, len(idx), total_loss, correct)
+        if dist is not None:  # the epoch's loss and accuracy over every worker's images
+            total_loss, correct, seen = dist.sum(total_loss, correct, seen)
         loop_seconds = time.perf_counter() - t0
-        proba = predict_proba(state.eval_model, subsets["val"].x, eval_tf, bf16=bf16, device=device,
-                              channels_last=cfg.channels_last, tta=cfg.tta)
-        return float(total_loss) / max(seen, 1), int(correct) / max(seen, 1), loop_seconds, \
-            _val_stats(state, proba, subsets["val"].y)
+        val = None
+        if rank == 0:
+            proba = predict_proba(state.eval_model, subsets["val"].x, eval_tf, bf16=bf16, device=device,
+                                  channels_last=cfg.channels_last, tta=cfg.tta)
+            val = _val_stats(state, proba, subsets["val"].y)
+        if dist is not None:  # every rank records rank 0's val figures: the same best epoch everywhere
+            val = dist.share(val)
+        return float(total_loss) / max(seen, 1), int(correct) / max(seen, 1), loop_seconds, val
 
     return epoch_fn
 

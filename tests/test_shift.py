@@ -285,6 +285,28 @@ def test_block_knn_equals_numpy_nearest_neighbour(run, sars_unseen, ucsd_files):
     np.testing.assert_allclose(det([f[:16] for f in feats]).numpy(), 0, atol=1e-5)
 
 
+def test_knn_bank_is_capped_to_a_seeded_subset(run, sars_unseen, monkeypatch):
+    """A large training set keeps at most ``max_bank`` images' features (a 40k-slice run would
+    otherwise carry hundreds of MB): a seeded subset of the real rows, the same on every fit, and the
+    score is the nearest neighbour among the kept rows."""
+    taps = shift.BlockKNN.taps(run.model)
+    x = run.load_images(sars_unseen[:20])
+    feats = shift._tapped_features(run.model, x, run.transform, taps, device="cpu", channels_last=True, bf16=False)
+    monkeypatch.setattr(shift.BlockKNN, "max_bank", 6)
+    train = [f[:16] for f in feats]
+    det, again = (shift.BlockKNN.fit(train, torch.zeros(16, dtype=torch.long), 2) for _ in range(2))
+    joined = shift.BlockKNN.join(train)
+    assert det.bank.shape == (6, joined.shape[1]) and torch.equal(det.bank, again.bank)
+    kept = [i for i in range(16) if any(torch.equal(joined[i], b) for b in det.bank)]
+    assert len(kept) == 6 and det.params() == {"k": 1, "bank": 6}
+    queries = [f[16:] for f in feats]
+    expect = 1 - (shift.BlockKNN.join(queries) @ joined[kept].T).max(1).values
+    torch.testing.assert_close(det(queries), expect)
+    # a kept training image still scores 0; one left out scores above 0
+    scores = det(train)
+    assert scores[kept].abs().max() < 1e-5 and scores[[i for i in range(16) if i not in kept]].min() > 0
+
+
 def test_guard_without_separate_val_sets_its_threshold_out_of_fold(run, ucsd_files):
     """An adapted run's N labelled slices are its train and its val: in-sample scores would put the
     nearest-neighbour threshold at 0 and flag every new slice of that site; the threshold comes from

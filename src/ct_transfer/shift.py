@@ -213,6 +213,10 @@ class KNN(_Detector):
 
     description = "k-th nearest training neighbour of the head's normalised pooled features"
     k_default = 10
+    # The bank is every training image's features, carried by the run and its export: capped so
+    # that a 40k-slice training set keeps a guard of tens of MB (4096 x 3120 float32 = 51 MB), not
+    # hundreds. Larger sets keep a seeded random subset of this many images (recorded in guard.json).
+    max_bank = 4096
 
     def __init__(self, bank: torch.Tensor, k: int):
         super().__init__()
@@ -220,8 +224,19 @@ class KNN(_Detector):
         self.register_buffer("bank", bank)
 
     @classmethod
+    def _capped(cls, bank: torch.Tensor) -> torch.Tensor:
+        if len(bank) <= cls.max_bank:
+            return bank
+        keep = torch.randperm(len(bank), generator=torch.Generator().manual_seed(0))[:cls.max_bank]
+        return bank[keep.sort().values]
+
+    @staticmethod
+    def join(feats: list[torch.Tensor]) -> torch.Tensor:
+        return nn.functional.normalize(feats[0].float(), dim=1)
+
+    @classmethod
     def fit(cls, feats, y, num_classes: int):
-        bank = nn.functional.normalize(feats[0].float(), dim=1)
+        bank = cls._capped(cls.join(feats))
         return cls(bank, min(cls.k_default, len(bank)))
 
     @classmethod
@@ -229,11 +244,10 @@ class KNN(_Detector):
         return cls(torch.zeros(state["bank"].shape), facts.get("k", cls.k_default))
 
     def params(self):
-        return {"k": self.k}
+        return {"k": self.k, "bank": int(len(self.bank))}
 
     def forward(self, feats):
-        f = nn.functional.normalize(feats[0].float(), dim=1)
-        sim = f @ self.bank.T
+        sim = self.join(feats) @ self.bank.T
         return 1.0 - sim.topk(self.k, dim=1).values[:, -1]  # 1 - cosine of the k-th nearest
 
 
@@ -256,15 +270,6 @@ class BlockKNN(KNN):
     def join(feats: list[torch.Tensor]) -> torch.Tensor:
         parts = [nn.functional.normalize(f.float(), dim=1) for f in feats]  # every layer counts alike
         return nn.functional.normalize(torch.cat(parts, 1), dim=1)
-
-    @classmethod
-    def fit(cls, feats, y, num_classes: int):
-        bank = cls.join(feats)
-        return cls(bank, min(cls.k_default, len(bank)))
-
-    def forward(self, feats):
-        sim = self.join(feats) @ self.bank.T
-        return 1.0 - sim.topk(self.k, dim=1).values[:, -1]
 
 
 class _LogitDetector(_Detector):

@@ -469,13 +469,26 @@ def conformal_threshold(val_scores, accept: float) -> float:
     return float(v[k - 1])
 
 
-def _all_in(x: torch.Tensor, pool: torch.Tensor) -> bool:
-    """Is every image of ``x`` pixel-identical to one of ``pool``? (uint8 N x 3 x S x S)"""
+def _all_in(x, pool, chunk: int = 256) -> bool:
+    """Is every image of ``x`` pixel-identical to one of ``pool``? (uint8 N x 3 x S x S tensors, or
+    the disk store's ``StoredImages``: read in chunks, so a large store is never held whole; the scan
+    stops once every image of ``x`` is found.)"""
     import hashlib
 
-    def digest(t):
-        return {hashlib.sha1(t[i].contiguous().numpy().tobytes()).digest() for i in range(len(t))}
-    return len(x) > 0 and digest(x.cpu()) <= digest(pool.cpu())
+    def digests(t):
+        for a in range(0, len(t), chunk):
+            part = torch.as_tensor(t[a:a + chunk]).cpu()
+            for img in part:
+                yield hashlib.sha1(img.contiguous().numpy().tobytes()).digest()
+
+    missing = set(digests(x))
+    if not missing:
+        return False
+    for d in digests(pool):
+        missing.discard(d)
+        if not missing:
+            return True
+    return False
 
 
 def _cross_fitted(cls, feats: list[torch.Tensor], y: torch.Tensor, num_classes: int, folds: int = 5) -> torch.Tensor:

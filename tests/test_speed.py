@@ -78,7 +78,7 @@ def test_fold_matches_a_multiclass_pipeline():
     np.testing.assert_allclose(proba / proba.sum(1, keepdims=True), clf.predict_proba(X), atol=1e-9)
 
 
-def test_checkpoint_cadence_and_background_writes(tmp_path, data_dir, monkeypatch):
+def test_checkpoint_cadence_and_writer_thread(tmp_path, data_dir, monkeypatch):
     saves = {"last": [], "best": [], "threads": set()}
     orig_last, orig_best = RunDir.save_last, RunDir.save_best
 
@@ -106,7 +106,9 @@ def test_checkpoint_cadence_and_background_writes(tmp_path, data_dir, monkeypatc
             best = key
             improved.append(int(r["epoch"]))
     assert saves["best"] == improved  # best.safetensors only when val improved
-    assert all(name.startswith("ct-checkpoint") for name in saves["threads"])  # not the training thread
+    # on the CPU the files are written by the training thread (a writer thread competed with training
+    # for the cores: later epochs ~1.5x slower); the writer thread is for CUDA runs
+    assert saves["threads"] == {threading.current_thread().name}
     state = RunDir(out).load_resume_state()
     assert state["epoch"] == 5 and len(state["history"]) == 5
     assert RunDir(out).load_best()["epoch"] == run.metrics["best_epoch"]

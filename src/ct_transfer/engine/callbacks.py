@@ -55,7 +55,8 @@ class TrackBest(Callback):
 class Checkpoint(Callback):
     """``best.safetensors`` when val improves; ``last.pt`` (full resume state) every ``every`` epochs and at
     the end. The loop only snapshots the tensors to the CPU (a copy, so training may go on changing
-    them); one background thread serialises and writes the files, in order, off the hot path.
+    them); with ``background`` (the engine's choice on CUDA) one thread serialises and writes the
+    files, in order, off the hot path; on the CPU that thread slowed training (bench/checkpoint_writer.py).
     ``on_fit_end`` waits for the writes, so a finished ``fit`` has its files on disk."""
 
     order = 10

@@ -405,8 +405,8 @@ def assemble(config: TrainConfig, *, callbacks=(), progress: bool = True, resume
             _io.write_text(rundir / "skipped.txt", "\n".join(skipped) + "\n")
         rundir.write_config(saved_cfg)
     # The writer thread overlaps a GPU's training; on the CPU it competes with the training for the
-    # same cores and made later epochs ~1.5x slower (EfficientNetV2B0, 64 px, 2 cores: 17-20 s vs
-    # 11-13 s per epoch, docs/performance.md), so there the files are written in the foreground.
+    # same cores and made later epochs 1.7x slower (bench/checkpoint_writer.py), so there the files
+    # are written in the foreground.
     ckpt = C.Checkpoint(rundir, every=cfg.checkpoint_every, background=device.startswith("cuda")) if rundir else None
     cbs = [C.TrackBest()] + ([ckpt, C.HistoryCSV(rundir)]
                              if rundir else [])
